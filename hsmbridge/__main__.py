@@ -1,0 +1,5 @@
+"""`python -m hsmbridge`: the same entry point as the `hsmbridge` console script."""
+
+from hsmbridge.cli.main import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""hsmbridge.api package."""

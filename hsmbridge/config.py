@@ -1,0 +1,247 @@
+"""Load and validate hsmbridge's TOML configuration into typed, immutable settings.
+
+Owns: `Settings` (service settings, from `hsmbridge.toml`) and `HsmProfile` (one HSM vendor's
+facts and quirks, from `config/<name>.toml`). Relative paths are resolved against the directory of
+the file that names them. No module-level singletons: callers load and pass these explicitly.
+Must not import anything from hsmbridge but `errors`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsmbridge.errors import ConfigError
+
+_ACCOUNT_RE = re.compile(r"^\d{12}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_PROFILE_DIRS = (
+    Path(__file__).resolve().parent.parent / "config",  # source checkout / editable install
+    Path(__file__).resolve().parent / "_profiles",  # installed wheel
+)
+
+
+class LoginFormat(enum.StrEnum):
+    PASSWORD = "password"  # noqa: S105 - a format name, not a secret; SoftHSM2: the kmsuser password is the token's user PIN
+    USER_COLON_PASSWORD = "user:password"  # noqa: S105 - CloudHSM SDK 5: "kmsuser:<password>"
+
+
+class IvPolicy(enum.StrEnum):
+    CALLER = "caller"  # the caller draws a random 12-byte IV (SoftHSM2)
+    HSM_ZERO_BUFFER = "hsm_zero_buffer"  # a zeroed mutable buffer the HSM overwrites (CloudHSM)
+
+
+@dataclass(frozen=True)
+class HsmProfile:
+    """One kind of HSM: where its PKCS#11 module is, how to log in, and its quirks."""
+
+    name: str
+    module_path: str
+    login_format: LoginFormat
+    crypto_user: str
+    iv_policy: IvPolicy
+    key_availability_quorum: bool
+    serialize_calls: bool
+    max_sessions: int
+    template_omit: tuple[str, ...]
+    decrypt_auth_failure_errors: tuple[str, ...]
+    token_label: str | None = None  # None: first slot with a token present (CloudHSM)
+
+    def login_pin(self, password: str) -> str:
+        if self.login_format is LoginFormat.USER_COLON_PASSWORD:
+            return f"{self.crypto_user}:{password}"
+        return password
+
+
+@dataclass(frozen=True)
+class InventorySettings:
+    provider: str  # "static" | "cloudhsm"
+    path: Path | None = None  # static: a describe-clusters JSON document
+    region: str | None = None  # cloudhsm: region of the cloudhsmv2 API
+    endpoint_url: str | None = None  # cloudhsm: override (tests point this at moto_server)
+
+
+@dataclass(frozen=True)
+class ClusterBinding:
+    """How to reach the PKCS#11 token behind one cluster."""
+
+    cluster_id: str
+    profile: HsmProfile
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: Path
+    region: str
+    account_id: str
+    partition: str
+    data_dir: Path
+    metadata_db: Path
+    master_key_file: Path
+    credentials_file: Path
+    audit_log: Path
+    listen_host: str
+    listen_port: int
+    max_request_bytes: int
+    request_timeout_s: float
+    inventory: InventorySettings
+    clusters: dict[str, ClusterBinding]
+    hsm_env: dict[str, str] = field(default_factory=dict)
+    custom_key_store_limit: int = 10
+
+    def binding(self, cluster_id: str) -> ClusterBinding | None:
+        return self.clusters.get(cluster_id)
+
+    def apply_hsm_env(self) -> None:
+        """Export HSM library settings (e.g. SOFTHSM2_CONF) before any PKCS#11 module loads."""
+        for name, value in self.hsm_env.items():
+            os.environ[name] = value
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: missing required setting '{key}'")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _enum(enum_cls: type[enum.StrEnum], raw: str, where: str, key: str) -> Any:
+    try:
+        return enum_cls(raw)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(f"{where}: '{key}' must be one of {allowed}, got {raw!r}") from None
+
+
+def resolve_profile_path(name_or_path: str, base: Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or "/" in name_or_path:
+        return candidate if candidate.is_absolute() else (base / candidate)
+    for directory in _PROFILE_DIRS:
+        path = directory / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"HSM profile '{name_or_path}' not found in {', '.join(map(str, _PROFILE_DIRS))}"
+    )
+
+
+def load_profile(path: Path, token_label: str | None = None) -> HsmProfile:
+    raw = _read_toml(path)
+    where = str(path)
+    max_sessions = _get(raw, "max_sessions", int, where, 4)
+    if max_sessions < 1:
+        raise ConfigError(f"{where}: 'max_sessions' must be at least 1")
+    return HsmProfile(
+        name=_get(raw, "name", str, where),
+        module_path=_get(raw, "module_path", str, where),
+        login_format=_enum(
+            LoginFormat, _get(raw, "login_format", str, where), where, "login_format"
+        ),
+        crypto_user=_get(raw, "crypto_user", str, where, "kmsuser"),
+        iv_policy=_enum(IvPolicy, _get(raw, "iv_policy", str, where), where, "iv_policy"),
+        key_availability_quorum=_get(raw, "key_availability_quorum", bool, where, False),
+        serialize_calls=_get(raw, "serialize_calls", bool, where, True),
+        max_sessions=max_sessions,
+        template_omit=tuple(_get(raw, "template_omit", list, where, [])),
+        decrypt_auth_failure_errors=tuple(
+            _get(raw, "decrypt_auth_failure_errors", list, where, [])
+        ),
+        token_label=token_label,
+    )
+
+
+def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterBinding]:
+    clusters: dict[str, ClusterBinding] = {}
+    for i, entry in enumerate(raw):
+        here = f"{where}: [[clusters]] #{i + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{here} must be a table")
+        cluster_id = _get(entry, "cluster_id", str, here)
+        profile_path = resolve_profile_path(_get(entry, "profile", str, here), base)
+        token_label = _get(entry, "token_label", str, here, None)
+        clusters[cluster_id] = ClusterBinding(cluster_id, load_profile(profile_path, token_label))
+    return clusters
+
+
+def _load_inventory(raw: dict[str, Any], base: Path, where: str) -> InventorySettings:
+    here = f"{where}: [inventory]"
+    provider = _get(raw, "provider", str, here)
+    if provider == "static":
+        return InventorySettings("static", path=base / _get(raw, "path", str, here))
+    if provider == "cloudhsm":
+        return InventorySettings(
+            "cloudhsm",
+            region=_get(raw, "region", str, here, None),
+            endpoint_url=_get(raw, "endpoint_url", str, here, None),
+        )
+    raise ConfigError(f"{here}: 'provider' must be 'static' or 'cloudhsm', got {provider!r}")
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read `hsmbridge.toml`; every problem is a ConfigError naming the file and the setting."""
+    path = Path(path).resolve()
+    raw = _read_toml(path)
+    base = path.parent
+    where = str(path)
+    service = _get(raw, "service", dict, where)
+    here = f"{where}: [service]"
+    region = _get(service, "region", str, here)
+    account = _get(service, "account_id", str, here)
+    if not _REGION_RE.match(region):
+        raise ConfigError(f"{here}: 'region' {region!r} is not an AWS region name")
+    if not _ACCOUNT_RE.match(account):
+        raise ConfigError(f"{here}: 'account_id' must be 12 digits, got {account!r}")
+    paths = _get(raw, "paths", dict, where, {})
+    data_dir = base / _get(paths, "data_dir", str, f"{where}: [paths]", ".")
+    hsm = _get(raw, "hsm", dict, where, {})
+    hsm_env = {
+        k: str(base / v) if k.endswith("_CONF") else str(v)
+        for k, v in _get(hsm, "env", dict, f"{where}: [hsm]", {}).items()
+    }
+    port = _get(service, "listen_port", int, here, 8080)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{here}: 'listen_port' must be 0-65535, got {port}")
+    return Settings(
+        config_path=path,
+        region=region,
+        account_id=account,
+        partition=_get(service, "partition", str, here, "aws"),
+        data_dir=data_dir,
+        metadata_db=data_dir / _get(paths, "metadata_db", str, where, "metadata.sqlite3"),
+        master_key_file=data_dir / _get(paths, "master_key", str, where, "master.key"),
+        credentials_file=data_dir / _get(paths, "credentials", str, where, "credentials"),
+        audit_log=data_dir / _get(paths, "audit_log", str, where, "audit.jsonl"),
+        listen_host=_get(service, "listen_host", str, here, "127.0.0.1"),
+        listen_port=port,
+        max_request_bytes=_get(service, "max_request_bytes", int, here, 1 << 20),
+        request_timeout_s=_get(service, "request_timeout_s", float, here, 30.0),
+        inventory=_load_inventory(_get(raw, "inventory", dict, where), base, where),
+        clusters=_load_clusters(_get(raw, "clusters", list, where, []), base, where),
+        hsm_env=hsm_env,
+        custom_key_store_limit=_get(service, "custom_key_store_limit", int, here, 10),
+    )

@@ -1,0 +1,91 @@
+"""The metadata seam: where key stores, keys, aliases and deletion tombstones are recorded.
+
+Owns: the `MetadataStore` Protocol and the records only metadata needs. Writes that read, check
+and change state happen inside `with store.write():`, one serialised transaction (across threads
+and processes), so every check-then-act in the service is atomic. Reads outside `write()` see the
+last committed state. Must not import backend, keystore or anything above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from hsmbridge.model import Alias, CustomKeyStore, KeyLifecycle, KeyRecord
+
+
+@dataclass(frozen=True)
+class StoredKeyStore:
+    """A key store row: the public description plus the encrypted kmsuser password."""
+
+    store: CustomKeyStore
+    password_blob: bytes
+
+
+@dataclass(frozen=True)
+class DeletedKey:
+    """A tombstone kept after a key's deletion completed, for audits (spec §6.4)."""
+
+    key_id: str
+    arn: str
+    custom_key_store_id: str
+    cluster_id: str
+    deleted_at: float
+    material_deleted: bool  # False: the material was left in the HSM as an orphan
+
+
+class MetadataStore(Protocol):
+    def write(self) -> AbstractContextManager[None]:
+        """An immediate (write-locked) transaction; commits on success, rolls back on error."""
+        ...
+
+    # -- custom key stores ------------------------------------------------------------------
+    def put_key_store(self, row: StoredKeyStore) -> None: ...
+    def get_key_store(self, store_id: str) -> StoredKeyStore | None: ...
+    def get_key_store_by_name(self, name: str) -> StoredKeyStore | None: ...
+    def list_key_stores(self, limit: int, after: str | None) -> list[StoredKeyStore]:
+        """Ordered by store id; at most `limit` rows with id > `after`."""
+        ...
+
+    def count_key_stores(self) -> int: ...
+    def delete_key_store(self, store_id: str) -> None: ...
+
+    # -- keys --------------------------------------------------------------------------------
+    def put_key(self, record: KeyRecord) -> None: ...
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        """Any lifecycle; callers hide non-LIVE rows from clients."""
+        ...
+
+    def list_keys(self, limit: int, after: str | None) -> list[KeyRecord]:
+        """LIVE keys ordered by key id; at most `limit` rows with id > `after`."""
+        ...
+
+    def keys_in_store(
+        self, store_id: str, lifecycle: KeyLifecycle | None = None
+    ) -> list[KeyRecord]: ...
+    def count_keys_in_store(self, store_id: str) -> int:
+        """Every key row of the store, whatever its lifecycle or state."""
+        ...
+
+    def keys_due_for_deletion(self, now: float) -> list[KeyRecord]:
+        """LIVE PendingDeletion keys whose deletion date has passed, plus DELETING rows."""
+        ...
+
+    def delete_key(self, key_id: str) -> None:
+        """Remove the key row with its aliases (tags live in the row)."""
+        ...
+
+    # -- aliases -----------------------------------------------------------------------------
+    def put_alias(self, alias: Alias) -> None: ...
+    def get_alias(self, name: str) -> Alias | None: ...
+    def delete_alias(self, name: str) -> None: ...
+    def list_aliases(self, key_id: str | None, limit: int, after: str | None) -> list[Alias]: ...
+    def count_aliases(self, key_id: str) -> int: ...
+
+    # -- tombstones --------------------------------------------------------------------------
+    def record_deleted_key(self, tomb: DeletedKey) -> None: ...
+    def deleted_keys(self, store_id: str | None = None) -> Iterator[DeletedKey]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""hsmbridge.policy package."""

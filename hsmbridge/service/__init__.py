@@ -1,0 +1,1 @@
+"""hsmbridge.service package."""
