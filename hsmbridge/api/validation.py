@@ -1,0 +1,283 @@
+"""Request shape validation driven by botocore's KMS service model (never a hand-kept copy).
+
+Owns: `validate_input` (JSON params -> typed-ish params or SerializationException /
+ValidationException worded as AWS words them), `operation_names`, `redacted_members` and the
+test helper `output_validate`. The model is loaded once; each operation's validator is compiled
+once, so the request hot path does no model lookups.
+Must not import: uvicorn, pkcs11, service or backend modules. Shape checks only; meaning (key
+state, policy) belongs to the service layer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, cast
+
+import botocore.session
+from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Shape, StructureShape
+from botocore.parsers import JSONParser
+from botocore.validate import ParamValidator
+
+from hsmbridge.api.errors import encode_json
+from hsmbridge.errors import (
+    SerializationException,
+    UnknownOperationException,
+    ValidationException,
+)
+
+# value, member path, error sink -> converted value. Type errors raise SerializationException at
+# once (the document cannot be bound); constraint errors are collected, as AWS reports them all.
+_Check = Callable[[Any, str, list[str]], Any]
+
+
+@cache
+def kms_model() -> ServiceModel:
+    """botocore's KMS model, loaded once per process."""
+    return botocore.session.get_session().get_service_model("kms")
+
+
+@cache
+def operation_names() -> frozenset[str]:
+    """Every operation KMS has, to tell 'not implemented here' from 'no such operation'."""
+    return frozenset(kms_model().operation_names)
+
+
+def _operation(name: str) -> OperationModel:
+    if name not in operation_names():
+        raise UnknownOperationException(f"Unknown operation {name}")
+    return kms_model().operation_model(name)
+
+
+def _lower_camel(name: str) -> str:
+    return name[:1].lower() + name[1:]
+
+
+def _show(value: object, shape: Shape) -> str:
+    # WARNING: never echo secrets in error messages; blobs and sensitive members show as ***.
+    if shape.type_name == "blob" or shape.metadata.get("sensitive"):
+        return "'***'"
+    return f"'{value}'"
+
+
+def _fail(errors: list[str], value: object, shape: Shape, path: str, rule: str) -> None:
+    errors.append(
+        f"Value {_show(value, shape)} at '{path}' failed to satisfy constraint: Member must {rule}"
+    )
+
+
+def _type_error(path: str, expected: str) -> SerializationException:
+    return SerializationException(f"Unexpected value type at '{path}': expected {expected}")
+
+
+def _check_size(size: int, value: object, shape: Shape, path: str, errors: list[str]) -> None:
+    what = "value" if shape.type_name == "integer" else "length"
+    low, high = shape.metadata.get("min"), shape.metadata.get("max")
+    if low is not None and size < low:
+        _fail(errors, value, shape, path, f"have {what} greater than or equal to {low}")
+    if high is not None and size > high:
+        _fail(errors, value, shape, path, f"have {what} less than or equal to {high}")
+
+
+def _string_check(shape: Shape) -> _Check:
+    pattern = shape.metadata.get("pattern")
+    regex = re.compile(pattern) if pattern else None  # Java `matches`: the whole value
+    enum = shape.metadata.get("enum")
+    allowed = frozenset(enum) if enum else None
+    enum_text = ", ".join(enum or ())
+
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if not isinstance(value, str):
+            raise _type_error(path, "a string")
+        _check_size(len(value), value, shape, path, errors)
+        if regex is not None and regex.fullmatch(value) is None:
+            _fail(errors, value, shape, path, f"satisfy regular expression pattern: {pattern}")
+        if allowed is not None and value not in allowed:
+            _fail(errors, value, shape, path, f"satisfy enum value set: [{enum_text}]")
+        return value
+
+    return check
+
+
+def _integer_check(shape: Shape) -> _Check:
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _type_error(path, "an integer")
+        _check_size(value, value, shape, path, errors)
+        return value
+
+    return check
+
+
+def _blob_check(shape: Shape) -> _Check:
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if not isinstance(value, str):
+            raise _type_error(path, "a base64-encoded string")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise SerializationException(f"Value at '{path}' is not valid base64") from None
+        _check_size(len(data), value, shape, path, errors)  # limits apply to decoded bytes
+        return data
+
+    return check
+
+
+def _scalar_check(shape: Shape) -> _Check:
+    kind = shape.type_name
+
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if kind == "boolean":
+            if not isinstance(value, bool):
+                raise _type_error(path, "a boolean")
+            return value
+        # timestamp: awsJson sends epoch seconds as a JSON number.
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise _type_error(path, "a timestamp in epoch seconds")
+        return datetime.fromtimestamp(value, UTC)
+
+    return check
+
+
+def _list_check(shape: Shape) -> _Check:
+    member = _compile(cast(ListShape, shape).member)
+
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if not isinstance(value, list):
+            raise _type_error(path, "a list")
+        _check_size(len(value), value, shape, path, errors)
+        # AWS numbers list members from 1: 'tags.1.member.tagKey'.
+        return [member(item, f"{path}.{i}.member", errors) for i, item in enumerate(value, 1)]
+
+    return check
+
+
+def _map_check(shape: Shape) -> _Check:
+    key_check = _compile(cast(MapShape, shape).key)
+    value_check = _compile(cast(MapShape, shape).value)
+
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if not isinstance(value, dict):
+            raise _type_error(path, "a map")
+        _check_size(len(value), value, shape, path, errors)
+        return {
+            key_check(k, f"{path}.key", errors): value_check(v, f"{path}.{k}", errors)
+            for k, v in value.items()
+        }
+
+    return check
+
+
+def _structure_check(shape: Shape) -> _Check:
+    struct = cast(StructureShape, shape)
+    members: dict[str, tuple[str, _Check]] = {}
+    required = tuple(struct.required_members)
+
+    def check(value: Any, path: str, errors: list[str]) -> Any:
+        if not members:  # filled on first use, so recursive shapes terminate
+            for name, child in struct.members.items():
+                members[name] = (_lower_camel(name), _compile(child))
+        if not isinstance(value, dict):
+            raise _type_error(path or "body", "a JSON object")
+        prefix = f"{path}." if path else ""
+        for name in required:
+            if value.get(name) is None:
+                errors.append(
+                    f"Value null at '{prefix}{_lower_camel(name)}' failed to satisfy"
+                    " constraint: Member must not be null"
+                )
+        out: dict[str, Any] = {}
+        for key, raw in value.items():
+            entry = members.get(key)
+            if entry is None or raw is None:  # AWS ignores unknown members; null means absent
+                continue
+            out[key] = entry[1](raw, prefix + entry[0], errors)
+        return out
+
+    return check
+
+
+_BUILDERS: Mapping[str, Callable[[Shape], _Check]] = {
+    "structure": _structure_check,
+    "list": _list_check,
+    "map": _map_check,
+    "string": _string_check,
+    "integer": _integer_check,
+    "long": _integer_check,
+    "blob": _blob_check,
+    "boolean": _scalar_check,
+    "timestamp": _scalar_check,
+}
+_COMPILED: dict[str, _Check] = {}
+
+
+def _compile(shape: Shape) -> _Check:
+    check = _COMPILED.get(shape.name)
+    if check is None:
+        check = _BUILDERS[shape.type_name](shape)
+        _COMPILED[shape.name] = check
+    return check
+
+
+@cache
+def _input_check(operation: str) -> _Check | None:
+    shape = _operation(operation).input_shape
+    return None if shape is None else _compile(shape)
+
+
+def validate_input(operation: str, params: Any) -> dict[str, Any]:
+    """Check `params` against the operation's input shape; blobs come back as bytes and
+    timestamps as aware datetimes. Raises SerializationException or ValidationException."""
+    check = _input_check(operation)
+    if check is None:
+        if not isinstance(params, dict):
+            raise _type_error("body", "a JSON object")
+        return {}
+    errors: list[str] = []
+    result: dict[str, Any] = check(params, "", errors)
+    if errors:
+        count = len(errors)
+        noun = "error" if count == 1 else "errors"
+        raise ValidationException(f"{count} validation {noun} detected: {'; '.join(errors)}")
+    return result
+
+
+# Members redacted from audit events by name, wherever they appear, besides every blob member.
+SECRET_MEMBER_NAMES = frozenset(
+    {"Plaintext", "KeyStorePassword", "Password", "XksProxyAuthenticationCredential",
+     "RawSecretAccessKey", "AccessKeyId", "PrivateKeyPlaintext"}
+)  # fmt: skip
+
+
+@cache
+def redacted_members(operation: str) -> frozenset[str]:
+    """Top-level input members of `operation` that audit events must not carry in clear."""
+    shape = _operation(operation).input_shape
+    if shape is None:
+        return frozenset()
+    return frozenset(
+        name
+        for name, child in shape.members.items()
+        if child.type_name == "blob"
+        or child.metadata.get("sensitive")
+        or name in SECRET_MEMBER_NAMES
+    )
+
+
+def output_validate(operation: str, response: Mapping[str, Any]) -> list[str]:
+    """Contract check for tests: encode `response` as the server would, parse it with botocore's
+    JSON parser and run botocore's ParamValidator on the output shape. Returns the problems."""
+    shape = _operation(operation).output_shape
+    if shape is None:
+        return [] if not response else [f"{operation} has no output, got {sorted(response)}"]
+    wire = {"body": encode_json(response), "headers": {}, "status_code": 200}
+    parsed = JSONParser().parse(wire, shape)
+    parsed.pop("ResponseMetadata", None)
+    report = ParamValidator().validate(parsed, shape)
+    return [report.generate_report()] if report.has_errors() else []
