@@ -1,0 +1,268 @@
+"""Cluster facts: which HSMs a CloudHSM cluster has, in which Availability Zones, in which state.
+
+Owns: the `ClusterInfo`/`HsmInfo` value types, the `ClusterInventory` Protocol, and its two
+implementations: `StaticInventory` (a describe-clusters JSON file, for SoftHSM and demos) and
+`CloudHsmInventory` (the cloudhsmv2 `DescribeClusters` API, for staging), plus the factory that
+picks one from `InventorySettings`. Both read the same document shape (spec §10), so one parser
+serves both.
+
+Must not import: hsmbridge.metadata, backend, service, api or cli (keystore sits beside metadata
+and below service). Only `hsmbridge.errors` and `hsmbridge.config` from the core.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from hsmbridge.config import InventorySettings
+from hsmbridge.errors import ConfigError, HsmbridgeError
+
+ACTIVE = "ACTIVE"  # the one cluster and HSM state that counts as usable (spec §10)
+
+
+class InventoryUnavailableError(HsmbridgeError):
+    """The cluster inventory could not be read (API unreachable, access denied, bad reply).
+
+    The service maps this to a retryable fault: the cluster may be fine, we just cannot see it.
+    """
+
+
+@dataclass(frozen=True)
+class HsmInfo:
+    hsm_id: str
+    availability_zone: str
+    state: str  # CREATE_IN_PROGRESS | ACTIVE | DEGRADED | DELETE_IN_PROGRESS | DELETED
+    subnet_id: str | None = None
+    eni_ip: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    cluster_id: str
+    state: str  # cloudhsmv2 ClusterState value, e.g. ACTIVE, UNINITIALIZED, DEGRADED
+    hsms: tuple[HsmInfo, ...]
+    # AZ -> subnet id; excluded from hashing because a mapping is not hashable
+    subnet_mapping: Mapping[str, str] = field(default_factory=dict, hash=False)
+    cluster_certificate_pem: str | None = None
+    hsm_type: str | None = None
+    vpc_id: str | None = None
+
+    @property
+    def active_hsms(self) -> tuple[HsmInfo, ...]:
+        return tuple(h for h in self.hsms if h.state == ACTIVE)
+
+
+class ClusterInventory(Protocol):
+    def describe(self, cluster_id: str) -> ClusterInfo | None:
+        """The cluster's current facts, or None when no such cluster exists."""
+        ...
+
+
+# --- parsing the describe-clusters shape ---------------------------------------------------------
+
+
+class _ShapeError(Exception):
+    """A field of a describe-clusters document is missing or has the wrong type."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+_KIND_NAMES: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type, path: str, required: bool = True) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise _ShapeError(f"{path}.{key}", "missing required field")
+        return None
+    if not isinstance(value, kind):
+        expected = _KIND_NAMES.get(kind, kind.__name__)
+        raise _ShapeError(f"{path}.{key}", f"must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _parse_hsm(raw: object, path: str) -> HsmInfo:
+    if not isinstance(raw, dict):
+        raise _ShapeError(path, f"must be an object, got {type(raw).__name__}")
+    return HsmInfo(
+        hsm_id=_field(raw, "HsmId", str, path),
+        availability_zone=_field(raw, "AvailabilityZone", str, path),
+        state=_field(raw, "State", str, path),
+        subnet_id=_field(raw, "SubnetId", str, path, required=False),
+        eni_ip=_field(raw, "EniIp", str, path, required=False),
+    )
+
+
+def _parse_subnets(raw: dict[str, Any] | None, path: str) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for az, subnet in (raw or {}).items():
+        if not isinstance(subnet, str):
+            raise _ShapeError(f"{path}.SubnetMapping.{az}", "must be a string subnet id")
+        mapping[az] = subnet
+    return mapping
+
+
+def parse_cluster(raw: object, path: str = "$") -> ClusterInfo:
+    """One `Cluster` object of a describe-clusters reply; raises _ShapeError naming the field."""
+    if not isinstance(raw, dict):
+        raise _ShapeError(path, f"must be an object, got {type(raw).__name__}")
+    hsms = _field(raw, "Hsms", list, path, required=False) or []
+    certs = _field(raw, "Certificates", dict, path, required=False) or {}
+    # An UNINITIALIZED cluster has no certificate yet; moto reports that as "".
+    cert = _field(certs, "ClusterCertificate", str, f"{path}.Certificates", required=False)
+    return ClusterInfo(
+        cluster_id=_field(raw, "ClusterId", str, path),
+        state=_field(raw, "State", str, path),
+        hsms=tuple(_parse_hsm(h, f"{path}.Hsms[{i}]") for i, h in enumerate(hsms)),
+        subnet_mapping=_parse_subnets(_field(raw, "SubnetMapping", dict, path, False), path),
+        cluster_certificate_pem=cert or None,
+        hsm_type=_field(raw, "HsmType", str, path, required=False),
+        vpc_id=_field(raw, "VpcId", str, path, required=False),
+    )
+
+
+def parse_clusters_document(doc: object) -> list[ClusterInfo]:
+    """Every cluster of a whole `{"Clusters": [...]}` document, validated."""
+    if not isinstance(doc, dict):
+        raise _ShapeError("$", f"must be an object, got {type(doc).__name__}")
+    raw_clusters = _field(doc, "Clusters", list, "$")
+    clusters = [parse_cluster(c, f"$.Clusters[{i}]") for i, c in enumerate(raw_clusters)]
+    seen: set[str] = set()
+    for i, cluster in enumerate(clusters):
+        if cluster.cluster_id in seen:
+            raise _ShapeError(f"$.Clusters[{i}].ClusterId", f"duplicate {cluster.cluster_id!r}")
+        seen.add(cluster.cluster_id)
+    return clusters
+
+
+# --- implementations -----------------------------------------------------------------------------
+
+
+class StaticInventory:
+    """A describe-clusters JSON file, re-read at every call so that edits take effect at once.
+
+    Operators (and tests) simulate an HSM failure or an AZ move by editing the file; no reload
+    signal, no cache. The file is small, so reading it per call is cheap.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"StaticInventory({str(self.path)!r})"
+
+    def clusters(self) -> list[ClusterInfo]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cluster inventory {self.path} cannot be read: {exc}") from None
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"cluster inventory {self.path} is not valid JSON: {exc}") from None
+        try:
+            return parse_clusters_document(doc)
+        except _ShapeError as exc:
+            raise ConfigError(
+                f"cluster inventory {self.path}: {exc.path}: {exc.problem} "
+                "(expected the shape `aws cloudhsmv2 describe-clusters` prints)"
+            ) from None
+
+    def describe(self, cluster_id: str) -> ClusterInfo | None:
+        return next((c for c in self.clusters() if c.cluster_id == cluster_id), None)
+
+
+class _DescribeClustersClient(Protocol):
+    """The one call we make on a boto3 cloudhsmv2 client."""
+
+    def describe_clusters(self, **kwargs: Any) -> Mapping[str, Any]: ...
+
+
+class CloudHsmInventory:
+    """The cloudhsmv2 DescribeClusters API (staging and production)."""
+
+    def __init__(
+        self,
+        region: str | None,
+        endpoint_url: str | None = None,
+        client: _DescribeClustersClient | None = None,
+    ) -> None:
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self._client = client if client is not None else _make_client(region, endpoint_url)
+
+    def __repr__(self) -> str:
+        return f"CloudHsmInventory(region={self.region!r}, endpoint_url={self.endpoint_url!r})"
+
+    def describe(self, cluster_id: str) -> ClusterInfo | None:
+        for index, raw in enumerate(self._pages(cluster_id)):
+            try:
+                cluster = parse_cluster(raw, f"$.Clusters[{index}]")
+            except _ShapeError as exc:
+                raise InventoryUnavailableError(
+                    f"cloudhsmv2 DescribeClusters returned an unexpected reply for {cluster_id}: "
+                    f"{exc.path}: {exc.problem}"
+                ) from None
+            # The filter already selects the id; checking again guards against a proxy or mock
+            # that ignores filters.
+            if cluster.cluster_id == cluster_id:
+                return cluster
+        return None
+
+    def _pages(self, cluster_id: str) -> list[object]:
+        import botocore.exceptions
+
+        clusters: list[object] = []
+        kwargs: dict[str, Any] = {"Filters": {"clusterIds": [cluster_id]}}
+        try:
+            while True:
+                reply = self._client.describe_clusters(**kwargs)
+                clusters.extend(reply.get("Clusters") or [])
+                token = reply.get("NextToken")
+                if not token:
+                    return clusters
+                kwargs["NextToken"] = token
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            raise InventoryUnavailableError(
+                f"cloudhsmv2 DescribeClusters for {cluster_id} in {self.region or 'default region'}"
+                f" failed with {code}: {exc.response.get('Error', {}).get('Message', '')}"
+            ) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            # Covers unreachable endpoints, missing credentials and timeouts.
+            raise InventoryUnavailableError(
+                f"cloudhsmv2 DescribeClusters for {cluster_id} could not be called: {exc}"
+            ) from exc
+
+
+def _make_client(region: str | None, endpoint_url: str | None) -> _DescribeClustersClient:
+    # Imported lazily so the static (SoftHSM) deployment never pays boto3's import time.
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5)
+    client: _DescribeClustersClient = boto3.client(
+        "cloudhsmv2", region_name=region, endpoint_url=endpoint_url, config=config
+    )
+    return client
+
+
+def inventory_from_settings(settings: InventorySettings) -> ClusterInventory:
+    """The inventory named by `[inventory]` in hsmbridge.toml."""
+    if settings.provider == "static":
+        if settings.path is None:
+            raise ConfigError("[inventory] provider 'static' needs 'path'")
+        return StaticInventory(settings.path)
+    if settings.provider == "cloudhsm":
+        return CloudHsmInventory(settings.region, settings.endpoint_url)
+    raise ConfigError(
+        f"[inventory] provider must be 'static' or 'cloudhsm', got {settings.provider!r}"
+    )

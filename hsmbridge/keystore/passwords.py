@@ -1,0 +1,122 @@
+"""Encryption at rest for the kmsuser passwords of custom key stores (spec §3.5).
+
+Owns: `PasswordVault`, which keeps a 32-byte master key in a 0600 file and seals each password
+with AES-256-GCM, binding the blob to its custom key store id so that a blob copied onto another
+store's row does not decrypt.
+
+Blob layout: version (1 byte, 0x01) || nonce (12 bytes) || ciphertext || tag (16 bytes).
+AAD: b"hsmbridge/kmsuser-password" || version || store id (UTF-8).
+
+WARNING: a password, or the master key, must never reach an exception message, a log line or a
+repr. Messages here name only the key file and the store id.
+
+Must not import: hsmbridge.metadata, backend, service, api or cli.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from hsmbridge.errors import ConfigError, HsmbridgeError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+VERSION = 1
+_AAD_PREFIX = b"hsmbridge/kmsuser-password"
+
+
+class SealedPasswordError(HsmbridgeError):
+    """A sealed password blob is malformed, altered, for another store, or for another key."""
+
+
+class PasswordVault:
+    def __init__(self, key_file: Path) -> None:
+        self.key_file = Path(key_file)
+        self._aead = AESGCM(_load_or_create_key(self.key_file))
+
+    def __repr__(self) -> str:
+        return f"PasswordVault(key_file={str(self.key_file)!r})"
+
+    def seal(self, password: str, store_id: str) -> bytes:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        version = bytes([VERSION])
+        sealed = self._aead.encrypt(nonce, password.encode("utf-8"), _aad(version, store_id))
+        return version + nonce + sealed
+
+    def unseal(self, blob: bytes, store_id: str) -> str:
+        if len(blob) < 1 + NONCE_SIZE + TAG_SIZE or blob[0] != VERSION:
+            raise SealedPasswordError(
+                f"the stored kmsuser password of custom key store {store_id} is malformed "
+                f"(unknown version or truncated)"
+            )
+        version, nonce, sealed = blob[:1], blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :]
+        try:
+            plain = self._aead.decrypt(nonce, sealed, _aad(version, store_id))
+        except InvalidTag:
+            raise SealedPasswordError(
+                f"the stored kmsuser password of custom key store {store_id} does not decrypt: "
+                f"the record was altered or belongs to another store, or {self.key_file} is not "
+                "the master key it was sealed with; set the password again with "
+                "UpdateCustomKeyStore(KeyStorePassword) while disconnected"
+            ) from None
+        return plain.decode("utf-8")
+
+
+def _aad(version: bytes, store_id: str) -> bytes:
+    return _AAD_PREFIX + version + store_id.encode("utf-8")
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    if not os.path.lexists(path):
+        # Losing a creation race is fine: the winner's key is read and checked below.
+        with contextlib.suppress(FileExistsError):
+            _create_key(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"master key file {path} cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"master key file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
+            )
+        key = fh.read(KEY_SIZE + 1)
+    if len(key) != KEY_SIZE:
+        raise ConfigError(
+            f"master key file {path} must hold exactly {KEY_SIZE} bytes, found "
+            f"{'more' if len(key) > KEY_SIZE else len(key)}; restore it from backup"
+        )
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Publish a fresh random key atomically; raises FileExistsError if one already exists.
+
+    The key is written to a private temporary file and hard-linked into place, so a concurrent
+    reader never sees an empty or half-written key and a concurrent creator cannot overwrite it.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"master key file {path} cannot be created: {exc.strerror}") from None
+    try:
+        try:
+            if os.write(fd, secrets.token_bytes(KEY_SIZE)) != KEY_SIZE:
+                raise ConfigError(f"master key file {path}: short write while creating it")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
