@@ -1,0 +1,95 @@
+"""Aliases: CreateAlias, UpdateAlias, DeleteAlias, ListAliases (spec §8.1).
+
+Owns: alias name rules (prefix `alias/`, 1-256 characters, `alias/aws/` reserved, 50 per key),
+which key states allow aliasing, and alias listing. Must not import api or cli.
+"""
+
+from __future__ import annotations
+
+from hsmbridge import ids
+from hsmbridge.errors import (
+    AlreadyExistsException,
+    InvalidAliasNameException,
+    InvalidMarkerException,
+    LimitExceededException,
+    NotFoundException,
+)
+from hsmbridge.model import Alias, Page
+from hsmbridge.service.context import ServiceContext
+from hsmbridge.service.lookup import KeyLookup, require_not_pending
+
+MAX_ALIASES_PER_KEY = 50
+
+
+def check_alias_name(name: str) -> None:
+    if not 1 <= len(name) <= 256 or not ids.ALIAS_NAME_RE.match(name):
+        raise InvalidAliasNameException(
+            f"Alias name {name!r} must begin with 'alias/' and contain only letters, digits, "
+            "'/', '_', '-' and ':' (256 characters at most)."
+        )
+    if name.startswith(ids.RESERVED_ALIAS_PREFIX):
+        raise InvalidAliasNameException(
+            f"{name}: the alias/aws/ prefix is reserved for AWS managed keys."
+        )
+
+
+class AliasService:
+    def __init__(self, ctx: ServiceContext, lookup: KeyLookup) -> None:
+        self._ctx = ctx
+        self._lookup = lookup
+
+    def _arn(self, name: str) -> str:
+        s = self._ctx.settings
+        return ids.alias_arn(s.partition, s.region, s.account_id, name)
+
+    def create(self, name: str, target: str) -> None:
+        """CreateAlias. Raises AlreadyExists, NotFound, InvalidAliasName, KMSInvalidState,
+        LimitExceeded."""
+        check_alias_name(name)
+        with self._ctx.meta.write():
+            record = require_not_pending(self._lookup.resolve(target, allow_alias=False))
+            if self._ctx.meta.get_alias(name) is not None:
+                raise AlreadyExistsException(
+                    f"An alias with the name {self._arn(name)} already exists"
+                )
+            if self._ctx.meta.count_aliases(record.key_id) >= MAX_ALIASES_PER_KEY:
+                raise LimitExceededException(
+                    f"{record.arn} already has {MAX_ALIASES_PER_KEY} aliases, the quota per key."
+                )
+            now = self._ctx.clock()
+            self._ctx.meta.put_alias(Alias(name, self._arn(name), record.key_id, now, now))
+
+    def update(self, name: str, target: str) -> None:
+        """UpdateAlias: the new target must not be pending deletion."""
+        check_alias_name(name)
+        with self._ctx.meta.write():
+            alias = self._ctx.meta.get_alias(name)
+            if alias is None:
+                raise NotFoundException(f"Alias {self._arn(name)} is not found.")
+            record = require_not_pending(self._lookup.resolve(target, allow_alias=False))
+            if self._ctx.meta.count_aliases(record.key_id) >= MAX_ALIASES_PER_KEY:
+                raise LimitExceededException(
+                    f"{record.arn} already has {MAX_ALIASES_PER_KEY} aliases, the quota per key."
+                )
+            self._ctx.meta.put_alias(
+                Alias(name, alias.arn, record.key_id, alias.creation_date, self._ctx.clock())
+            )
+
+    def delete(self, name: str) -> None:
+        check_alias_name(name)
+        with self._ctx.meta.write():
+            if self._ctx.meta.get_alias(name) is None:
+                raise NotFoundException(f"Alias {self._arn(name)} is not found.")
+            self._ctx.meta.delete_alias(name)
+
+    def list(self, key_ref: str | None, limit: int | None, marker: str | None) -> Page[Alias]:
+        """ListAliases (Limit 1-100, default 50), optionally for one key."""
+        key_id = None
+        if key_ref is not None:
+            key_id = self._lookup.resolve(key_ref, allow_alias=False).key_id
+        if marker is not None and not marker.startswith("alias/"):
+            raise InvalidMarkerException("The Marker is not one that ListAliases returned.")
+        size = limit or 50
+        rows = self._ctx.meta.list_aliases(key_id, size + 1, marker)
+        items = tuple(rows[:size])
+        return Page(items, items[-1].name if len(rows) > size else None)

@@ -1,0 +1,45 @@
+"""The dependencies every service component shares, wired once by a composition root.
+
+Owns: `ServiceContext` (settings, metadata store, cluster inventory, password vault, live HSM
+logins, clock, audit sink) and the small helpers that read through it: loading a store or raising
+the KMS error for a missing one, and the kmsuser password of a store. Must not import api or cli.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hsmbridge.audit.events import AuditSink, NullSink
+from hsmbridge.config import Settings
+from hsmbridge.errors import CustomKeyStoreNotFoundException
+from hsmbridge.keystore.inventory import ClusterInventory
+from hsmbridge.keystore.passwords import PasswordVault
+from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
+from hsmbridge.service.connections import StoreConnections
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    meta: MetadataStore
+    inventory: ClusterInventory
+    vault: PasswordVault
+    connections: StoreConnections
+    clock: Clock = time.time
+    audit: AuditSink = field(default_factory=NullSink)
+
+    def store_row(self, store_id: str) -> StoredKeyStore:
+        row = self.meta.get_key_store(store_id)
+        if row is None:
+            raise CustomKeyStoreNotFoundException(
+                f"Custom key store {store_id} does not exist in account "
+                f"{self.settings.account_id} and region {self.settings.region}."
+            )
+        return row
+
+    def password_of(self, row: StoredKeyStore) -> str:
+        return self.vault.unseal(row.password_blob, row.store.store_id)

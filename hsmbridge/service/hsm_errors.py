@@ -1,0 +1,80 @@
+"""The one table from backend errors to the KMS errors a client sees, chosen for SDK retries.
+
+Owns: `to_kms_error()`. Retryable conditions (HSM busy, session lost, device gone, HSM
+unreachable) become fault errors (5xx) so SDKs retry them; everything the caller must change
+becomes a 400. Must not import api or cli.
+"""
+
+from __future__ import annotations
+
+from hsmbridge.backend import (
+    BackendError,
+    BadCiphertextError,
+    DeviceLostError,
+    DuplicateLabelError,
+    HsmUnreachableError,
+    KeyMissingError,
+    LoginError,
+    MisconfiguredError,
+    NonCompliantKeyError,
+    TransientHsmError,
+)
+from hsmbridge.errors import (
+    InvalidCiphertextException,
+    KeyUnavailableException,
+    KmsError,
+    KMSInternalException,
+    KMSInvalidStateException,
+)
+
+# NOTE: differs from KMS, which answers KMSInvalidStateException (400, not retried) with "KMS
+# cannot communicate with your CloudHSM cluster" (spec §7.6); a retryable 500 lets SDKs ride out
+# HSM blips and throttling, which is what a stand-in under CI load needs.
+_TABLE: dict[type[BackendError], tuple[type[KmsError], str]] = {
+    TransientHsmError: (
+        KeyUnavailableException,
+        "The CloudHSM cluster is busy or the HSM session was lost; retry the request.",
+    ),
+    DeviceLostError: (
+        KeyUnavailableException,
+        "KMS cannot communicate with your CloudHSM cluster; retry the request.",
+    ),
+    HsmUnreachableError: (
+        KeyUnavailableException,
+        "KMS cannot communicate with your CloudHSM cluster; retry the request.",
+    ),
+    LoginError: (
+        KeyUnavailableException,
+        "KMS cannot log in to your CloudHSM cluster as kmsuser; disconnect the custom key store, "
+        "update its KeyStorePassword and connect it again.",
+    ),
+    BadCiphertextError: (
+        InvalidCiphertextException,
+        "The ciphertext, the encryption context or the key does not match.",
+    ),
+    KeyMissingError: (
+        KMSInvalidStateException,
+        "The key material of {arn} is not in the CloudHSM cluster of its custom key store.",
+    ),
+    DuplicateLabelError: (
+        KMSInternalException,
+        "More than one HSM key is labelled {arn}; run `hsmbridge audit` on its custom key store.",
+    ),
+    NonCompliantKeyError: (
+        KMSInternalException,
+        "The HSM created a key without the required attributes; it was destroyed.",
+    ),
+    MisconfiguredError: (
+        KMSInternalException,
+        "The HSM rejected the request; check the HSM profile of this cluster.",
+    ),
+}
+
+
+def to_kms_error(exc: BackendError, arn: str = "the key") -> KmsError:
+    for cls in type(exc).__mro__:
+        entry = _TABLE.get(cls)
+        if entry is not None:
+            kms_cls, message = entry
+            return kms_cls(message.format(arn=arn))
+    return KMSInternalException("The HSM reported an internal error.")

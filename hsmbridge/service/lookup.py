@@ -1,0 +1,91 @@
+"""Resolve a `KeyId` member to a key, derive its effective state, and build its KeyMetadata.
+
+Owns: the rules of spec §1 for which identifier forms each operation accepts, the account/region
+check on ARNs, the derived `Unavailable` state (spec §6.1: keys of a store that is not CONNECTED
+are Unavailable, except PendingDeletion), and the KeyMetadata shape of spec §5.4.
+Must not import api or cli.
+"""
+
+from __future__ import annotations
+
+from hsmbridge import ids
+from hsmbridge.errors import KMSInvalidStateException, NotFoundException
+from hsmbridge.metadata.store import StoredKeyStore
+from hsmbridge.model import ConnectionState, KeyLifecycle, KeyMetadata, KeyRecord, KeyState
+from hsmbridge.service.context import ServiceContext
+
+
+def require_not_pending(record: KeyRecord) -> KeyRecord:
+    """The [3] rule of spec §6.2: management operations refused while deletion is pending."""
+    if record.base_state is KeyState.PENDING_DELETION:
+        raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
+    return record
+
+
+def effective_state(record: KeyRecord, store: StoredKeyStore | None) -> KeyState:
+    if record.base_state is KeyState.PENDING_DELETION:
+        return KeyState.PENDING_DELETION
+    if store is None or store.store.connection_state is not ConnectionState.CONNECTED:
+        return KeyState.UNAVAILABLE
+    return record.base_state
+
+
+class KeyLookup:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+
+    def resolve(self, key_ref: str, *, allow_alias: bool) -> KeyRecord:
+        """The LIVE key a `KeyId` names, or NotFoundException in KMS's words."""
+        ref = ids.parse_key_ref(key_ref, allow_alias=allow_alias)
+        settings = self._ctx.settings
+        if ref.region is not None and (
+            ref.region != settings.region or ref.account != settings.account_id
+        ):
+            raise NotFoundException(
+                f"{key_ref} is in another account or Region than this endpoint "
+                f"({settings.account_id}, {settings.region})."
+            )
+        key_id = ref.value
+        if ref.is_alias:
+            alias = self._ctx.meta.get_alias(ref.value)
+            if alias is None:
+                raise NotFoundException(f"Alias {self._alias_arn(ref.value)} is not found.")
+            key_id = alias.target_key_id
+        record = self._ctx.meta.get_key(key_id) if ids.is_key_id(key_id) else None
+        if record is None or record.lifecycle is not KeyLifecycle.LIVE:
+            raise NotFoundException(f"Key '{self._key_arn(key_id)}' does not exist")
+        return record
+
+    def store_of(self, record: KeyRecord) -> StoredKeyStore | None:
+        return self._ctx.meta.get_key_store(record.custom_key_store_id)
+
+    def state(self, record: KeyRecord) -> KeyState:
+        return effective_state(record, self.store_of(record))
+
+    def metadata(self, record: KeyRecord) -> KeyMetadata:
+        state = self.state(record)
+        return KeyMetadata(
+            aws_account_id=record.account_id,
+            key_id=record.key_id,
+            arn=record.arn,
+            creation_date=record.creation_date,
+            enabled=state is KeyState.ENABLED,
+            description=record.description,
+            key_usage=record.key_usage,
+            key_state=state,
+            origin=record.origin,
+            custom_key_store_id=record.custom_key_store_id,
+            cloud_hsm_cluster_id=record.cluster_id,
+            key_spec=record.key_spec,
+            deletion_date=record.deletion_date
+            if record.base_state is KeyState.PENDING_DELETION
+            else None,
+        )
+
+    def _key_arn(self, key_id: str) -> str:
+        s = self._ctx.settings
+        return ids.key_arn(s.partition, s.region, s.account_id, key_id)
+
+    def _alias_arn(self, name: str) -> str:
+        s = self._ctx.settings
+        return ids.alias_arn(s.partition, s.region, s.account_id, name)
