@@ -223,6 +223,10 @@ class SigV4Verifier:
         self._region = region
         self._clock = clock
 
+    @property
+    def region(self) -> str:
+        return self._region
+
     @classmethod
     def from_file(cls, path: Path | str, region: str) -> SigV4Verifier:
         return cls(load_principals(path), region)

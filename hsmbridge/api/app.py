@@ -1,0 +1,364 @@
+"""The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol.
+
+Owns: `create_asgi_app`, `RequestContext`, `ApiEvent`, `Handler` and the request pipeline
+(route -> body limit -> JSON -> SigV4 -> model validation -> handler in a worker thread -> JSON),
+with one outermost guard that turns every failure into a KMS error response via `api.errors`.
+Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
+root, so this module does not import the service layer either. Only `hsmbridge.api` may import
+uvicorn, and this module does not need it (`api.server` runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final
+
+from hsmbridge.api.auth import Principal, SigV4Verifier
+from hsmbridge.api.errors import CONTENT_TYPE, encode_json, error_response, json_headers
+from hsmbridge.api.validation import (
+    SECRET_MEMBER_NAMES,
+    operation_names,
+    redacted_members,
+    validate_input,
+)
+from hsmbridge.errors import (
+    DependencyTimeoutException,
+    SerializationException,
+    UnknownOperationException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+TARGET_PREFIX: Final = "TrentService."
+MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for future shapes
+REDACTED: Final = "<redacted>"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What a handler may know about the caller, besides the validated params."""
+
+    request_id: str
+    principal: Principal | None  # None only when the app runs without a verifier (tests)
+    source_ip: str | None
+    operation: str
+    user_agent: str | None
+
+
+# Synchronous on purpose: handlers talk to an HSM and may block, so they run in worker threads.
+Handler = Callable[[RequestContext, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiEvent:
+    """One per request, for the audit trail. Secrets are already redacted from params."""
+
+    request_id: str
+    operation: str | None
+    principal_arn: str | None
+    source_ip: str | None
+    status: int
+    error_code: str | None
+    duration_ms: float
+    params_redacted: Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What the pipeline learned before it finished or failed; feeds the ApiEvent."""
+
+    operation: str | None = None
+    principal: Principal | None = None
+    params: Any = None
+    source_ip: str | None = None
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    # Lower-case names (uvicorn already lowers them); repeats joined with "," as SigV4 expects.
+    out: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise SerializationException(f"'{name}' is not valid JSON")
+
+
+def _check_depth(obj: Any) -> None:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise SerializationException(f"JSON nesting exceeds {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def parse_json(body: bytes) -> Any:
+    """The request document; an empty body means no parameters (NOTE: KMS may reject it)."""
+    if not body:
+        return {}
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise SerializationException("Request body is not valid JSON") from None
+    # Cheap pre-check: a document with few brackets cannot be deep, so skip the walk.
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
+        _check_depth(obj)
+    return obj
+
+
+def _redact(value: Any, hidden: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if k in hidden or k in SECRET_MEMBER_NAMES else _redact(v, hidden)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v, hidden) for v in value]
+    return value
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class KmsApi:
+    """The ASGI callable. Build it with `create_asgi_app`; wire dependencies in, never globals."""
+
+    def __init__(
+        self,
+        *,
+        operations: Mapping[str, Handler],
+        verifier: SigV4Verifier | None,
+        max_request_bytes: int,
+        health: Callable[[], tuple[int, dict[str, Any]]] | None,
+        metrics: Callable[[], tuple[bytes, str]] | None,
+        on_event: Callable[[ApiEvent], None] | None,
+        worker_threads: int,
+        handler_timeout_s: float | None,
+    ) -> None:
+        known = operation_names()
+        unknown = sorted(set(operations) - known)
+        if unknown:  # a typo in the table would otherwise surface as UnknownOperation at runtime
+            raise ValueError(f"not KMS operations: {', '.join(unknown)}")
+        self._operations = dict(operations)
+        self._verifier = verifier
+        self._max_bytes = max_request_bytes
+        self._health = health
+        self._metrics = metrics
+        self._on_event = on_event
+        self._timeout = handler_timeout_s
+        # Bounded: at most this many HSM calls in flight; further requests queue here.
+        self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-op")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] != "http":
+            return  # websockets are not part of the KMS protocol; uvicorn closes them
+        elif scope["method"] == "POST" and scope["path"] == "/":
+            await self._kms(scope, receive, send)
+        elif scope["method"] == "GET" and scope["path"] in {"/health", "/metrics"}:
+            await self._ops_endpoint(scope["path"], send)
+        else:
+            request_id = str(uuid.uuid4())
+            exc = UnknownOperationException(f"No route for {scope['method']} {scope['path']}")
+            status, headers, body, _ = error_response(exc, request_id)
+            await _respond(send, status, headers, body)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # In-flight handlers have finished (uvicorn waits for them); join the threads.
+                await asyncio.get_running_loop().run_in_executor(None, self.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _ops_endpoint(self, path: str, send: Send) -> None:
+        if path == "/metrics" and self._metrics is not None:
+            body, content_type = self._metrics()
+            headers = [(b"content-type", content_type.encode())]
+            await _respond(send, 200, headers, body)
+            return
+        if path == "/metrics":
+            await _respond(send, 404, [(b"content-type", b"text/plain")], b"metrics disabled\n")
+            return
+        status, doc = self._health() if self._health is not None else (200, {"status": "ok"})
+        body = json.dumps(doc).encode()
+        await _respond(send, status, [(b"content-type", b"application/json")], body)
+
+    async def _kms(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        client = scope.get("client")
+        trace = _Trace(source_ip=client[0] if client else None)
+        error_code: str | None = None
+        try:
+            body = await self._pipeline(scope, receive, request_id, trace)
+            status, headers = 200, json_headers(request_id, len(body))
+        except Exception as exc:  # the outermost guard; error_response logs non-KMS errors
+            status, headers, body, error_code = error_response(exc, request_id)
+        await _respond(send, status, headers, body)
+        if self._on_event is not None:
+            duration_ms = (time.perf_counter() - started) * 1000.0
+            self._emit(request_id, trace, status, error_code, duration_ms)
+
+    async def _pipeline(
+        self, scope: Scope, receive: Receive, request_id: str, trace: _Trace
+    ) -> bytes:
+        headers = _headers(scope)
+        trace.operation = operation = self._route(headers)
+        body = await self._read_body(receive, headers)
+        params = trace.params = parse_json(body)
+        if self._verifier is not None:
+            query = scope["query_string"].decode("latin-1")
+            trace.principal = self._verifier.verify("POST", scope["path"], query, headers, body)
+        typed = validate_input(operation, params)
+        context = RequestContext(
+            request_id=request_id,
+            principal=trace.principal,
+            source_ip=trace.source_ip,
+            operation=operation,
+            user_agent=headers.get("user-agent"),
+        )
+        result = await self._call(self._operations[operation], context, typed)
+        return encode_json(result)
+
+    def _route(self, headers: Mapping[str, str]) -> str:
+        content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != CONTENT_TYPE:
+            # AWS's front end picks the protocol by Content-Type; with no match it cannot find an
+            # operation and answers UnknownOperationException (seen in SDK issue reports).
+            raise UnknownOperationException(f"Content-Type must be {CONTENT_TYPE}")
+        target = headers.get("x-amz-target", "")
+        service, dot, operation = target.partition(".")
+        if not dot or service + dot != TARGET_PREFIX or operation not in operation_names():
+            raise UnknownOperationException(f"Unknown operation {target!r}")
+        if operation not in self._operations:
+            raise UnsupportedOperationException(
+                f"{operation} is not supported by this KMS endpoint (hsmbridge)"
+            )
+        return operation
+
+    def _too_large(self) -> ValidationException:
+        # NOTE: differs from KMS, whose front end answers oversize bodies before the service
+        # sees them (a 413 with no KMS error body). A KMS-style 400 ValidationException keeps
+        # boto3's error parsing working and is not retried.
+        return ValidationException(
+            f"Request body is too large: the limit is {self._max_bytes} bytes"
+        )
+
+    async def _read_body(self, receive: Receive, headers: Mapping[str, str]) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            raise self._too_large()  # early: uvicorn discards the unread body itself
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise SerializationException("Client disconnected before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_bytes:  # chunked or lying Content-Length
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _call(
+        self, handler: Handler, context: RequestContext, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        future = asyncio.get_running_loop().run_in_executor(self._pool, handler, context, params)
+        if self._timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            # The worker thread cannot be interrupted; it finishes and its result is dropped.
+            raise DependencyTimeoutException(
+                "The request to the HSM did not complete in time. Try again."
+            ) from None
+
+    def _emit(
+        self,
+        request_id: str,
+        trace: _Trace,
+        status: int,
+        error_code: str | None,
+        duration_ms: float,
+    ) -> None:
+        assert self._on_event is not None
+        hidden = redacted_members(trace.operation) if trace.operation else frozenset()
+        params = trace.params if isinstance(trace.params, dict) else {}
+        event = ApiEvent(
+            request_id=request_id,
+            operation=trace.operation,
+            principal_arn=trace.principal.arn if trace.principal else None,
+            source_ip=trace.source_ip,
+            status=status,
+            error_code=error_code,
+            duration_ms=duration_ms,
+            params_redacted=_redact(params, hidden),
+        )
+        try:
+            self._on_event(event)
+        except Exception:  # an audit sink failure must not turn a served request into a crash
+            logger.exception("on_event hook failed for request %s", request_id)
+
+
+def create_asgi_app(
+    *,
+    operations: Mapping[str, Handler],
+    verifier: SigV4Verifier | None,
+    region: str,
+    max_request_bytes: int,
+    health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    on_event: Callable[[ApiEvent], None] | None = None,
+    worker_threads: int = 32,
+    handler_timeout_s: float | None = None,
+) -> KmsApi:
+    """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers."""
+    if verifier is not None and verifier.region != region:
+        raise ValueError(f"verifier is for {verifier.region}, the app for {region}")
+    return KmsApi(
+        operations=operations,
+        verifier=verifier,
+        max_request_bytes=max_request_bytes,
+        health=health,
+        metrics=metrics,
+        on_event=on_event,
+        worker_threads=worker_threads,
+        handler_timeout_s=handler_timeout_s,
+    )

@@ -1,0 +1,122 @@
+"""Run the ASGI app under uvicorn: `serve` for the CLI's foreground process, `ThreadedServer`
+for tests and embedding.
+
+Owns: uvicorn configuration (keep-alive, graceful shutdown, concurrency limit, no access log,
+no proxy headers) and the thread/signal plumbing around it.
+Must not import: pkcs11, service or backend modules. This is one of the only modules allowed to
+import uvicorn.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Final
+
+import uvicorn
+
+from hsmbridge.api.app import KmsApi
+
+TIMEOUT_KEEP_ALIVE_S: Final = 75  # above common load balancer idle timeouts (60 s)
+LIMIT_CONCURRENCY: Final = 1024  # beyond this uvicorn answers 503, which SDKs retry
+MAX_HEADER_BYTES: Final = 64 * 1024
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that reports readiness. Signal handlers: uvicorn installs SIGTERM/SIGINT
+    handlers (graceful shutdown) only when run in the main thread and skips them elsewhere."""
+
+    def __init__(self, config: uvicorn.Config, ready: threading.Event | None) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._ready is not None and self.started:
+            self._ready.set()
+
+
+def _config(app: KmsApi, host: str, port: int, request_timeout_s: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        loop="asyncio",
+        http="h11",
+        access_log=False,  # the audit trail (on_event) records requests, never bodies
+        proxy_headers=False,  # source IPs come from the socket; no X-Forwarded-For trust
+        server_header=False,
+        timeout_keep_alive=TIMEOUT_KEEP_ALIVE_S,
+        # In-flight requests get as long as one request may take before shutdown cuts them off.
+        timeout_graceful_shutdown=max(1, round(request_timeout_s)),
+        limit_concurrency=LIMIT_CONCURRENCY,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        log_config=None,  # the process's logging setup (CLI) decides handlers and levels
+    )
+
+
+def serve(
+    app: KmsApi,
+    host: str,
+    port: int,
+    *,
+    request_timeout_s: float,
+    max_request_bytes: int,
+    ready: threading.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (main thread) and then shut down gracefully.
+
+    `max_request_bytes` is enforced by the app while it reads bodies (uvicorn has no body
+    limit); it is taken here so callers pass one settings object's worth of limits.
+    """
+    del max_request_bytes  # enforced in KmsApi._read_body; see the docstring
+    _Server(_config(app, host, port, request_timeout_s), ready).run()
+
+
+class ThreadedServer:
+    """The app on a free loopback port in a background thread: `.start()`, `.endpoint_url`,
+    `.stop()`. No signal handlers are installed (not the main thread)."""
+
+    def __init__(self, app: KmsApi, *, host: str = "127.0.0.1", request_timeout_s: float = 5.0):
+        self._app = app
+        self._host = host
+        self._timeout = request_timeout_s
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def start(self) -> ThreadedServer:
+        # Bind here, not in uvicorn, so the port is known before the thread starts.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, 0))
+        self.port = sock.getsockname()[1]
+        ready = threading.Event()
+        self._server = _Server(_config(self._app, self._host, self.port, self._timeout), ready)
+        server = self._server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="hsmbridge-http", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("hsmbridge HTTP server did not start within 10 s")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop: stop accepting, finish in-flight requests, run lifespan shutdown."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._server = None
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
