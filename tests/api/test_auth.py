@@ -55,7 +55,7 @@ def test_missing_authorization(verifier):
 def test_future_signature(verifier):
     headers = _signed()
     past = datetime.now(UTC) - timedelta(minutes=20)
-    with pytest.raises(InvalidSignatureException, match="Signature not yet current: .* \\+ 15"):
+    with pytest.raises(InvalidSignatureException, match=r"Signature not yet current: .* \+ 15"):
         verifier.verify("POST", "/", "", headers, b"{}", now=past)
 
 

@@ -116,7 +116,10 @@ def test_oversize_chunked_body(server):
         "POST",
         "/",
         body=iter(chunks),
-        headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.ListKeys"},
+        headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": "TrentService.ListKeys",
+        },
         encode_chunked=True,
     )
     resp = conn.getresponse()

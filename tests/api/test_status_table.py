@@ -11,7 +11,11 @@ import inspect
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
-from botocore.retries.standard import RetryContext, StandardRetryConditions, ThrottledRetryableChecker
+from botocore.retries.standard import (
+    RetryContext,
+    StandardRetryConditions,
+    ThrottledRetryableChecker,
+)
 
 from hsmbridge import errors
 from hsmbridge.api.errors import STATUS_BY_CODE, status_for
@@ -27,7 +31,7 @@ ALL_KMS_ERRORS = sorted(
     ),
     key=lambda cls: cls.code,
 )
-THROTTLING_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)  # noqa: SLF001
+THROTTLING_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
 
 
 def _retryable(code: str, status: int) -> bool:
@@ -73,7 +77,7 @@ def test_fault_flags_match_the_kms_model():
         except Exception:  # noqa: S112 - common AWS errors are not in the KMS model
             continue
         # Shape.metadata drops the `fault` flag; the raw shape definition keeps it.
-        assert bool(shape._shape_model.get("fault")) is cls.fault, cls.code  # noqa: SLF001
+        assert bool(shape._shape_model.get("fault")) is cls.fault, cls.code
         checked += 1
     assert checked >= 20
 

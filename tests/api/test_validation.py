@@ -48,9 +48,7 @@ def test_blob_limits_apply_to_decoded_length_and_hide_value():
 
 def test_enum_and_nested_list_paths():
     with pytest.raises(ValidationException) as info:
-        validate_input(
-            "CreateKey", {"KeyUsage": "NOPE", "Tags": [{"TagKey": "", "TagValue": "v"}]}
-        )
+        validate_input("CreateKey", {"KeyUsage": "NOPE", "Tags": [{"TagKey": "", "TagValue": "v"}]})
     message = info.value.message
     assert message.startswith("2 validation errors detected")
     assert "at 'keyUsage' failed to satisfy constraint: Member must satisfy enum value set: [" in (
