@@ -1,0 +1,190 @@
+"""`hsmbridge init --data-dir DIR`: a complete local environment on SoftHSM2, idempotently.
+
+Owns: writing the demo environment. Every file, and why it is there:
+
+- `hsmbridge.toml`    the configuration every command takes with `--config`.
+- `softhsm2.conf`     SoftHSM2's configuration; its token directory is `DIR/tokens`.
+- `tokens/`           the SoftHSM2 token that plays the demo cluster (label = the cluster id),
+                      provisioned by `softhsm/init-token.sh`.
+- `clusters.json`     the static cluster inventory, in `aws cloudhsmv2 describe-clusters` shape:
+                      one ACTIVE cluster with two ACTIVE HSMs in two Availability Zones. Edit it to
+                      change an HSM's state or AZ; it is re-read at every check.
+- `customerCA.crt`    the trust anchor that signed the demo cluster certificate.
+- `kmsuser.password`  (0600) the demo kmsuser password (the token's user PIN).
+- `softhsm-so.pin`    (0600) the token's security-officer PIN, for resetting kmsuser's password.
+- `credentials`       (0600) AWS shared-credentials file: the local principal for the HTTP API.
+- `master.key`, `metadata.sqlite3`, `audit.jsonl` (0600) are created by the service itself.
+
+It then creates the custom key store `ExampleKeyStore` on the demo cluster and connects it.
+Running it again reuses everything that exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import string
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hsmbridge.cli.runner import open_cli_service
+from hsmbridge.config import load_settings
+from hsmbridge.errors import ConfigError
+from hsmbridge.keystore.demo import (
+    DemoClusterSpec,
+    describe_clusters_document,
+    make_demo_pki,
+    new_cluster_id,
+)
+from hsmbridge.model import ConnectionState
+
+STORE_NAME = "ExampleKeyStore"
+DEFAULT_ACCOUNT = "111122223333"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_PORT = 4599
+_ALNUM = string.ascii_letters + string.digits
+
+
+def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = top.add_parser(
+        "init",
+        help="set up a local demo environment (SoftHSM2 + SQLite)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--region", default=DEFAULT_REGION)
+    p.add_argument("--account-id", default=DEFAULT_ACCOUNT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.set_defaults(handler=run)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _secret_file(path: Path, size: int) -> str:
+    if not path.exists():
+        _write_secret(path, "".join(secrets.choice(_ALNUM) for _ in range(size)) + "\n")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _softhsm_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent.parent / "softhsm"
+    if not (here / "init-token.sh").is_file():
+        raise ConfigError(f"softhsm/init-token.sh not found next to the package ({here})")
+    return here
+
+
+def _cluster(data: Path, region: str) -> tuple[str, str]:
+    """The demo cluster id and its trust anchor, created once."""
+    inventory, anchor = data / "clusters.json", data / "customerCA.crt"
+    if inventory.exists() and anchor.exists():
+        doc: dict[str, Any] = json.loads(inventory.read_text(encoding="utf-8"))
+        return str(doc["Clusters"][0]["ClusterId"]), anchor.read_text(encoding="utf-8")
+    cluster_id = new_cluster_id()
+    pki = make_demo_pki(cluster_id)
+    spec = DemoClusterSpec(cluster_id, pki.cluster_cert_pem, region=region)
+    inventory.write_text(json.dumps(describe_clusters_document([spec]), indent=2) + "\n")
+    anchor.write_text(pki.ca_cert_pem)
+    return cluster_id, pki.ca_cert_pem
+
+
+def _token(data: Path, cluster_id: str, password: str) -> None:
+    if shutil.which("softhsm2-util") is None:
+        raise ConfigError("softhsm2-util is not installed: apt-get install softhsm2 opensc")
+    so_pin = _secret_file(data / "softhsm-so.pin", 16)
+    env = {**os.environ, "HSMBRIDGE_SO_PIN": so_pin, "HSMBRIDGE_USER_PIN": password}
+    script = _softhsm_dir() / "init-token.sh"
+    subprocess.run(
+        ["sh", str(script), str(data / "softhsm2.conf"), cluster_id],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _credentials(data: Path, account: str, region: str) -> tuple[str, str]:
+    path = data / "credentials"
+    if not path.exists():
+        akid = "AKIA" + "".join(
+            secrets.choice(string.ascii_uppercase + "234567") for _ in range(16)
+        )
+        secret = "".join(secrets.choice(_ALNUM + "/+") for _ in range(40))
+        _write_secret(
+            path,
+            (
+                "[default]\n"
+                f"aws_access_key_id = {akid}\n"
+                f"aws_secret_access_key = {secret}\n"
+                f"principal_arn = arn:aws:iam::{account}:user/hsmbridge-admin\n"
+                f"region = {region}\n"
+            ),
+        )
+    fields = dict(
+        line.split(" = ", 1)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if " = " in line
+    )
+    return fields["aws_access_key_id"], fields["aws_secret_access_key"]
+
+
+def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -> Path:
+    path = data / "hsmbridge.toml"
+    if not path.exists():
+        path.write_text(
+            "# Written by `hsmbridge init`; see hsmbridge/cli/init_cmd.py for every file here.\n"
+            "[service]\n"
+            f'region = "{region}"\n'
+            f'account_id = "{account}"\n'
+            'listen_host = "127.0.0.1"\n'
+            f"listen_port = {port}\n\n"
+            "[inventory]\n"
+            'provider = "static"\n'
+            'path = "clusters.json"\n\n'
+            "[hsm.env]\n"
+            'SOFTHSM2_CONF = "softhsm2.conf"\n\n'
+            "[[clusters]]\n"
+            f'cluster_id = "{cluster_id}"\n'
+            'profile = "softhsm2"\n'
+            f'token_label = "{cluster_id}"\n'
+        )
+    return path
+
+
+def _store(config: Path, cluster_id: str, anchor: str, password: str) -> str:
+    service, sink = open_cli_service(load_settings(config))
+    try:
+        store_id = service.keystores.create(STORE_NAME, cluster_id, anchor, password)
+        state = service.keystores.describe(store_id).items[0].connection_state
+        if state is ConnectionState.DISCONNECTED:
+            service.keystores.connect(store_id)
+        return store_id
+    finally:
+        service.close()
+        sink.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    data: Path = args.data_dir.resolve()
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cluster_id, anchor = _cluster(data, args.region)
+    password = _secret_file(data / "kmsuser.password", 24)
+    _token(data, cluster_id, password)
+    akid, secret = _credentials(data, args.account_id, args.region)
+    config = _config(data, cluster_id, args.region, args.account_id, args.port)
+    store_id = _store(config, cluster_id, anchor, password)
+    settings = load_settings(config)
+    print(f"hsmbridge environment ready in {data}")
+    print(f"  config:            {config}")
+    print(f"  cluster:           {cluster_id} (SoftHSM2 token, 2 ACTIVE HSMs in 2 AZs)")
+    print(f"  custom key store:  {store_id} ({STORE_NAME}, CONNECTED)")
+    print(f"  endpoint:          http://{settings.listen_host}:{settings.listen_port}")
+    print(f"  AWS credentials:   AWS_ACCESS_KEY_ID={akid} AWS_SECRET_ACCESS_KEY={secret}")
+    return 0
