@@ -18,8 +18,9 @@ class HsmbridgeError(Exception):
 class KmsError(HsmbridgeError):
     """An error with a KMS exception name and a message a person can act on."""
 
+    # A bare KmsError is an internal fault; every subclass names its own shape and flag.
     code: ClassVar[str] = "KMSInternalException"
-    fault: ClassVar[bool] = False
+    fault: ClassVar[bool] = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -32,146 +33,152 @@ class KmsError(HsmbridgeError):
 # --- client errors (model fault = client; HTTP 400, not retried) --------------------------------
 
 
-class ValidationException(KmsError):
+class ClientError(KmsError):
+    """Base of the errors the caller must fix (model fault = client)."""
+
+    fault = False
+
+
+class ValidationException(ClientError):
     code = "ValidationException"
 
 
-class SerializationException(KmsError):
+class SerializationException(ClientError):
     code = "SerializationException"
 
 
-class UnknownOperationException(KmsError):
+class UnknownOperationException(ClientError):
     code = "UnknownOperationException"
 
 
-class AccessDeniedException(KmsError):
+class AccessDeniedException(ClientError):
     code = "AccessDeniedException"
 
 
-class NotFoundException(KmsError):
+class NotFoundException(ClientError):
     code = "NotFoundException"
 
 
-class AlreadyExistsException(KmsError):
+class AlreadyExistsException(ClientError):
     code = "AlreadyExistsException"
 
 
-class DisabledException(KmsError):
+class DisabledException(ClientError):
     code = "DisabledException"
 
 
-class KMSInvalidStateException(KmsError):
+class KMSInvalidStateException(ClientError):
     code = "KMSInvalidStateException"
 
 
-class InvalidArnException(KmsError):
+class InvalidArnException(ClientError):
     code = "InvalidArnException"
 
 
-class InvalidAliasNameException(KmsError):
+class InvalidAliasNameException(ClientError):
     code = "InvalidAliasNameException"
 
 
-class InvalidCiphertextException(KmsError):
+class InvalidCiphertextException(ClientError):
     code = "InvalidCiphertextException"
 
 
-class IncorrectKeyException(KmsError):
+class IncorrectKeyException(ClientError):
     code = "IncorrectKeyException"
 
 
-class InvalidKeyUsageException(KmsError):
+class InvalidKeyUsageException(ClientError):
     code = "InvalidKeyUsageException"
 
 
-class InvalidGrantTokenException(KmsError):
+class InvalidGrantTokenException(ClientError):
     code = "InvalidGrantTokenException"
 
 
-class InvalidMarkerException(KmsError):
+class InvalidMarkerException(ClientError):
     code = "InvalidMarkerException"
 
 
-class LimitExceededException(KmsError):
+class LimitExceededException(ClientError):
     code = "LimitExceededException"
 
 
-class MalformedPolicyDocumentException(KmsError):
+class MalformedPolicyDocumentException(ClientError):
     code = "MalformedPolicyDocumentException"
 
 
-class TagException(KmsError):
+class TagException(ClientError):
     code = "TagException"
 
 
-class UnsupportedOperationException(KmsError):
+class UnsupportedOperationException(ClientError):
     code = "UnsupportedOperationException"
 
 
-class DryRunOperationException(KmsError):
+class DryRunOperationException(ClientError):
     code = "DryRunOperationException"
 
 
-class CustomKeyStoreNotFoundException(KmsError):
+class CustomKeyStoreNotFoundException(ClientError):
     code = "CustomKeyStoreNotFoundException"
 
 
-class CustomKeyStoreNameInUseException(KmsError):
+class CustomKeyStoreNameInUseException(ClientError):
     code = "CustomKeyStoreNameInUseException"
 
 
-class CustomKeyStoreInvalidStateException(KmsError):
+class CustomKeyStoreInvalidStateException(ClientError):
     code = "CustomKeyStoreInvalidStateException"
 
 
-class CustomKeyStoreHasCMKsException(KmsError):
+class CustomKeyStoreHasCMKsException(ClientError):
     code = "CustomKeyStoreHasCMKsException"
 
 
-class CloudHsmClusterNotFoundException(KmsError):
+class CloudHsmClusterNotFoundException(ClientError):
     code = "CloudHsmClusterNotFoundException"
 
 
-class CloudHsmClusterNotActiveException(KmsError):
+class CloudHsmClusterNotActiveException(ClientError):
     code = "CloudHsmClusterNotActiveException"
 
 
-class CloudHsmClusterInUseException(KmsError):
+class CloudHsmClusterInUseException(ClientError):
     code = "CloudHsmClusterInUseException"
 
 
-class CloudHsmClusterNotRelatedException(KmsError):
+class CloudHsmClusterNotRelatedException(ClientError):
     code = "CloudHsmClusterNotRelatedException"
 
 
-class CloudHsmClusterInvalidConfigurationException(KmsError):
+class CloudHsmClusterInvalidConfigurationException(ClientError):
     code = "CloudHsmClusterInvalidConfigurationException"
 
 
-class IncorrectTrustAnchorException(KmsError):
+class IncorrectTrustAnchorException(ClientError):
     code = "IncorrectTrustAnchorException"
 
 
-class ThrottlingException(KmsError):
+class ThrottlingException(ClientError):
     code = "ThrottlingException"
 
 
 # --- authentication errors (common AWS errors, not in the KMS model) ----------------------------
 
 
-class MissingAuthenticationTokenException(KmsError):
+class MissingAuthenticationTokenException(ClientError):
     code = "MissingAuthenticationTokenException"
 
 
-class IncompleteSignatureException(KmsError):
+class IncompleteSignatureException(ClientError):
     code = "IncompleteSignatureException"
 
 
-class InvalidSignatureException(KmsError):
+class InvalidSignatureException(ClientError):
     code = "InvalidSignatureException"
 
 
-class UnrecognizedClientException(KmsError):
+class UnrecognizedClientException(ClientError):
     code = "UnrecognizedClientException"
 
 
