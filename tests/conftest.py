@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from hsmbridge.config import ClusterBinding, HsmProfile, load_profile
+from tests.harness import KmsEnv, build_env
 
 REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 INIT_TOKEN = REPO / "softhsm" / "init-token.sh"
 SO_PIN = os.environ.get("HSMBRIDGE_TEST_SO_PIN", "so-pin-4321")
-TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "24"))
+TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "64"))
 
 
 @dataclass
@@ -90,3 +91,34 @@ def softhsm_token(
         return ClusterBinding(cluster_id, profile), pin
 
     return make
+
+
+@pytest.fixture
+def make_kms_env(
+    softhsm_token: Callable[..., tuple[ClusterBinding, str]], tmp_path: Path
+) -> Iterator[Callable[..., KmsEnv]]:
+    """Factory: a fresh environment on its own token; with `store=True` (default) a custom key
+    store is created and connected through the service."""
+    made: list[KmsEnv] = []
+
+    def make(store: bool = True, name: str = "TestKeyStore") -> KmsEnv:
+        binding, password = softhsm_token()
+        env = build_env(tmp_path / f"env{len(made)}", binding, password)
+        made.append(env)
+        service = env.open()
+        if store:
+            env.store_id = service.keystores.create(
+                name, env.cluster_id, env.pki.ca_cert_pem, password
+            )
+            service.keystores.connect(env.store_id)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+
+
+@pytest.fixture
+def kms_env(make_kms_env: Callable[..., KmsEnv]) -> KmsEnv:
+    """A connected custom key store on a fresh SoftHSM2 token, through a real KmsService."""
+    return make_kms_env()

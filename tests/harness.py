@@ -1,0 +1,139 @@
+"""A complete hsmbridge environment for tests: real SoftHSM2 token, describe-clusters inventory,
+demo PKI, credentials, hsmbridge.toml and a KmsService (with a controllable clock) over them.
+
+Used through the `make_kms_env` / `kms_env` fixtures in tests/conftest.py. Restarting the service
+(`env.restart()`) reopens the same files, as a real restart would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsmbridge.audit.events import MemorySink
+from hsmbridge.backend.pkcs11 import Pkcs11Connector
+from hsmbridge.config import ClusterBinding, Settings, load_settings
+from hsmbridge.keystore.demo import (
+    DemoClusterSpec,
+    DemoHsmSpec,
+    DemoPki,
+    describe_clusters_document,
+    make_demo_pki,
+    new_cluster_id,
+)
+from hsmbridge.service.kms import KmsService, open_service
+
+REPO = Path(__file__).resolve().parent.parent
+ACCOUNT = "111122223333"
+REGION = "us-east-1"
+ACCESS_KEY = "AKIAHSMBRIDGETEST001"
+SECRET_KEY = "test-secret-key-for-hsmbridge-tests-0001"
+
+
+class FakeClock:
+    """Injectable wall clock: tests move time instead of waiting."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class KmsEnv:
+    root: Path
+    config_path: Path
+    cluster_id: str
+    token_label: str
+    password: str
+    pki: DemoPki
+    clock: FakeClock = field(default_factory=FakeClock)
+    audit: MemorySink = field(default_factory=MemorySink)
+    service: KmsService | None = None
+    store_id: str | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return load_settings(self.config_path)
+
+    @property
+    def svc(self) -> KmsService:
+        assert self.service is not None
+        return self.service
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.root / "clusters.json"
+
+    def write_inventory(
+        self,
+        azs: tuple[str, ...] = ("us-east-1a", "us-east-1b"),
+        states: tuple[str, ...] | None = None,
+        cluster_state: str = "ACTIVE",
+    ) -> None:
+        """Rewrite the static inventory: one HSM per AZ given (states default to ACTIVE)."""
+        hsms = tuple(
+            DemoHsmSpec(az, (states or ("ACTIVE",) * len(azs))[i]) for i, az in enumerate(azs)
+        )
+        spec = DemoClusterSpec(
+            self.cluster_id,
+            self.pki.cluster_cert_pem,
+            region=REGION,
+            state=cluster_state,
+            hsms=hsms,
+            subnet_azs=("us-east-1a", "us-east-1b"),
+        )
+        self.inventory_path.write_text(json.dumps(describe_clusters_document([spec])))
+
+    def open(self, *, synchronous_connect: bool = True) -> KmsService:
+        settings = self.settings
+        self.service = open_service(
+            settings,
+            Pkcs11Connector(settings.clusters),
+            clock=self.clock,
+            audit=self.audit,
+            synchronous_connect=synchronous_connect,
+        )
+        return self.service
+
+    def restart(self) -> KmsService:
+        """Close the service and open a new one over the same files (no start-up hooks run)."""
+        if self.service is not None:
+            self.service.close()
+        return self.open()
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+
+
+def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
+    """Write every file of an environment around one SoftHSM token; no store is created."""
+    root.mkdir(parents=True, exist_ok=True)
+    cluster_id = new_cluster_id()
+    token_label = binding.profile.token_label
+    assert token_label is not None
+    env = KmsEnv(
+        root, root / "hsmbridge.toml", cluster_id, token_label, password, make_demo_pki(cluster_id)
+    )
+    env.write_inventory()
+    (root / "customerCA.crt").write_text(env.pki.ca_cert_pem)
+    creds = root / "credentials"
+    creds.write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        f"principal_arn = arn:aws:iam::{ACCOUNT}:user/tester\n"
+    )
+    creds.chmod(0o600)
+    env.config_path.write_text(
+        f'[service]\nregion = "{REGION}"\naccount_id = "{ACCOUNT}"\n\n'
+        '[inventory]\nprovider = "static"\npath = "clusters.json"\n\n'
+        f'[[clusters]]\ncluster_id = "{cluster_id}"\n'
+        f'profile = "{REPO / "config" / "softhsm2.toml"}"\ntoken_label = "{token_label}"\n'
+    )
+    return env
