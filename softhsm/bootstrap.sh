@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything hsmbridge needs on a Debian machine, as root, with nothing prepared:
+#   - Debian packages: softhsm2 (the HSM), opensc (pkcs11-tool), python3-venv
+#   - a virtualenv at .venv with hsmbridge installed editable (plus test tools with `test`)
+# Idempotent and quiet when everything is already there; safe with no standard input (CI).
+#
+#   bash softhsm/bootstrap.sh          # runtime only
+#   bash softhsm/bootstrap.sh test     # runtime + test/lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-}
+
+need_apt=()
+command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    need_apt+=(python3-venv)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "bootstrap: apt-get install ${need_apt[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq </dev/null
+    apt-get install -y -qq "${need_apt[@]}" </dev/null >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+spec="."
+[ "$extras" = "test" ] && spec=".[test]"
+# Reinstall only when the dependency list changed: a stamp keyed on pyproject.toml and extras.
+stamp=".venv/.hsmbridge-$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip </dev/null
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" </dev/null
+    rm -f .venv/.hsmbridge-*
+    touch "$stamp"
+fi
