@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from hsmbridge.audit.events import AuditSink, NullSink
 from hsmbridge.config import Settings
-from hsmbridge.errors import CustomKeyStoreNotFoundException
+from hsmbridge.errors import CustomKeyStoreNotFoundException, KMSInternalException
 from hsmbridge.keystore.inventory import ClusterInventory
-from hsmbridge.keystore.passwords import PasswordVault
+from hsmbridge.keystore.passwords import PasswordVault, SealedPasswordError
 from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
 from hsmbridge.service.connections import StoreConnections
 
@@ -42,4 +42,11 @@ class ServiceContext:
         return row
 
     def password_of(self, row: StoredKeyStore) -> str:
-        return self.vault.unseal(row.password_blob, row.store.store_id)
+        try:
+            return self.vault.unseal(row.password_blob, row.store.store_id)
+        except SealedPasswordError as exc:
+            raise KMSInternalException(
+                f"The stored kmsuser password of custom key store {row.store.store_id} cannot be "
+                "decrypted (was the master key file replaced?). Disconnect the store and set "
+                "KeyStorePassword again with UpdateCustomKeyStore."
+            ) from exc
