@@ -60,8 +60,13 @@ class AliasService:
             self._ctx.meta.put_alias(Alias(name, self._arn(name), record.key_id, now, now))
 
     def update(self, name: str, target: str) -> None:
-        """UpdateAlias: the new target must not be pending deletion."""
-        check_alias_name(name)
+        """UpdateAlias: the new target must not be pending deletion. Raises NotFound,
+        KMSInvalidState, LimitExceeded.
+
+        The name is not checked with `check_alias_name`: KMS lists no InvalidAliasNameException
+        for UpdateAlias or DeleteAlias, and a name CreateAlias refuses can never exist, so it is
+        simply not found.
+        """
         with self._ctx.meta.write():
             alias = self._ctx.meta.get_alias(name)
             if alias is None:
@@ -76,7 +81,7 @@ class AliasService:
             )
 
     def delete(self, name: str) -> None:
-        check_alias_name(name)
+        """DeleteAlias. Raises NotFound (also for names CreateAlias would refuse; see update)."""
         with self._ctx.meta.write():
             if self._ctx.meta.get_alias(name) is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
