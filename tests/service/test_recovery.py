@@ -1,0 +1,219 @@
+"""Crash safety of key creation and deletion, and the deletion sweeper (issue 2, spec §6.4).
+
+A crash is simulated by a metadata store that raises at a chosen write, which is where a killed
+process would stop: after the HSM call, before the commit that makes the change visible. The
+service is then restarted over the same SQLite file and token, start-up recovery runs, and the
+invariant is checked: every LIVE key's ARN labels exactly one HSM key, every HSM key's label is a
+LIVE key's ARN, and no CREATING/DELETING row is left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hsmbridge.backend.pkcs11 import Pkcs11Connector
+from hsmbridge.errors import NotFoundException
+from hsmbridge.metadata.store import MetadataStore
+from hsmbridge.model import KeyLifecycle, KeyRecord
+from hsmbridge.service.connections import StoreConnections
+from hsmbridge.service.keys import CreateKeyRequest
+from tests.harness import KmsEnv
+from tests.service.checks import assert_consistent, backend, hsm_labels, rows
+
+pytestmark = pytest.mark.softhsm
+DAY = 86_400
+
+
+class SimulatedCrashError(Exception):
+    """Stands for the process dying at this point; nothing in the service catches it."""
+
+
+class CrashingMeta:
+    """Delegates to the real store, but "dies" at the first write matching `crash_on`."""
+
+    def __init__(self, inner: MetadataStore, method: str, when: Any = None) -> None:
+        self._inner, self._method, self._when = inner, method, when
+        self.crashed = False
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._inner, name)
+        if name != self._method or self.crashed:
+            return real
+
+        def maybe_crash(*args: Any) -> Any:
+            if self._when is None or self._when(*args):
+                self.crashed = True
+                raise SimulatedCrashError(name)
+            return real(*args)
+
+        return maybe_crash
+
+
+def _create(env: KmsEnv) -> str:
+    req = CreateKeyRequest(custom_key_store_id=env.store_id, origin="AWS_CLOUDHSM")
+    return env.svc.keys.create(req).key_id
+
+
+def _crash_in(env: KmsEnv, method: str, when: Any = None) -> CrashingMeta:
+    crashing = CrashingMeta(env.svc.ctx.meta, method, when)
+    env.svc.ctx.meta = crashing  # type: ignore[assignment]
+    return crashing
+
+
+def _live(record: KeyRecord) -> bool:
+    return record.lifecycle is KeyLifecycle.LIVE
+
+
+def test_crash_between_hsm_call_and_live_commit_is_rolled_back_at_start(kms_env) -> None:
+    keep = _create(kms_env)
+    _crash_in(kms_env, "put_key", _live)
+    with pytest.raises(SimulatedCrashError):
+        _create(kms_env)
+    # The crash left exactly the half-state recovery must handle: an intent row and material.
+    [intent] = [r for r in rows(kms_env) if r.key_id != keep]
+    assert intent.lifecycle is KeyLifecycle.CREATING
+    assert hsm_labels(kms_env)[intent.arn] == 1
+    with pytest.raises(NotFoundException):
+        kms_env.svc.keys.describe(intent.key_id)  # an intent is never visible to clients
+    assert [r.key_id for r in kms_env.svc.keys.list(None, None).items] == [keep]
+
+    kms_env.restart().start(sweep_interval_s=None)
+    assert [r.key_id for r in rows(kms_env)] == [keep]
+    assert_consistent(kms_env)
+    _create(kms_env)  # and the store works normally afterwards
+    assert_consistent(kms_env)
+
+
+class CrashingBackend:
+    """A real backend whose C_GenerateKey is never reached: the process dies just before it."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate_key(self, label: str, key_id: bytes) -> Any:
+        raise SimulatedCrashError("generate_key")
+
+
+def test_crash_before_hsm_call_leaves_only_an_intent_that_recovery_removes(kms_env) -> None:
+    ctx = kms_env.svc.ctx
+    real = Pkcs11Connector(kms_env.settings.clusters)
+
+    class Connector:
+        def connect(self, cluster_id: str, password: str) -> Any:
+            return CrashingBackend(real.connect(cluster_id, password))
+
+    ctx.connections.close_all()
+    ctx.connections = StoreConnections(Connector())
+    with pytest.raises(SimulatedCrashError):
+        _create(kms_env)
+    [intent] = rows(kms_env)
+    assert intent.lifecycle is KeyLifecycle.CREATING
+    assert sum(hsm_labels(kms_env).values()) == 0
+    kms_env.restart().start(sweep_interval_s=None)
+    assert rows(kms_env) == []
+    assert_consistent(kms_env)
+
+
+def test_crash_recovered_when_the_store_connects_instead_of_at_start(kms_env) -> None:
+    _crash_in(kms_env, "put_key", _live)
+    with pytest.raises(SimulatedCrashError):
+        _create(kms_env)
+    svc = kms_env.restart()
+    svc.keystores.disconnect(kms_env.store_id)
+    svc.start(sweep_interval_s=None)  # a DISCONNECTED store cannot be reconciled yet
+    assert [r.lifecycle for r in rows(kms_env)] == [KeyLifecycle.CREATING]
+    svc.keystores.connect(kms_env.store_id)  # the on_connected hook reconciles it
+    assert rows(kms_env) == []
+    assert_consistent(kms_env)
+
+
+@pytest.mark.parametrize("crash_at", ["after_deleting_commit", "after_destroy"])
+def test_interrupted_deletion_is_finished_at_start(kms_env, crash_at: str) -> None:
+    svc = kms_env.svc
+    keep, doomed = _create(kms_env), _create(kms_env)
+    svc.aliases.create("alias/doomed", doomed)
+    doomed_arn = svc.keys.describe(doomed).arn
+    svc.keys.schedule_deletion(doomed, 7)
+    kms_env.clock.advance(7 * DAY + 1)
+    if crash_at == "after_deleting_commit":
+        _crash_in(kms_env, "get_key_store")  # _finish_deletion's first read after the flip
+    else:
+        _crash_in(kms_env, "record_deleted_key")  # material destroyed, row still DELETING
+    with pytest.raises(SimulatedCrashError):
+        svc.keys.sweep_deletions()
+    states = {r.key_id: r.lifecycle for r in rows(kms_env)}
+    assert states == {keep: KeyLifecycle.LIVE, doomed: KeyLifecycle.DELETING}
+    assert hsm_labels(kms_env)[doomed_arn] == (1 if crash_at == "after_deleting_commit" else 0)
+
+    kms_env.audit.events.clear()
+    svc = kms_env.restart()
+    svc.start(sweep_interval_s=None)
+    assert [r.key_id for r in rows(kms_env)] == [keep]
+    assert svc.ctx.meta.get_alias("alias/doomed") is None
+    assert_consistent(kms_env)
+    [event] = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
+    assert event.key_arn == doomed_arn
+    [status] = event.additional["backingKeysDeletionStatus"]
+    assert status["deletionStatus"] == "SUCCESS"
+    [tomb] = list(svc.ctx.meta.deleted_keys(kms_env.store_id))
+    assert (tomb.key_id, tomb.material_deleted) == (doomed, True)
+
+
+def test_sweeper_deletes_metadata_aliases_and_material_when_due(kms_env) -> None:
+    svc = kms_env.svc
+    keep, doomed = _create(kms_env), _create(kms_env)
+    svc.aliases.create("alias/doomed", doomed)
+    arn = svc.keys.describe(doomed).arn
+    scheduled = svc.keys.schedule_deletion(doomed, 7)
+    assert scheduled.deletion_date == kms_env.clock.now + 7 * DAY
+    kms_env.clock.advance(7 * DAY - 1)
+    assert svc.keys.sweep_deletions() == 0  # not yet due
+    assert backend(kms_env).find_keys(arn)
+    kms_env.clock.advance(2)
+    assert svc.keys.sweep_deletions() == 1
+    assert svc.ctx.meta.get_key(doomed) is None
+    assert svc.ctx.meta.get_alias("alias/doomed") is None
+    assert backend(kms_env).find_keys(arn) == []
+    with pytest.raises(NotFoundException):
+        svc.keys.describe(doomed)
+    [event] = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
+    assert event.key_arn == arn
+    assert event.custom_key_store_id == kms_env.store_id
+    assert event.additional["eventType"] == "AwsServiceEvent"
+    assert event.additional["clusterId"] == kms_env.cluster_id
+    assert event.additional["backingKeys"] == [{"backingKeyId": doomed, "keyLabel": arn}]
+    assert event.additional["backingKeysDeletionStatus"] == [
+        {"backingKeyId": doomed, "deletionStatus": "SUCCESS", "objectsDestroyed": 1}
+    ]
+    assert svc.keys.sweep_deletions() == 0  # nothing twice
+    assert [r.key_id for r in rows(kms_env)] == [keep]
+    assert_consistent(kms_env)
+
+
+def test_sweeper_while_disconnected_orphans_material_and_records_failure(kms_env) -> None:
+    svc = kms_env.svc
+    doomed = _create(kms_env)
+    svc.aliases.create("alias/doomed", doomed)
+    arn = svc.keys.describe(doomed).arn
+    svc.keys.schedule_deletion(doomed, 7)
+    svc.keystores.disconnect(kms_env.store_id)
+    kms_env.clock.advance(7 * DAY + 1)
+    assert svc.keys.sweep_deletions() == 1
+    assert svc.ctx.meta.get_key(doomed) is None
+    assert svc.ctx.meta.get_alias("alias/doomed") is None
+    [event] = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
+    [status] = event.additional["backingKeysDeletionStatus"]
+    assert (status["deletionStatus"], status["objectsDestroyed"]) == ("FAILURE", 0)
+    [tomb] = list(svc.ctx.meta.deleted_keys(kms_env.store_id))
+    assert (tomb.key_id, tomb.arn, tomb.material_deleted) == (doomed, arn, False)
+    # KMS leaves the material orphaned in the cluster (spec §6.4 step 3); so do we.
+    svc.keystores.connect(kms_env.store_id)
+    assert [k.label for k in backend(kms_env).find_keys(arn)] == [arn]
+    # With the store empty of KMS keys it can be deleted, orphan or not (spec §4.6).
+    svc.keystores.disconnect(kms_env.store_id)
+    svc.keystores.delete(kms_env.store_id)
