@@ -182,9 +182,14 @@ def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterB
         if not isinstance(entry, dict):
             raise ConfigError(f"{here} must be a table")
         cluster_id = _get(entry, "cluster_id", str, here)
-        profile_path = resolve_profile_path(_get(entry, "profile", str, here), base)
+        profile = _get(entry, "profile", str, here)
         token_label = _get(entry, "token_label", str, here, None)
-        clusters[cluster_id] = ClusterBinding(cluster_id, load_profile(profile_path, token_label))
+        try:
+            loaded = load_profile(resolve_profile_path(profile, base), token_label)
+        except ConfigError as exc:
+            # The profile's own errors name only the profile file; say which setting led there.
+            raise ConfigError(f"{here}: 'profile' {profile!r}: {exc}") from None
+        clusters[cluster_id] = ClusterBinding(cluster_id, loaded)
     return clusters
 
 

@@ -1,0 +1,192 @@
+"""Configuration loading: every problem is a ConfigError naming the file and the setting.
+
+Also: a malformed static inventory is a ConfigError when it is read (it is re-read at every
+check), and CreateCustomKeyStore over it fails cleanly with nothing created. These run on a real
+SQLite file and the fake HSM connector: nothing here reaches an HSM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hsmbridge.config import IvPolicy, LoginFormat, load_profile, load_settings
+from hsmbridge.errors import ConfigError
+from hsmbridge.keystore.demo import (
+    DemoClusterSpec,
+    describe_clusters_document,
+    make_demo_pki,
+    new_cluster_id,
+)
+from hsmbridge.keystore.inventory import StaticInventory
+from hsmbridge.service.kms import open_service
+from tests.fakes import FakeConnector
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SOFTHSM_PROFILE = REPO / "config" / "softhsm2.toml"
+SERVICE = '[service]\nregion = "eu-west-2"\naccount_id = "111122223333"\n'
+INVENTORY = '[inventory]\nprovider = "static"\npath = "clusters.json"\n'
+
+
+def cluster_entry(profile: str = "softhsm2", cluster_id: str = "cluster-abcdefghijk") -> str:
+    return f'[[clusters]]\ncluster_id = "{cluster_id}"\nprofile = "{profile}"\ntoken_label = "t"\n'
+
+
+def write(tmp_path: Path, text: str, name: str = "hsmbridge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_good_config_resolves_relative_paths_and_profiles(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        SERVICE + 'listen_port = 0\n[paths]\ndata_dir = "data"\n' + INVENTORY
+        + '[hsm.env]\nSOFTHSM2_CONF = "softhsm2.conf"\nOTHER = "plain"\n' + cluster_entry(),
+    )  # fmt: skip
+    s = load_settings(path)
+    assert (s.region, s.account_id, s.partition, s.listen_port) == (
+        "eu-west-2", "111122223333", "aws", 0,
+    )  # fmt: skip
+    assert s.data_dir == tmp_path / "data"
+    assert s.metadata_db == tmp_path / "data" / "metadata.sqlite3"
+    assert s.inventory.path == tmp_path / "clusters.json"
+    assert s.hsm_env == {"SOFTHSM2_CONF": str(tmp_path / "softhsm2.conf"), "OTHER": "plain"}
+    binding = s.binding("cluster-abcdefghijk")
+    assert binding is not None
+    assert binding.profile.login_format is LoginFormat.PASSWORD
+    assert binding.profile.iv_policy is IvPolicy.CALLER
+    assert binding.profile.token_label == "t"
+    assert s.custom_key_store_limit == 10
+    cloudhsm = load_profile(REPO / "config" / "cloudhsm.toml")
+    assert cloudhsm.login_pin("pw12345") == "kmsuser:pw12345"
+    assert cloudhsm.iv_policy is IvPolicy.HSM_ZERO_BUFFER
+
+
+# (config text, words the ConfigError must contain besides the file's path)
+BAD_CONFIGS = [
+    ("[service\nregion=", ["not valid TOML"]),
+    (INVENTORY, ["missing required setting 'service'"]),
+    ('[service]\naccount_id = "111122223333"\n' + INVENTORY, ["[service]", "'region'"]),
+    (SERVICE.replace("eu-west-2", "Europe") + INVENTORY, ["[service]", "'region'", "Europe"]),
+    (SERVICE.replace('"111122223333"', '"1234"') + INVENTORY, ["'account_id'", "12 digits"]),
+    (SERVICE.replace('"111122223333"', "111122223333") + INVENTORY, ["'account_id'", "str"]),
+    (SERVICE + "listen_port = 70000\n" + INVENTORY, ["'listen_port'", "70000"]),
+    (SERVICE + "listen_port = true\n" + INVENTORY, ["'listen_port'", "int"]),
+    (SERVICE, ["missing required setting 'inventory'"]),
+    (SERVICE + '[inventory]\nprovider = "ldap"\n', ["[inventory]", "'provider'", "ldap"]),
+    (SERVICE + '[inventory]\nprovider = "static"\n', ["[inventory]", "'path'"]),
+    (SERVICE + INVENTORY + "[[clusters]]\nprofile = 'x'\n", ["[[clusters]] #1", "cluster_id"]),
+    ("clusters = [1]\n" + SERVICE + INVENTORY, ["[[clusters]] #1", "must be a table"]),
+    (SERVICE + INVENTORY + cluster_entry("no-such-profile"), ["'profile'", "no-such-profile"]),
+    (SERVICE + INVENTORY + cluster_entry("missing.toml"), ["'profile'", "missing.toml"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_CONFIGS)
+def test_bad_config_names_file_and_setting(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist") as caught:
+        load_settings(tmp_path / "nope.toml")
+    assert str(tmp_path / "nope.toml") in str(caught.value)
+
+
+# (profile edits, words the error must contain besides the profile's path)
+BAD_PROFILES = [
+    (('login_format = "password"', 'login_format = "pin"'), ["'login_format'", "pin"]),
+    (('iv_policy = "caller"', 'iv_policy = "random"'), ["'iv_policy'", "random"]),
+    (("max_sessions = 4", "max_sessions = 0"), ["'max_sessions'"]),
+    (("max_sessions = 4", 'max_sessions = "4"'), ["'max_sessions'", "int"]),
+    (("serialize_calls = true", "serialize_calls = 1"), ["'serialize_calls'", "bool"]),
+]
+
+
+@pytest.mark.parametrize(("edit", "words"), BAD_PROFILES)
+def test_bad_profile_names_profile_file_and_setting(
+    tmp_path: Path, edit: tuple[str, str], words: list[str]
+) -> None:
+    original = SOFTHSM_PROFILE.read_text()
+    assert edit[0] in original  # guards the test against the stock profile drifting
+    profile = write(tmp_path, original.replace(*edit), "bad-profile.toml")
+    config = write(tmp_path, SERVICE + INVENTORY + cluster_entry(str(profile)))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert str(profile) in message
+    for word in words:
+        assert word in message, message
+
+
+def test_profile_without_module_path(tmp_path: Path) -> None:
+    text = "\n".join(
+        line for line in SOFTHSM_PROFILE.read_text().splitlines() if "module_path" not in line
+    )
+    profile = write(tmp_path, text, "no-module.toml")
+    with pytest.raises(ConfigError, match="missing required setting 'module_path'") as caught:
+        load_profile(profile)
+    assert str(profile) in str(caught.value)
+
+
+# --- the static inventory ---------------------------------------------------------------------
+
+MALFORMED_INVENTORIES = [
+    ("{not json", "not valid JSON"),
+    ("[]", "$: must be an object"),
+    ('{"Clusters": {}}', "$.Clusters: must be an array"),
+    ('{"Clusters": [{"State": "ACTIVE"}]}', "$.Clusters[0].ClusterId: missing required field"),
+    (
+        '{"Clusters": [{"ClusterId": "cluster-abcdefghijk", "State": "ACTIVE", "Hsms": [{}]}]}',
+        "$.Clusters[0].Hsms[0].HsmId",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), MALFORMED_INVENTORIES)
+def test_malformed_inventory_is_a_config_error_when_read(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    path = write(tmp_path, text, "clusters.json")
+    inventory = StaticInventory(path)  # constructing it reads nothing: the file is live
+    with pytest.raises(ConfigError) as caught:
+        inventory.describe("cluster-abcdefghijk")
+    assert str(path) in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_missing_inventory_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        StaticInventory(tmp_path / "absent.json").describe("cluster-abcdefghijk")
+
+
+def test_create_store_over_malformed_inventory_creates_nothing(tmp_path: Path) -> None:
+    cluster_id = new_cluster_id()
+    pki = make_demo_pki(cluster_id)
+    config = write(tmp_path, SERVICE + INVENTORY + cluster_entry(cluster_id=cluster_id))
+    inventory = tmp_path / "clusters.json"
+    good = json.dumps(
+        describe_clusters_document([DemoClusterSpec(cluster_id, pki.cluster_cert_pem)])
+    )
+    settings = load_settings(config)
+    service = open_service(settings, FakeConnector({cluster_id: "kmsuser-pass"}))
+    try:
+        for bad in ("{not json", good.replace('"Hsms"', '"Hsmz"').replace('"State"', '"Sate"')):
+            inventory.write_text(bad)
+            with pytest.raises(ConfigError, match=r"clusters\.json"):
+                service.keystores.create("S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
+            assert service.keystores.describe().items == ()
+        inventory.write_text(good)  # fixed file: the same call now succeeds
+        store_id = service.keystores.create("S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
+        assert [s.store_id for s in service.keystores.describe().items] == [store_id]
+    finally:
+        service.close()
