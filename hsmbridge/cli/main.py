@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     top = parser.add_subparsers(dest="command", required=True)
 
+    from hsmbridge.cli.audit_cmd import add_parser as add_audit
     from hsmbridge.cli.init_cmd import add_parser as add_init
     from hsmbridge.cli.serve_cmd import add_parser as add_serve
 
     add_init(top)
     add_serve(top)
+    add_audit(top)
     groups = {
         "keystore": top.add_parser("keystore", help="custom key stores").add_subparsers(
             dest="subcommand", required=True
