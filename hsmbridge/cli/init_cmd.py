@@ -33,7 +33,7 @@ from typing import Any
 
 from hsmbridge.cli.runner import open_cli_service
 from hsmbridge.config import load_settings
-from hsmbridge.errors import ConfigError
+from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     describe_clusters_document,
@@ -41,6 +41,7 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.model import ConnectionState
+from hsmbridge.service.kms import KmsService
 
 STORE_NAME = "ExampleKeyStore"
 DEFAULT_ACCOUNT = "111122223333"
@@ -161,7 +162,11 @@ def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -
 def _store(config: Path, cluster_id: str, anchor: str, password: str) -> str:
     service, sink = open_cli_service(load_settings(config))
     try:
-        store_id = service.keystores.create(STORE_NAME, cluster_id, anchor, password)
+        # KMS's own create is idempotent only for a DISCONNECTED store; ours is CONNECTED after
+        # the first run, so reuse the store by name instead of asking to create it again.
+        store_id = _existing_store(service) or service.keystores.create(
+            STORE_NAME, cluster_id, anchor, password
+        )
         state = service.keystores.describe(store_id).items[0].connection_state
         if state is ConnectionState.DISCONNECTED:
             service.keystores.connect(store_id)
@@ -169,6 +174,13 @@ def _store(config: Path, cluster_id: str, anchor: str, password: str) -> str:
     finally:
         service.close()
         sink.close()
+
+
+def _existing_store(service: KmsService) -> str | None:
+    try:
+        return service.keystores.describe(name=STORE_NAME).items[0].store_id
+    except CustomKeyStoreNotFoundException:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
