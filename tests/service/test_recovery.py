@@ -9,6 +9,7 @@ LIVE key's ARN, and no CREATING/DELETING row is left.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from hsmbridge.backend.pkcs11 import Pkcs11Connector
 from hsmbridge.errors import NotFoundException
 from hsmbridge.metadata.store import MetadataStore
-from hsmbridge.model import KeyLifecycle, KeyRecord
+from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.harness import KmsEnv
@@ -217,3 +218,22 @@ def test_sweeper_while_disconnected_orphans_material_and_records_failure(kms_env
     # With the store empty of KMS keys it can be deleted, orphan or not (spec §4.6).
     svc.keystores.disconnect(kms_env.store_id)
     svc.keystores.delete(kms_env.store_id)
+
+
+def test_connect_and_disconnect_interrupted_by_a_crash_are_finished_at_start(
+    make_kms_env,
+) -> None:
+    # Two stores cannot share a cluster, so each transition gets its own environment.
+    c = ConnectionState
+    for frozen, final in ((c.CONNECTING, c.CONNECTED), (c.DISCONNECTING, c.DISCONNECTED)):
+        env = make_kms_env()
+        env.svc.keystores.disconnect(env.store_id)
+        ctx = env.svc.ctx
+        row = ctx.store_row(env.store_id)
+        with ctx.meta.write():  # the state a crash mid-transition leaves in the DB
+            ctx.meta.put_key_store(replace(row, store=replace(row.store, connection_state=frozen)))
+        env.restart().start(sweep_interval_s=None)
+        assert env.svc.keystores.describe(env.store_id).items[0].connection_state is final
+        if final is ConnectionState.CONNECTED:
+            _create(env)
+            assert_consistent(env)

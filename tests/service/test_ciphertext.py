@@ -1,0 +1,57 @@
+"""Tampered ciphertext through the real service on SoftHSM2: every change is InvalidCiphertext.
+
+The envelope's structure checks are unit-tested against vectors (tests/unit/test_envelope.py);
+this proves the other half on a real token: the GCM tag (checked by the HSM, which SoftHSM reports
+as CKR_GENERAL_ERROR) covers the IV, the body, the encryption context and the key's ARN.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hsmbridge.errors import IncorrectKeyException, InvalidCiphertextException
+from hsmbridge.service.keys import CreateKeyRequest
+
+pytestmark = pytest.mark.softhsm
+
+
+def test_tampering_is_invalid_ciphertext(kms_env) -> None:
+    svc = kms_env.svc
+    req = CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
+    key, other = svc.keys.create(req).key_id, svc.keys.create(req).key_id
+    blob = svc.crypto.encrypt(key, b"attack at dawn", context={"a": "bc"}).ciphertext_blob
+    assert svc.crypto.decrypt(blob, context={"a": "bc"}).plaintext == b"attack at dawn"
+
+    def flipped(i: int) -> bytes:
+        out = bytearray(blob)
+        out[i] ^= 0x80
+        return bytes(out)
+
+    other_id = bytes.fromhex(other.replace("-", ""))
+    tampered = {
+        "context that moto's encoding confuses": (blob, {"ab": "c"}),
+        "no context": (blob, {}),
+        "extra context pair": (blob, {"a": "bc", "x": "y"}),
+        "version byte": (flipped(0), {"a": "bc"}),
+        "unknown key id": (flipped(5), {"a": "bc"}),
+        "another key's id": (blob[:1] + other_id + blob[17:], {"a": "bc"}),
+        "IV length": (flipped(17), {"a": "bc"}),
+        "IV": (flipped(20), {"a": "bc"}),
+        "body": (flipped(31), {"a": "bc"}),
+        "tag": (flipped(len(blob) - 1), {"a": "bc"}),
+        "truncated tag": (blob[:-1], {"a": "bc"}),
+        "appended byte": (blob + b"\x00", {"a": "bc"}),
+        "empty": (b"", {}),
+    }
+    accepted = []
+    for what, (data, context) in tampered.items():
+        try:
+            svc.crypto.decrypt(data, context=context)
+        except InvalidCiphertextException:
+            continue
+        accepted.append(what)
+    assert accepted == []
+    with pytest.raises(IncorrectKeyException):
+        svc.crypto.decrypt(blob, key_ref=other, context={"a": "bc"})
+    # Nothing above disturbed the key or the login.
+    assert svc.crypto.decrypt(blob, context={"a": "bc"}).plaintext == b"attack at dawn"
