@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from hsmbridge.backend import TransientHsmError
 from hsmbridge.backend.pkcs11 import Pkcs11Connector
-from hsmbridge.errors import NotFoundException
+from hsmbridge.errors import KeyUnavailableException, NotFoundException
 from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
@@ -237,3 +238,27 @@ def test_connect_and_disconnect_interrupted_by_a_crash_are_finished_at_start(
         if final is ConnectionState.CONNECTED:
             _create(env)
             assert_consistent(env)
+
+
+class ReplyLostBackend(CrashingBackend):
+    """The HSM made the key, but the reply was lost (a network blip on CloudHSM)."""
+
+    def generate_key(self, label: str, key_id: bytes) -> Any:
+        self._inner.generate_key(label, key_id)
+        raise TransientHsmError("reply lost after C_GenerateKey")
+
+
+def test_hsm_error_after_the_key_was_made_leaves_neither_row_nor_material(kms_env) -> None:
+    ctx = kms_env.svc.ctx
+    real = Pkcs11Connector(kms_env.settings.clusters)
+
+    class Connector:
+        def connect(self, cluster_id: str, password: str) -> Any:
+            return ReplyLostBackend(real.connect(cluster_id, password))
+
+    ctx.connections.close_all()
+    ctx.connections = StoreConnections(Connector())
+    with pytest.raises(KeyUnavailableException):  # retryable for SDKs (a 5xx fault)
+        _create(kms_env)
+    assert rows(kms_env) == []
+    assert sum(hsm_labels(kms_env).values()) == 0
