@@ -41,7 +41,9 @@ def make_kms_client(region: str | None, endpoint_url: str | None) -> KmsClient:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5)
+    # Standard retries (throttling-aware for 20,000 DescribeKeys); the attempt count is left to
+    # AWS_MAX_ATTEMPTS / the AWS config file so operators can tune it without a new flag.
+    config = Config(retries={"mode": "standard"}, connect_timeout=5)
     client: KmsClient = boto3.client(
         "kms", region_name=region, endpoint_url=endpoint_url, config=config
     )

@@ -62,23 +62,29 @@ exactly one compliant key; delete-orphans: orphans listed in a dry run, or a del
 
 def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "key-label audit: reconcile the HSM's keys with KMS metadata"
+    # WARNING: allow_abbrev=False, or argparse would read `--password X` as `--password-file X`
+    # and then print the password as a missing file's name.
     p = top.add_parser(
         "audit",
         help=help_text,
         description=help_text,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     _add_common(p, suppress=False)
     p.set_defaults(handler=run, audit_command="scan")
     sub = p.add_subparsers(dest="audit_command", metavar="{find,delete-orphans}")
-    find = sub.add_parser("find", help="show the HSM key(s) of one KMS key", epilog=EPILOG)
+    find = sub.add_parser(
+        "find", help="show the HSM key(s) of one KMS key", epilog=EPILOG, allow_abbrev=False
+    )
     find.add_argument("key", help="KMS key ARN (or key id of this account and region)")
     _add_common(find, suppress=True)
     clean = sub.add_parser(
         "delete-orphans",
         help="destroy orphaned key material (dry run unless --yes)",
         epilog=EPILOG,
+        allow_abbrev=False,
     )
     clean.add_argument("--yes", action="store_true", help="destroy without asking")
     _add_common(clean, suppress=True)
@@ -102,6 +108,23 @@ def _add_common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     p.add_argument("--output", choices=[f.value for f in view.AuditFormat], default=d(None))
     p.add_argument("--fail-on", default=d("medium"), metavar="SEVERITY", help="default: medium")
     p.add_argument("--progress", action="store_true", default=d(False), help="force progress bar")
+    p.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
+
+
+class _RefusePassword(argparse.Action):
+    """`--password` exists only to be refused without argparse echoing its value back."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"the kmsuser password is never taken from the command line: use --password-file "
+            f"or ${PASSWORD_ENV}"
+        )
 
 
 @dataclass
