@@ -1,8 +1,11 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol.
 
 Owns: `create_asgi_app`, `RequestContext`, `ApiEvent`, `Handler` and the request pipeline
-(route -> body limit -> JSON -> SigV4 -> model validation -> handler in a worker thread -> JSON),
-with one outermost guard that turns every failure into a KMS error response via `api.errors`.
+(route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
+thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
+`api.errors`. Each request runs inside an `audit.context.RequestScope` (copied into the worker
+thread) so the service can name the key and store it touched and the backend wrapper can add HSM
+latency; `ApiEvent` carries those facts to the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
 root, so this module does not import the service layer either. Only `hsmbridge.api` may import
 uvicorn, and this module does not need it (`api.server` runs it).
@@ -11,6 +14,7 @@ uvicorn, and this module does not need it (`api.server` runs it).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -28,6 +32,7 @@ from hsmbridge.api.validation import (
     redacted_members,
     validate_input,
 )
+from hsmbridge.audit.context import RequestScope, annotate_store, request_scope
 from hsmbridge.errors import (
     DependencyTimeoutException,
     SerializationException,
@@ -46,6 +51,11 @@ Send = Callable[[Message], Awaitable[None]]
 TARGET_PREFIX: Final = "TrentService."
 MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for future shapes
 REDACTED: Final = "<redacted>"
+# A client must deliver its whole body this long after the headers. uvicorn's keep-alive timeout
+# only runs between requests, and h11 has no body timeout, so a client trickling a body would
+# otherwise hold a connection (and count against limit_concurrency) for as long as it likes.
+BODY_TIMEOUT_S: Final = 10.0
+_CLOSE: Final = (b"connection", b"close")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,10 @@ class ApiEvent:
     error_code: str | None
     duration_ms: float
     params_redacted: Mapping[str, Any]
+    key_arn: str | None = None
+    custom_key_store_id: str | None = None
+    hsm_latency_ms: float | None = None  # None: the request made no HSM call
+    additional: Mapping[str, Any] | None = None  # service facts (e.g. CreateKey's backingKeyId)
 
 
 @dataclass(slots=True)
@@ -85,6 +99,7 @@ class _Trace:
     principal: Principal | None = None
     params: Any = None
     source_ip: str | None = None
+    close: bool = False  # answer with Connection: close (the client is misbehaving)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -159,6 +174,7 @@ class KmsApi:
         on_event: Callable[[ApiEvent], None] | None,
         worker_threads: int,
         handler_timeout_s: float | None,
+        body_timeout_s: float,
     ) -> None:
         known = operation_names()
         unknown = sorted(set(operations) - known)
@@ -171,6 +187,7 @@ class KmsApi:
         self._metrics = metrics
         self._on_event = on_event
         self._timeout = handler_timeout_s
+        self._body_timeout = body_timeout_s
         # Bounded: at most this many HSM calls in flight; further requests queue here.
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-op")
 
@@ -204,15 +221,21 @@ class KmsApi:
                 return
 
     async def _ops_endpoint(self, path: str, send: Send) -> None:
+        # Both hooks may block (a health check pings HSMs; a scrape reads locks and the DB), so
+        # they run in the default executor: never on the event loop, never queued behind KMS calls.
+        loop = asyncio.get_running_loop()
         if path == "/metrics" and self._metrics is not None:
-            body, content_type = self._metrics()
+            body, content_type = await loop.run_in_executor(None, self._metrics)
             headers = [(b"content-type", content_type.encode())]
             await _respond(send, 200, headers, body)
             return
         if path == "/metrics":
             await _respond(send, 404, [(b"content-type", b"text/plain")], b"metrics disabled\n")
             return
-        status, doc = self._health() if self._health is not None else (200, {"status": "ok"})
+        if self._health is None:
+            status, doc = 200, {"status": "ok"}
+        else:
+            status, doc = await loop.run_in_executor(None, self._health)
         body = json.dumps(doc).encode()
         await _respond(send, status, [(b"content-type", b"application/json")], body)
 
@@ -222,22 +245,26 @@ class KmsApi:
         client = scope.get("client")
         trace = _Trace(source_ip=client[0] if client else None)
         error_code: str | None = None
-        try:
-            body = await self._pipeline(scope, receive, request_id, trace)
-            status, headers = 200, json_headers(request_id, len(body))
-        except Exception as exc:  # the outermost guard; error_response logs non-KMS errors
-            status, headers, body, error_code = error_response(exc, request_id)
-        await _respond(send, status, headers, body)
-        if self._on_event is not None:
-            duration_ms = (time.perf_counter() - started) * 1000.0
-            self._emit(request_id, trace, status, error_code, duration_ms)
+        with request_scope(RequestScope(request_id)) as annotations:
+            try:
+                body = await self._pipeline(scope, receive, annotations, trace)
+                status, headers = 200, json_headers(request_id, len(body))
+            except Exception as exc:  # the outermost guard; error_response logs non-KMS errors
+                status, headers, body, error_code = error_response(exc, request_id)
+            if trace.close:
+                headers.append(_CLOSE)
+            await _respond(send, status, headers, body)
+            if self._on_event is not None:
+                duration_ms = (time.perf_counter() - started) * 1000.0
+                self._emit(annotations, trace, status, error_code, duration_ms)
 
     async def _pipeline(
-        self, scope: Scope, receive: Receive, request_id: str, trace: _Trace
+        self, scope: Scope, receive: Receive, annotations: RequestScope, trace: _Trace
     ) -> bytes:
+        request_id = annotations.request_id
         headers = _headers(scope)
-        trace.operation = operation = self._route(headers)
-        body = await self._read_body(receive, headers)
+        trace.operation = annotations.operation = operation = self._route(headers)
+        body = await self._read_body(receive, headers, trace)
         params = trace.params = parse_json(body)
         if self._verifier is not None:
             query = scope["query_string"].decode("latin-1")
@@ -251,6 +278,9 @@ class KmsApi:
             user_agent=headers.get("user-agent"),
         )
         result = await self._call(self._operations[operation], context, typed)
+        created_store = result.get("CustomKeyStoreId")  # CreateCustomKeyStore names it only here
+        if isinstance(created_store, str):
+            annotate_store(created_store)
         return encode_json(result)
 
     def _route(self, headers: Mapping[str, str]) -> str:
@@ -277,10 +307,23 @@ class KmsApi:
             f"Request body is too large: the limit is {self._max_bytes} bytes"
         )
 
-    async def _read_body(self, receive: Receive, headers: Mapping[str, str]) -> bytes:
+    async def _read_body(
+        self, receive: Receive, headers: Mapping[str, str], trace: _Trace
+    ) -> bytes:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
             raise self._too_large()  # early: uvicorn discards the unread body itself
+        try:
+            # One deadline for the whole body (one timer, not one per chunk).
+            async with asyncio.timeout(self._body_timeout):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            trace.close = True  # the rest of the body may still trickle in; drop the connection
+            raise SerializationException(
+                f"The request body was not received within {self._body_timeout:g} seconds"
+            ) from None
+
+    async def _receive_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -299,7 +342,12 @@ class KmsApi:
     async def _call(
         self, handler: Handler, context: RequestContext, params: dict[str, Any]
     ) -> dict[str, Any]:
-        future = asyncio.get_running_loop().run_in_executor(self._pool, handler, context, params)
+        # The worker runs in a copy of this task's context, so the request scope (and with it
+        # the request id on log records) follows the call into the thread; O(1) to copy.
+        run = contextvars.copy_context().run
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool, run, handler, context, params
+        )
         if self._timeout is None:
             return await future
         try:
@@ -312,15 +360,19 @@ class KmsApi:
 
     def _emit(
         self,
-        request_id: str,
+        annotations: RequestScope,
         trace: _Trace,
         status: int,
         error_code: str | None,
         duration_ms: float,
     ) -> None:
         assert self._on_event is not None
+        request_id = annotations.request_id
         hidden = redacted_members(trace.operation) if trace.operation else frozenset()
         params = trace.params if isinstance(trace.params, dict) else {}
+        additional = dict(annotations.additional)
+        if annotations.other_key_arns:
+            additional["otherKeyArns"] = list(annotations.other_key_arns)
         event = ApiEvent(
             request_id=request_id,
             operation=trace.operation,
@@ -330,6 +382,10 @@ class KmsApi:
             error_code=error_code,
             duration_ms=duration_ms,
             params_redacted=_redact(params, hidden),
+            key_arn=annotations.key_arn,
+            custom_key_store_id=annotations.custom_key_store_id,
+            hsm_latency_ms=annotations.hsm_latency_ms if annotations.hsm_calls else None,
+            additional=additional,
         )
         try:
             self._on_event(event)
@@ -348,6 +404,7 @@ def create_asgi_app(
     on_event: Callable[[ApiEvent], None] | None = None,
     worker_threads: int = 32,
     handler_timeout_s: float | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> KmsApi:
     """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers."""
     if verifier is not None and verifier.region != region:
@@ -361,4 +418,5 @@ def create_asgi_app(
         on_event=on_event,
         worker_threads=worker_threads,
         handler_timeout_s=handler_timeout_s,
+        body_timeout_s=body_timeout_s,
     )

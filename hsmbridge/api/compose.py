@@ -1,20 +1,27 @@
 """Composition root of the HTTP service: settings → KmsService → KMS ASGI app.
 
-Owns: `create_app()`, the one place that wires the PKCS#11 connector, the service, SigV4, the
-audit sink and the health endpoint together for `hsmbridge serve`, the tests and the benchmark.
+Owns: `create_app()`, the one place that wires the PKCS#11 connector (wrapped so every HSM call is
+timed), the service, SigV4, the audit trail (one event per API call, into a buffered JSON-lines
+file), `/metrics` (a private Prometheus registry) and the deep `/health` check together for
+`hsmbridge serve`, the tests and the benchmark. It refuses to start over secret files other users
+can read (`startup.check_secret_files`).
 Must not import pkcs11 directly (the backend package does).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from hsmbridge.api.app import ApiEvent, KmsApi, create_asgi_app
 from hsmbridge.api.auth import SigV4Verifier
+from hsmbridge.api.health import HealthChecker
+from hsmbridge.api.metrics import Metrics, StoreCollector, TimedConnector
 from hsmbridge.api.operations import build_operations
-from hsmbridge.audit.events import AuditEvent, AuditSink, JsonLinesSink
+from hsmbridge.api.startup import check_secret_files
+from hsmbridge.audit.events import AuditEvent, AuditSink, redact
+from hsmbridge.audit.sinks import BufferedJsonLinesSink, RequestAwareSink
 from hsmbridge.backend import HsmConnector
 from hsmbridge.backend.pkcs11 import Pkcs11Connector
 from hsmbridge.config import Settings
@@ -28,50 +35,59 @@ class Runtime:
     service: KmsService
     app: KmsApi
     audit: AuditSink
+    metrics: Metrics
+    health: HealthChecker
 
     def close(self) -> None:
         self.app.close()
         self.service.close()
-        if isinstance(self.audit, JsonLinesSink):
-            self.audit.close()
+        close = getattr(self.audit, "close", None)
+        if callable(close):  # the file sink flushes its buffer; a caller's MemorySink has none
+            close()
 
 
-def _health(service: KmsService) -> tuple[int, dict[str, Any]]:
-    """Per store: UNAVAILABLE unless CONNECTED; a connected store's HSM is pinged for real."""
-    stores: dict[str, Any] = {}
-    healthy = True
-    for row in service.ctx.meta.list_key_stores(10_000, None):
-        store = row.store
-        entry: dict[str, Any] = {"ConnectionState": store.connection_state.value}
-        backend = service.ctx.connections.peek(store.store_id)
-        if store.connection_state is ConnectionState.CONNECTED and backend is not None:
-            ping = backend.ping()
-            entry.update(status="ACTIVE" if ping.ok else "UNAVAILABLE", latencyMs=ping.latency_ms)
-            healthy = healthy and ping.ok
-        elif store.connection_state is ConnectionState.CONNECTED:
-            entry["status"] = "ACTIVE"  # logged in lazily on first use in this process
-        else:
-            entry["status"] = "UNAVAILABLE"
-        stores[store.store_id] = entry
-    return (200 if healthy else 503), {"status": "ok" if healthy else "degraded", "stores": stores}
+def _on_event(audit: AuditSink, metrics: Metrics) -> Callable[[ApiEvent], None]:
+    """The per-request hook: one metrics observation and one audit event, both cheap."""
 
-
-def _audit_hook(audit: AuditSink) -> Any:
     def on_event(event: ApiEvent) -> None:
+        operation = event.operation or "Unknown"
+        metrics.observe_request(operation, event.error_code, event.duration_ms / 1000.0)
+        additional = {"status": event.status, "durationMs": round(event.duration_ms, 3)}
+        additional.update(event.additional or {})
         audit.emit(
             AuditEvent(
-                event_name=event.operation or "Unknown",
+                event_name=operation,
                 event_time=time.time(),
                 request_id=event.request_id,
                 principal_arn=event.principal_arn,
                 source_ip=event.source_ip,
-                request_parameters=dict(event.params_redacted),
+                # Second, model-independent pass: the app already hid the model's sensitive
+                # members; this also hides the names hsmbridge treats as secret everywhere.
+                request_parameters=redact(event.params_redacted),
+                key_arn=event.key_arn,
+                custom_key_store_id=event.custom_key_store_id,
                 error_code=event.error_code,
-                additional={"status": event.status, "durationMs": round(event.duration_ms, 3)},
+                hsm_latency_ms=event.hsm_latency_ms,
+                additional=additional,
             )
         )
 
     return on_event
+
+
+def _store_collector(service: KmsService) -> StoreCollector:
+    def stores() -> Iterator[tuple[str, ConnectionState]]:
+        for row in service.ctx.meta.list_key_stores(10_000, None):
+            yield row.store.store_id, row.store.connection_state
+
+    def backends() -> Iterator[tuple[str, object]]:
+        connections = service.ctx.connections
+        for store_id in connections.live_store_ids():
+            backend = connections.peek(store_id)
+            if backend is not None:
+                yield store_id, backend
+
+    return StoreCollector(stores, backends)
 
 
 def create_app(
@@ -82,14 +98,24 @@ def create_app(
     audit: AuditSink | None = None,
     sweep_interval_s: float | None = 60.0,
     verify_signatures: bool = True,
+    health_ttl_s: float = 30.0,
+    health_slow_ms: float = 250.0,
+    health_clock: Callable[[], float] = time.monotonic,
 ) -> Runtime:
-    """Build and start the service (start-up recovery included) and its ASGI app."""
+    """Build and start the service (start-up recovery included) and its ASGI app.
+
+    Raises ConfigError before touching anything if a secret file is group- or world-accessible.
+    """
+    check_secret_files(settings)
     settings.apply_hsm_env()
-    sink = audit or JsonLinesSink(settings.audit_log)
-    service = open_service(
-        settings, connector or Pkcs11Connector(settings.clusters), clock=clock, audit=sink
-    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    sink = audit or BufferedJsonLinesSink(settings.audit_log)
+    metrics = Metrics()
+    timed = TimedConnector(connector or Pkcs11Connector(settings.clusters), metrics)
+    service = open_service(settings, timed, clock=clock, audit=RequestAwareSink(sink))
     service.start(sweep_interval_s=sweep_interval_s)
+    metrics.add_collector(_store_collector(service))
+    health = HealthChecker(service, ttl_s=health_ttl_s, slow_ms=health_slow_ms, clock=health_clock)
     verifier = (
         SigV4Verifier.from_file(settings.credentials_file, settings.region)
         if verify_signatures
@@ -100,8 +126,9 @@ def create_app(
         verifier=verifier,
         region=settings.region,
         max_request_bytes=settings.max_request_bytes,
-        health=lambda: _health(service),
-        on_event=_audit_hook(sink),
+        health=health,
+        metrics=metrics.render,
+        on_event=_on_event(sink, metrics),
         handler_timeout_s=settings.request_timeout_s,
     )
-    return Runtime(service, app, sink)
+    return Runtime(service, app, sink, metrics, health)

@@ -1,9 +1,11 @@
 """Structured audit events and where they go.
 
-Owns: the `AuditEvent` record (CloudTrail-like field names), the `AuditSink` Protocol, a JSON-lines
-file sink and an in-memory sink for tests. Events carry identifiers and outcomes only: never
-plaintext, data keys, passwords or PINs (`redact()` enforces it for request parameters).
-Must not import metadata, backend or anything above.
+Owns: the `AuditEvent` record and its one wire form (`to_json`: CloudTrail-style camelCase field
+names, see `AuditEvent.to_dict`), the `AuditSink` Protocol, a JSON-lines file sink flushed per
+event (the CLI's) and an in-memory sink for tests; the server's buffered sink is in `sinks.py`.
+Events carry identifiers and outcomes only: never plaintext, data keys, passwords or PINs
+(`redact()` enforces it for request parameters). Must not import metadata, backend or anything
+above.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,13 +42,27 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = "<redacted>"
         elif isinstance(value, Mapping):
             out[name] = redact(value)
+        elif isinstance(value, list):
+            out[name] = [redact(v) if isinstance(v, Mapping) else v for v in value]
         else:
             out[name] = value
     return out
 
 
+API_CALL = "AwsApiCall"
+SERVICE_EVENT = "AwsServiceEvent"  # e.g. the end-of-waiting-period DeleteKey, as CloudTrail
+
+
+def iso_time(epoch_s: float) -> str:
+    """CloudTrail's eventTime format, with milliseconds: 2024-05-01T12:00:00.123Z."""
+    moment = datetime.fromtimestamp(epoch_s, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 @dataclass(frozen=True)
 class AuditEvent:
+    """One audit record. Python names here; `to_dict` gives the camelCase wire names."""
+
     event_name: str
     event_time: float = field(default_factory=time.time)
     request_id: str | None = None
@@ -58,8 +75,34 @@ class AuditEvent:
     hsm_latency_ms: float | None = None
     additional: Mapping[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-lines record. Names follow CloudTrail where it has a flat field (eventTime,
+        eventName, eventType, sourceIPAddress, requestParameters, errorCode,
+        additionalEventData); the rest are hsmbridge's own, flat so that `jq` needs no paths.
+        Every field is always present (null when unknown) so each line has one schema."""
+        extra = dict(self.additional)
+        # Service events say what they are in their extras (keys.py's DeleteKey); lift it.
+        event_type = extra.pop("eventType", API_CALL)
+        latency = None if self.hsm_latency_ms is None else round(self.hsm_latency_ms, 3)
+        return {
+            "eventTime": iso_time(self.event_time),
+            "eventName": self.event_name,
+            "eventType": event_type,
+            "eventSource": "kms.amazonaws.com",
+            "requestId": self.request_id,
+            "principalArn": self.principal_arn,
+            "sourceIPAddress": self.source_ip,
+            "requestParameters": dict(self.request_parameters),
+            "keyArn": self.key_arn,
+            "customKeyStoreId": self.custom_key_store_id,
+            "errorCode": self.error_code,
+            "hsmLatencyMs": latency,
+            "additionalEventData": extra,
+        }
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        # default=str: a stray non-JSON value in the extras must not lose the whole event.
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
 
 class AuditSink(Protocol):

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hsmbridge.audit import context as audit_context
 from hsmbridge.audit.events import AuditSink, NullSink
 from hsmbridge.config import Settings
 from hsmbridge.errors import CustomKeyStoreNotFoundException, KMSInternalException
@@ -39,6 +40,7 @@ class ServiceContext:
                 f"Custom key store {store_id} does not exist in account "
                 f"{self.settings.account_id} and region {self.settings.region}."
             )
+        audit_context.annotate_store(store_id)  # the request's customKeyStoreId, if any
         return row
 
     def password_of(self, row: StoredKeyStore) -> str:

@@ -9,6 +9,7 @@ Must not import api or cli.
 from __future__ import annotations
 
 from hsmbridge import ids
+from hsmbridge.audit import context as audit_context
 from hsmbridge.errors import KMSInvalidStateException, NotFoundException
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyMetadata, KeyRecord, KeyState
@@ -54,6 +55,7 @@ class KeyLookup:
         record = self._ctx.meta.get_key(key_id) if ids.is_key_id(key_id) else None
         if record is None or record.lifecycle is not KeyLifecycle.LIVE:
             raise NotFoundException(f"Key '{self._key_arn(key_id)}' does not exist")
+        audit_context.annotate_key(record.arn, record.custom_key_store_id)  # the request's keyArn
         return record
 
     def store_of(self, record: KeyRecord) -> StoredKeyStore | None:

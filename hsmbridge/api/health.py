@@ -1,0 +1,153 @@
+"""The deep health check behind `GET /health`: a real HSM round trip per connected store, cached.
+
+Owns: `HealthChecker`. Per custom key store it reports one of
+- ACTIVE: CONNECTED, the HSM answered a random draw (`backend.ping()`) within `slow_ms`, and the
+  cluster inventory still shows the quorum CreateKey needs (2 ACTIVE HSMs in 2 AZs);
+- DEGRADED: usable but not healthy: the ping was slow, the inventory shows fewer than 2 ACTIVE
+  HSMs in 2 AZs (or cannot be read), the backend had to recover sessions or the login since the
+  previous check (its retry counter moved), or the store is CONNECTING (login being established);
+- UNAVAILABLE: not usable: not connected (DISCONNECTED, DISCONNECTING, FAILED), the login failed,
+  or the ping failed.
+Overall: HTTP 200 when every CONNECTED store is ACTIVE, else 503. Stores an operator left
+disconnected are reported but do not fail the check. The whole report is cached for `ttl_s`
+(at most 60 s) on an injectable monotonic clock, so a load balancer polling every second costs
+one HSM call per store per TTL. Runs in a worker thread (the app never pings on its event loop).
+Must not import uvicorn or pkcs11.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from hsmbridge.audit.events import iso_time
+from hsmbridge.backend import BackendError, HsmBackend
+from hsmbridge.errors import KmsError
+from hsmbridge.keystore import quorum
+from hsmbridge.keystore.inventory import InventoryUnavailableError
+from hsmbridge.metadata.store import StoredKeyStore
+from hsmbridge.model import ConnectionState
+from hsmbridge.service.kms import KmsService
+
+ACTIVE: Final = "ACTIVE"
+DEGRADED: Final = "DEGRADED"
+UNAVAILABLE: Final = "UNAVAILABLE"
+MAX_TTL_S: Final = 60.0
+_RANK: Final = {ACTIVE: 0, DEGRADED: 1, UNAVAILABLE: 2}
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    status: str
+    detail: str
+    latency_ms: float | None = None
+
+    def to_dict(self, state: ConnectionState) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "connectionState": state.value,
+            "detail": self.detail,
+            "pingLatencyMs": None if self.latency_ms is None else round(self.latency_ms, 3),
+        }
+
+
+class HealthChecker:
+    """Callable as the app's `health` hook: returns (HTTP status, JSON document)."""
+
+    def __init__(
+        self,
+        service: KmsService,
+        *,
+        ttl_s: float = 30.0,
+        slow_ms: float = 250.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 <= ttl_s <= MAX_TTL_S:
+            raise ValueError(f"health cache TTL must be 0-{MAX_TTL_S:.0f} s, got {ttl_s}")
+        self._service = service
+        self._ttl = ttl_s
+        self._slow_ms = slow_ms
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()  # one check at a time; callers during it get its result
+        self._cached: tuple[float, int, dict[str, Any]] | None = None
+        self._retries_seen: dict[str, int] = {}
+
+    def __call__(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            now = self._clock()
+            if self._cached is not None and now < self._cached[0]:
+                _, status, doc = self._cached
+                return status, {**doc, "cached": True}
+            status, doc = self._check()
+            self._cached = (now + self._ttl, status, doc)
+            return status, {**doc, "cached": False}
+
+    def _check(self) -> tuple[int, dict[str, Any]]:
+        stores: dict[str, Any] = {}
+        worst = ACTIVE
+        for row in self._service.ctx.meta.list_key_stores(10_000, None):
+            state = row.store.connection_state
+            health = self._store(row)
+            stores[row.store.store_id] = health.to_dict(state)
+            if state is ConnectionState.CONNECTED and _RANK[health.status] > _RANK[worst]:
+                worst = health.status
+        doc = {"status": worst, "checkedAt": iso_time(self._wall()), "stores": stores}
+        return (200 if worst == ACTIVE else 503), doc
+
+    def _store(self, row: StoredKeyStore) -> StoreHealth:
+        store = row.store
+        state = store.connection_state
+        if state is ConnectionState.CONNECTING:
+            return StoreHealth(DEGRADED, "login to the HSM is being established")
+        if state is not ConnectionState.CONNECTED:
+            code = store.connection_error_code
+            why = f" ({code.value})" if code is not None else ""
+            return StoreHealth(UNAVAILABLE, f"custom key store is {state.value}{why}")
+        try:
+            backend = self._backend(row)
+        except (BackendError, KmsError) as exc:
+            # Class name only: login errors are safe to show, but nothing here needs more.
+            return StoreHealth(UNAVAILABLE, f"login to the HSM failed: {type(exc).__name__}")
+        ping = backend.ping()
+        if not ping.ok:
+            return StoreHealth(UNAVAILABLE, f"HSM ping failed: {ping.detail}", ping.latency_ms)
+        problem = self._degradation(store.store_id, store.cluster_id, backend, ping.latency_ms)
+        if problem:
+            return StoreHealth(DEGRADED, problem, ping.latency_ms)
+        return StoreHealth(ACTIVE, "HSM answered a random draw", ping.latency_ms)
+
+    def _backend(self, row: StoredKeyStore) -> HsmBackend:
+        """This process's login, made now if the store was connected by another process."""
+        ctx = self._service.ctx
+        return ctx.connections.get(
+            row.store.store_id, row.store.cluster_id, lambda: ctx.password_of(row)
+        )
+
+    def _degradation(
+        self, store_id: str, cluster_id: str, backend: HsmBackend, latency_ms: float
+    ) -> str:
+        if latency_ms > self._slow_ms:
+            return f"HSM ping took {latency_ms:.0f} ms (threshold {self._slow_ms:.0f} ms)"
+        stats = getattr(backend, "stats", None)
+        retries = getattr(stats, "retries", None)
+        if isinstance(retries, int):
+            before = self._retries_seen.get(store_id, retries)
+            self._retries_seen[store_id] = retries
+            if retries > before:
+                return f"HSM sessions or login re-established {retries - before}x since last check"
+        return self._quorum_problem(cluster_id)
+
+    def _quorum_problem(self, cluster_id: str) -> str:
+        try:
+            cluster = self._service.ctx.inventory.describe(cluster_id)
+        except InventoryUnavailableError:
+            return "the cluster inventory is unavailable"
+        if cluster is None:
+            return f"cluster {cluster_id} is missing from the inventory"
+        verdict = quorum.check(quorum.Operation.CREATE_KEY, cluster)
+        return "" if verdict.ok else f"cluster below CreateKey quorum: {verdict.message}"
