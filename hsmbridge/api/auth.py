@@ -257,10 +257,18 @@ class SigV4Verifier:
             raise UnrecognizedClientException(
                 "The security token included in the request is invalid."
             )
-        for required in ("host", "x-amz-date"):
-            if required not in auth.signed_headers:
+        # x-amz-target picks the operation: if it were unsigned, a captured Encrypt could be
+        # replayed within the time window as ScheduleKeyDeletion (its body names the KeyId and
+        # unknown members are ignored). botocore and the other SDKs sign it.
+        required = (
+            ("host", "x-amz-date", "x-amz-target")
+            if "x-amz-target" in headers
+            else ("host", "x-amz-date")
+        )
+        for name in required:
+            if name not in auth.signed_headers:
                 raise InvalidSignatureException(
-                    f"'{required}' must be a 'SignedHeader' in the AWS Authorization."
+                    f"'{name}' must be a 'SignedHeader' in the AWS Authorization."
                 )
         expected = _signature(
             credential.secret,

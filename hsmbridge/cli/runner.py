@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from hsmbridge.api.operations import build_operations, dispatch
+from hsmbridge.api.startup import check_secret_files
 from hsmbridge.audit.events import JsonLinesSink
 from hsmbridge.backend.pkcs11 import Pkcs11Connector
 from hsmbridge.cli.kms_commands import Command, build_request
@@ -23,6 +24,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def open_cli_service(settings: Settings) -> tuple[KmsService, JsonLinesSink]:
+    check_secret_files(settings)  # before the metadata store would quietly chmod the DB
     settings.apply_hsm_env()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sink = JsonLinesSink(settings.audit_log)
