@@ -9,17 +9,63 @@ import uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from typing import Any, Final
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hsmbridge.api.app import KmsApi
 
 TIMEOUT_KEEP_ALIVE_S: Final = 75  # above common load balancer idle timeouts (60 s)
 LIMIT_CONCURRENCY: Final = 1024  # beyond this uvicorn answers 503, which SDKs retry
 MAX_HEADER_BYTES: Final = 64 * 1024
+# A request's headers must arrive this long after its first byte (or after the connection opens).
+# uvicorn's keep-alive timer stops at the first byte and nothing restarts it, so without this a
+# client sending a header a byte at a time, or nothing at all, holds a slot of LIMIT_CONCURRENCY
+# forever (slowloris). The body has its own deadline in KmsApi._read_body.
+HEADER_TIMEOUT_S: Final = 10.0
+
+
+class _DeadlineH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus a header deadline (see HEADER_TIMEOUT_S)."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_timer()  # first byte of a further request on a kept-alive connection
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm_header_timer()  # the request line and headers are in
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()  # no response: there is no request to answer yet
 
 
 class _Server(uvicorn.Server):
@@ -43,7 +89,7 @@ def _config(app: KmsApi, host: str, port: int, request_timeout_s: float) -> uvic
         port=port,
         lifespan="on",
         loop="asyncio",
-        http="h11",
+        http=_DeadlineH11Protocol,
         access_log=False,  # the audit trail (on_event) records requests, never bodies
         proxy_headers=False,  # source IPs come from the socket; no X-Forwarded-For trust
         server_header=False,

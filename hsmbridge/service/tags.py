@@ -18,6 +18,11 @@ MAX_TAGS_PER_KEY = 50
 
 
 def validate_tags(tags: Iterable[Tag]) -> None:
+    tags = tuple(tags)
+    if len(tags) > MAX_TAGS_PER_KEY:  # checked before any lookup or transaction (request limit)
+        raise TagException(
+            f"A request can carry at most {MAX_TAGS_PER_KEY} tags; this one has {len(tags)}."
+        )
     seen: set[str] = set()
     for tag in tags:
         if not 1 <= len(tag.key) <= 128:

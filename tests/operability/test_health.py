@@ -77,7 +77,9 @@ def test_cluster_below_two_active_hsms_in_two_azs_is_degraded(live):
 def test_backend_recovery_since_last_check_is_degraded(live):
     backend = _backend(live)
     assert live.health()[0] == 200
-    backend.stats = BackendStats(sessions_open=2, handle_cache_hits=0, handle_cache_misses=0, retries=99)
+    backend.stats = BackendStats(
+        sessions_open=2, handle_cache_hits=0, handle_cache_misses=0, retries=99
+    )
     live.health_clock.advance(MAX_TTL_S)
     status, doc = live.health()
     assert status == 503

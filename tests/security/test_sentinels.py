@@ -11,9 +11,9 @@ import base64
 import json
 import logging
 import secrets
-import subprocess
 from pathlib import Path
 
+import pkcs11
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -46,12 +46,15 @@ def _forms(secret: bytes) -> set[bytes]:
 
 
 def _set_token_pin(live_env, new_pin: str) -> None:
-    """Make the kmsuser password (= SoftHSM user PIN) the sentinel before anything logs in."""
-    subprocess.run(
-        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", live_env.token_label,
-         "--login", "--pin", live_env.password, "--change-pin", "--new-pin", new_pin],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    """Make the kmsuser password (= SoftHSM user PIN) the sentinel before the service logs in.
+
+    In-process (python-pkcs11 memoises the module per path): a PIN changed by another process
+    is not seen by a SoftHSM instance that has already read the token.
+    """
+    lib = pkcs11.lib(SOFTHSM_MODULE)
+    token = lib.get_token(token_label=live_env.token_label)
+    with token.open(rw=True, user_pin=live_env.password) as session:
+        session.set_pin(live_env.password, new_pin)
     live_env.password = new_pin
 
 
