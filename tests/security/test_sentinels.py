@@ -222,3 +222,19 @@ def test_no_secret_leaves_the_service(make_kms_env, caplog, tmp_path):
     assert set(_leaks(haystacks, flow.secrets)) <= inputs
     assert _leaks(haystacks, {"AWS secret access key": SECRET_KEY.encode()}) == sorted(inputs)
     assert len(flow.secrets) >= 9  # the flow really captured its data keys and random bytes
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda s: s,
+        lambda s: s.hex().encode(),
+        lambda s: s.hex().upper().encode(),
+        base64.b64encode,
+        lambda s: base64.urlsafe_b64encode(s).rstrip(b"="),
+    ],
+)
+def test_the_detector_finds_every_encoding(encode):
+    secret = b"\xfb\xff" + secrets.token_bytes(30)
+    found = _leaks({"a log line": b"prefix " + encode(secret) + b" suffix"}, {"key": secret})
+    assert found
