@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 import pkcs11
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from hsmbridge.backend.errors import (
     BackendError,
@@ -89,7 +89,7 @@ class Pkcs11Backend:
     def _run(self, op: Callable[[Worker], T], *, during_decrypt: bool = False) -> T:
         """Run `op` in a worker session; transient failures retried after the pool recovered."""
         retrying = Retrying(
-            stop=stop_after_attempt(_RETRY_ATTEMPTS),
+            stop=_stop_retrying,
             wait=wait_exponential(multiplier=0.005, min=0.005, max=0.05),
             retry=retry_if_exception_type((TransientHsmError, DeviceLostError)),
             before_sleep=lambda _state: self._count("_retries"),
@@ -248,11 +248,18 @@ class Pkcs11Backend:
         """A real, cheap HSM round trip (16 random bytes); never raises."""
         start = time.perf_counter()
         try:
-            self.random(16)
+            # Random draws work without a token on SoftHSM (its RNG is not token-backed), so the
+            # round trip also asks for the token: a missing one fails the check.
+            self._run(self._draw_and_check_token)
         except Exception as exc:  # ping reports every failure instead of raising
             detail = str(exc) if isinstance(exc, BackendError) else type(exc).__name__
             return HsmHealth(False, _ms_since(start), f"{type(exc).__name__}: {detail}")
         return HsmHealth(True, _ms_since(start), f"{self._profile.name} token answered")
+
+    def _draw_and_check_token(self, worker: Worker) -> None:
+        worker.raw.generate_random(128)
+        if not self._pool.token_present():
+            raise DeviceLostError("the token is not present")
 
     def close(self) -> None:
         """Log out (login session closed last, once no other backend uses it). Idempotent."""
@@ -266,6 +273,18 @@ class Pkcs11Backend:
     def stats(self) -> BackendStats:
         with self._stats_lock:
             return BackendStats(self._pool.sessions_open, self._hits, self._misses, self._retries)
+
+
+def _stop_retrying(state: RetryCallState) -> bool:
+    """Stop after _RETRY_ATTEMPTS, but never right after a re-initialisation: the third
+    DeviceError in a row is what triggers it, and the freshly initialised library deserves one
+    attempt before the caller is told the HSM is unavailable."""
+    if state.attempt_number > _RETRY_ATTEMPTS:
+        return True
+    if state.attempt_number < _RETRY_ATTEMPTS:
+        return False
+    outcome = state.outcome
+    return outcome is None or not isinstance(outcome.exception(), DeviceLostError)
 
 
 def _ms_since(start: float) -> float:

@@ -31,6 +31,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ from pkcs11 import TokenFlag
 from hsmbridge.backend.errors import (
     BackendError,
     DeviceLostError,
+    HsmInternalError,
     HsmUnreachableError,
+    KeyMissingError,
     LoginError,
     LoginFailure,
 )
@@ -56,6 +59,9 @@ from hsmbridge.config import HsmProfile
 
 log = logging.getLogger(__name__)
 
+# While a token is missing, re-initialise the library at most this often to look for it again.
+REINIT_INTERVAL_S = 1.0
+
 
 class Library:
     """One loaded PKCS#11 module (python-pkcs11 memoises `pkcs11.lib` per path anyway)."""
@@ -66,6 +72,7 @@ class Library:
         self.lock = threading.RLock()
         self.generation = 0
         self.device_error_streak = 0
+        self.last_reinitialized = float("-inf")  # time.monotonic() of the last attempt
         self.pools: dict[bytes, SessionPool] = {}  # by token serial; guarded by `lock`
 
     def guard(self, serialize: bool) -> threading.RLock | nullcontext[None]:
@@ -78,6 +85,7 @@ class Library:
                 return  # another thread already did it
             self.generation += 1
             self.device_error_streak = 0
+            self.last_reinitialized = time.monotonic()
             try:
                 self.raw.reinitialize()
             except Exception as exc:
@@ -86,6 +94,12 @@ class Library:
             log.warning(
                 "re-initialised PKCS#11 module %s (generation %d)", self.path, self.generation
             )
+
+    def reinitialize_at_most_every(self, interval_s: float) -> None:
+        """Re-initialise again unless that was tried within `interval_s` (see REINIT_INTERVAL_S)."""
+        with self.lock:
+            if time.monotonic() - self.last_reinitialized >= interval_s:
+                self.reinitialize(self.generation)
 
 
 _LIBRARIES: dict[str, Library] = {}
@@ -221,7 +235,20 @@ class SessionPool:
                 return
             self._login = None
             self._drop_workers(close=False)
-            self.login(_find_token(self.library, self.profile.token_label))
+            try:
+                token = _find_token(self.library, self.profile.token_label)
+            except HsmUnreachableError:
+                # SoftHSM reads its token directory at C_Initialize only: a token that was gone
+                # then stays invisible until the next one, so keep re-initialising (throttled)
+                # until it is back. Callers see HsmUnreachableError, a retryable 5xx.
+                self.library.reinitialize_at_most_every(REINIT_INTERVAL_S)
+                raise
+            self.login(token)
+            log.warning(
+                "logged in again to token %s of %s after re-initialisation",
+                self.serial.hex(),
+                self.library.path,
+            )
 
     def _drop_workers(self, *, close: bool = True) -> None:
         with self._cond:
@@ -249,6 +276,11 @@ class SessionPool:
                 yield worker
         except Exception as exc:
             err = self._classify(exc, during_decrypt)
+            if isinstance(err, KeyMissingError | HsmInternalError) and not self.token_present():
+                # SoftHSM with its token directory gone answers "no such object" to finds and
+                # GeneralError to writes, as if the key were deleted; only the token probe tells
+                # the two apart, and a lost device must be retried (5xx), not reported missing.
+                err = DeviceLostError(f"token {self.serial.hex()} is not present ({err})")
             self._recover(worker, err)
             if err is exc:
                 raise
@@ -279,7 +311,11 @@ class SessionPool:
                 self._opening -= 1
                 self._cond.notify()
             err = self._classify(exc, during_decrypt=False)
-            if isinstance(err, LoginLostError):
+            # C_OpenSession is often where a lost token shows first (TokenNotPresent, a
+            # DeviceError streak): recover here as `_recover` does for errors inside a block.
+            if isinstance(err, DeviceLostError):
+                self.library.reinitialize(self._generation)
+            elif isinstance(err, LoginLostError):
                 with self.library.lock:
                     self._relogin()
             raise err from exc
@@ -333,6 +369,15 @@ class SessionPool:
             self._evict(worker, close=True)
         else:
             self._release(worker)
+
+    def token_present(self) -> bool:
+        """Is our token still listed by the library (C_GetSlotList + C_GetTokenInfo)?"""
+        with self.library.guard(self.profile.serialize_calls):
+            try:
+                _find_token(self.library, self.profile.token_label)
+            except HsmUnreachableError:
+                return False
+        return True
 
     def _evict(self, worker: Worker, *, close: bool) -> None:
         with self._cond:

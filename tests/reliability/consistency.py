@@ -1,0 +1,102 @@
+"""The key-label consistency check the reliability tests run after every crash, fault and load run.
+
+Metadata and HSM must agree, key by key: every LIVE key has exactly one HSM key labelled with its
+ARN, and every HSM key belongs to a LIVE key, except the documented disconnected-deletion orphans
+(material left in the HSM because the store was disconnected when the waiting period ended), which
+must be recorded as tombstones with material_deleted=False. No intent row (CREATING, DELETING) may
+be left once recovery ran and nothing is in flight.
+
+Two ways to read the HSM: `labels_via_pkcs11_tool` (another process, for servers running in a
+subprocess: the pytest process must not load that environment's SoftHSM) and `labels_of` (an
+in-process `HsmBackend`). The metadata is read through the production `SqliteMetadataStore`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsmbridge.backend import HsmBackend
+from hsmbridge.metadata.sqlite import SqliteMetadataStore
+from hsmbridge.metadata.store import DeletedKey, MetadataStore
+from hsmbridge.model import KeyLifecycle, KeyRecord
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass
+class Report:
+    live: int = 0
+    hsm_objects: int = 0
+    recorded_orphans: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def assert_clean(self, context: str = "") -> None:
+        assert not self.problems, f"{context}: inconsistent key store:\n" + "\n".join(self.problems)
+
+
+def check(
+    labels: Iterable[str], records: Iterable[KeyRecord], tombstones: Iterable[DeletedKey]
+) -> Report:
+    """Compare HSM labels with key rows and tombstones of one store (one token)."""
+    hsm = Counter(labels)
+    rows = list(records)
+    tombs = {t.arn: t for t in tombstones}
+    report = Report(hsm_objects=sum(hsm.values()))
+    live = set()
+    for row in rows:
+        if row.lifecycle is not KeyLifecycle.LIVE:
+            report.problems.append(f"intent row left behind: {row.key_id} {row.lifecycle}")
+            continue
+        live.add(row.arn)
+        report.live += 1
+        if hsm[row.arn] == 0:
+            report.problems.append(f"missing key material: {row.arn}")
+        elif hsm[row.arn] > 1:
+            report.problems.append(f"duplicate label x{hsm[row.arn]}: {row.arn}")
+    for label, count in hsm.items():
+        if label in live:
+            continue
+        tomb = tombs.get(label)
+        if tomb is not None and not tomb.material_deleted and count == 1:
+            report.recorded_orphans += 1
+            continue
+        why = "deleted key's material still present" if tomb is not None else "orphan"
+        report.problems.append(f"{why} (x{count}): {label}")
+    return report
+
+
+def read_metadata(db: Path, store_id: str) -> tuple[list[KeyRecord], list[DeletedKey]]:
+    meta: MetadataStore = SqliteMetadataStore(db)
+    try:
+        return list(meta.keys_in_store(store_id)), list(meta.deleted_keys(store_id))
+    finally:
+        meta.close()
+
+
+def labels_of(backend: HsmBackend) -> list[str]:
+    return [info.label for info in backend.list_keys()]
+
+
+def labels_via_pkcs11_tool(softhsm_conf: Path, token_label: str, pin: str) -> list[str]:
+    """Secret-key labels on the token, read by OpenSC's pkcs11-tool in its own process."""
+    env = {**os.environ, "SOFTHSM2_CONF": str(softhsm_conf)}
+    argv = ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", token_label]
+    argv += ["--login", "--pin", pin, "--list-objects", "--type", "secrkey"]
+    out = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [
+        line.split(":", 1)[1].strip()
+        for line in out.splitlines()
+        if line.strip().startswith("label:")
+    ]
