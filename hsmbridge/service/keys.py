@@ -11,6 +11,7 @@ Must not import api or cli.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,7 @@ from hsmbridge.errors import (
     CustomKeyStoreInvalidStateException,
     DependencyTimeoutException,
     InvalidMarkerException,
+    KmsError,
     KMSInternalException,
     KMSInvalidStateException,
     UnsupportedOperationException,
@@ -72,6 +74,9 @@ class KeyService:
     def __init__(self, ctx: ServiceContext, lookup: KeyLookup) -> None:
         self._ctx = ctx
         self._lookup = lookup
+        # Failed CreateKeys whose rollback failed too (by key id); the sweeper retries them.
+        self._abandoned: dict[str, KeyRecord] = {}
+        self._abandoned_lock = threading.Lock()
 
     # -- CreateKey ----------------------------------------------------------------------------
     def create(self, req: CreateKeyRequest) -> KeyMetadata:
@@ -158,8 +163,34 @@ class KeyService:
                 with self._ctx.meta.write():
                     self._ctx.meta.delete_key(record.key_id)
             except BackendError:
-                log.warning("CreateKey cleanup of %s deferred to recovery", record.key_id)
+                log.warning("CreateKey cleanup of %s deferred to the sweeper", record.key_id)
+                with self._abandoned_lock:
+                    self._abandoned[record.key_id] = record
             raise to_kms_error(exc, record.arn) from exc
+
+    def _retry_abandoned(self) -> None:
+        """Finish the cleanups of failed CreateKeys that the HSM refused at the time.
+
+        Without this the intent row and possibly the HSM key would wait for the next restart or
+        reconnect (`recover_store`), however long the server runs.
+        """
+        with self._abandoned_lock:
+            pending = list(self._abandoned.values())
+        for record in pending:
+            try:
+                with self._ctx.meta.write():
+                    current = self._ctx.meta.get_key(record.key_id)
+                    if current is not None and current.lifecycle is KeyLifecycle.CREATING:
+                        _destroy(self.backend_for(record), record.arn)
+                        self._ctx.meta.delete_key(record.key_id)
+            except (BackendError, KmsError) as exc:
+                log.warning(
+                    "CreateKey cleanup of %s postponed: %s", record.key_id, type(exc).__name__
+                )
+                continue
+            with self._abandoned_lock:
+                self._abandoned.pop(record.key_id, None)
+            log.info("rolled back the failed CreateKey %s", record.key_id)
 
     def _backend(self, row: StoredKeyStore) -> HsmBackend:
         store = row.store
@@ -250,6 +281,7 @@ class KeyService:
     # -- deletion sweeper and recovery ----------------------------------------------------------
     def sweep_deletions(self) -> int:
         """Delete every key whose waiting period is over; returns how many went."""
+        self._retry_abandoned()
         done = 0
         for record in self._ctx.meta.keys_due_for_deletion(self._ctx.clock()):
             try:
@@ -308,12 +340,15 @@ class KeyService:
         if row.store.connection_state is not ConnectionState.CONNECTED:
             return 0
         fixed = 0
-        for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING):
+        creating = self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
+        for record in creating:
             _destroy(self._backend(row), record.arn)
             with self._ctx.meta.write():
                 self._ctx.meta.delete_key(record.key_id)
             log.info("recovery: rolled back interrupted CreateKey %s", record.key_id)
             fixed += 1
+        if creating:
+            fixed += _destroy_unfinished(self._backend(row))
         for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.DELETING):
             self._finish_deletion(record)
             fixed += 1
@@ -322,6 +357,26 @@ class KeyService:
 
 def _destroy(backend: HsmBackend, label: str) -> int:
     return backend.destroy_key(label)
+
+
+def _destroy_unfinished(backend: HsmBackend) -> int:
+    """Destroy the key objects an interrupted key generation left without label, id or value.
+
+    SoftHSM2 writes a new object's file with default attributes first and applies the template
+    (label, CKA_ID) and the key value in later writes; a process killed in between leaves a
+    secret key with an empty label, an empty CKA_ID and a zero-length value, which recovery cannot
+    find by label. hsmbridge never creates such an object and it holds no key material, so
+    recovery of an interrupted CreateKey removes exactly that shape and nothing else.
+    """
+    doomed = [
+        info
+        for info in backend.list_keys()
+        if not info.label and not info.key_id and info.value_len == 0
+    ]
+    for info in doomed:
+        backend.destroy_key("", handle=info.handle)
+        log.warning("recovery: destroyed a half-created HSM key object (handle %d)", info.handle)
+    return len(doomed)
 
 
 def _destroy_quietly(backend: HsmBackend, label: str) -> None:
