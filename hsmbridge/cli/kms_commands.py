@@ -130,7 +130,11 @@ COMMANDS: tuple[Command, ...] = (
 
 def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]) -> None:
     for cmd in COMMANDS:
-        parser = groups[cmd.group].add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # No abbreviations: `--key-store-password-f X` must never be read as another option, and
+        # an unknown option must never be echoed back with a password in it.
+        parser = groups[cmd.group].add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, allow_abbrev=False
+        )
         parser.add_argument("--config", required=True, type=Path, help="path to hsmbridge.toml")
         for opt in cmd.options:
             _add_option(parser, opt)

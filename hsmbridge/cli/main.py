@@ -27,6 +27,7 @@ log = logging.getLogger("hsmbridge")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="hsmbridge",
         description="AWS KMS CloudHSM custom key stores on any PKCS#11 HSM.",
         epilog="exit codes: 0 ok, 1 findings/failed, 2 usage or config error, 3 HSM unreachable",
@@ -54,14 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """argparse would echo unknown arguments with their values, and a value may be a password:
+    name the options only."""
+    names = [a.split("=", 1)[0] for a in unknown if a.startswith("-")] or ["(positional)"]
+    parser.print_usage(sys.stderr)
+    print(
+        f"hsmbridge: error: unrecognized arguments: {' '.join(names)} (values not shown)",
+        file=sys.stderr,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, unknown)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command; every failure becomes one line on stderr and an exit code."""
     try:
         if getattr(args, "kms_command", None) is not None:
             from hsmbridge.cli.runner import run_kms_command
