@@ -1,0 +1,330 @@
+"""Crash consistency: SIGKILL the real server at injected points and at random times under load,
+restart it, and audit HSM labels against metadata after every restart.
+
+The environment comes from `python -m hsmbridge init` (its own SoftHSM token directory; the pytest
+process never loads it). Servers run as subprocesses: `tests/reliability/crash_server.py` (the
+production `create_app` + `serve` with a wrapped connector that blocks at a named kill point, and a
+fast clock so deletion waiting periods pass in under a second) and, every few cycles and at the
+end, plain `python -m hsmbridge serve`. Each restart runs start-up recovery; then the store must
+be consistent: no intent rows, every LIVE key's material present exactly once, no orphan or
+duplicate labels except recorded disconnected-deletion orphans.
+
+Cost: HSMBRIDGE_CRASH_CYCLES (default 100) cycles take ~2.6 min on 2 vCPUs (~1.5 s a cycle:
+0.6 s server start-up, the check, up to 1.5 s of load). HSMBRIDGE_CRASH_SEED replays the choice of
+kill points, hit counts and delays (request interleavings under load stay nondeterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tests.reliability.servers import InitEnv, ServerProcess, init_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.softhsm]
+
+CYCLES = int(os.environ.get("HSMBRIDGE_CRASH_CYCLES", "100"))
+SEED = int(os.environ.get("HSMBRIDGE_CRASH_SEED", str(random.SystemRandom().randrange(2**32))))
+DAY = 86_400.0
+# Virtual seconds per wall second: a 7-day waiting period passes in 0.5 s, so the sweeper (every
+# 0.2 s) runs final deletions while the test is driving the server.
+SPEED = 7 * DAY / 0.5
+SWEEP_S = "0.2"
+MARKER_TIMEOUT_S = 20.0
+SERVE_EVERY = 5  # every 5th restart is plain `hsmbridge serve`, as an operator would run it
+CREATE_POINTS = ("before_hsm_create", "after_hsm_create")
+DESTROY_POINTS = ("before_hsm_destroy", "after_hsm_destroy")
+STORE_POINTS = ("in_connect", "in_disconnect")
+# Errors a request may legitimately get while racing the sweeper or a key we scheduled earlier.
+EXPECTED_CODES = {"KMSInvalidStateException", "NotFoundException", "DisabledException"}
+
+
+@dataclass
+class Run:
+    env: InitEnv
+    logs: Path
+    rng: random.Random
+    offset_days: float = 0.0
+    keys: list[str] = field(default_factory=list)  # ARNs the test believes are Enabled
+    doomed: set[str] = field(default_factory=set)  # ARNs scheduled for deletion
+    sealed: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    hits: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    unexpected: list[str] = field(default_factory=list)
+    decrypt_checks: int = 0
+    servers: list[ServerProcess] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, *args: str, plain: bool = False) -> ServerProcess:
+        log = self.logs / f"server-{len(self.servers):03d}.log"
+        if plain:
+            srv = ServerProcess.serve(self.env, log)
+        else:
+            clock = ("--clock-offset-days", str(self.offset_days), "--clock-speed", str(SPEED))
+            srv = ServerProcess.launcher(self.env, log, *clock, "--sweep-interval", SWEEP_S, *args)
+        self.servers.append(srv)
+        return srv.wait_ready()
+
+    def advance_clock(self, wall_seconds: float) -> None:
+        # The next launcher's clock starts past everything this one scheduled (7-day windows):
+        # the virtual clock never goes backwards across restarts.
+        self.offset_days += wall_seconds * SPEED / DAY + 31
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    root = tmp_path_factory.mktemp("crash")
+    env = init_env(root / "env")
+    logs = root / "logs"
+    logs.mkdir()
+    r = Run(env, logs, random.Random(SEED))
+    yield r
+    for srv in r.servers:
+        srv.kill()
+
+
+def _create(kms: Any, env: InitEnv) -> str:
+    meta = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=env.store_id)["KeyMetadata"]
+    return str(meta["Arn"])
+
+
+def _store_state(kms: Any, env: InitEnv) -> str:
+    stores = kms.describe_custom_key_stores(CustomKeyStoreId=env.store_id)["CustomKeyStores"]
+    return str(stores[0]["ConnectionState"])
+
+
+def _ensure_connected(kms: Any, env: InitEnv) -> None:
+    if _store_state(kms, env) == "CONNECTED":
+        return
+    kms.connect_custom_key_store(CustomKeyStoreId=env.store_id)
+    deadline = time.monotonic() + 15
+    while _store_state(kms, env) != "CONNECTED":
+        assert time.monotonic() < deadline, "store did not reconnect"
+        time.sleep(0.05)
+
+
+def _wait_marker(marker: Path, srv: ServerProcess) -> str:
+    deadline = time.monotonic() + MARKER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text().endswith("\n"):
+            return marker.read_text().split()[1]
+        assert srv.proc.poll() is None, f"server died before the kill point:\n{srv.log()}"
+        time.sleep(0.01)
+    raise AssertionError(f"kill point not reached in {MARKER_TIMEOUT_S} s:\n{srv.log()}")
+
+
+def _in_background(fn: Any, *args: Any, **kwargs: Any) -> threading.Thread:
+    """Requests cut off by the kill end with a connection error; that is the point."""
+
+    def body() -> None:
+        with contextlib.suppress(BotoCoreError, ClientError):
+            fn(*args, **kwargs)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+def _verify_after_restart(r: Run, srv: ServerProcess, context: str) -> None:
+    """The audit, the store's state, and a few earlier ciphertexts that must still decrypt."""
+    r.env.check().assert_clean(context)
+    kms = r.env.client(srv.url)
+    _ensure_connected(kms, r.env)
+    for arn, blob, plaintext in r.rng.sample(r.sealed, min(3, len(r.sealed))):
+        try:
+            state = kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"]
+        except kms.exceptions.NotFoundException:
+            continue  # scheduled by a load client and deleted by the sweeper since
+        if state != "Enabled":
+            continue
+        assert kms.decrypt(CiphertextBlob=blob, KeyId=arn)["Plaintext"] == plaintext, context
+        r.decrypt_checks += 1
+
+
+def _targeted(r: Run, point: str) -> None:
+    """One cycle: drive the server until it blocks at `point`, SIGKILL it there."""
+    hit = r.rng.randint(1, 3) if point in CREATE_POINTS + DESTROY_POINTS else 1
+    marker = r.logs / f"marker-{len(r.servers):03d}"
+    srv = r.start("--crash-at", point, "--crash-hit", str(hit), "--marker", str(marker))
+    started = time.monotonic()
+    _verify_after_restart(r, srv, f"after restart before {point} (seed {SEED})")
+    kms = r.env.client(srv.url, read_timeout=MARKER_TIMEOUT_S + 5)
+    if point in CREATE_POINTS:
+        threads = [_in_background(_create, kms, r.env) for _ in range(hit)]
+    elif point in DESTROY_POINTS:
+        doomed = [_create(kms, r.env) for _ in range(hit)]
+        for arn in doomed:
+            kms.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7)
+        threads = []
+    elif point == "in_connect":
+        kms.disconnect_custom_key_store(CustomKeyStoreId=r.env.store_id)
+        threads = [_in_background(kms.connect_custom_key_store, CustomKeyStoreId=r.env.store_id)]
+    else:
+        threads = [_in_background(kms.disconnect_custom_key_store, CustomKeyStoreId=r.env.store_id)]
+    r.hits[_wait_marker(marker, srv)] += 1
+    srv.kill()
+    for thread in threads:
+        thread.join(timeout=10)
+    r.advance_clock(time.monotonic() - started)
+
+
+def _load_client(r: Run, url: str, stop: threading.Event) -> None:
+    kms = r.env.client(url, read_timeout=10)
+    while not stop.is_set():
+        op = r.rng.random()
+        try:
+            with r.lock:
+                key = r.rng.choice(r.keys) if r.keys else None
+            if key is None or op < 0.35:
+                arn = _create(kms, r.env)
+                with r.lock:
+                    r.keys.append(arn)
+            elif op < 0.75:
+                plaintext = os.urandom(32)
+                blob = kms.encrypt(KeyId=key, Plaintext=plaintext)["CiphertextBlob"]
+                with r.lock:
+                    r.sealed.append((key, blob, plaintext))
+            elif op < 0.85:
+                with r.lock:
+                    sealed = r.rng.choice(r.sealed) if r.sealed else None
+                if sealed is not None:
+                    key, blob, plaintext = sealed
+                    assert kms.decrypt(CiphertextBlob=blob, KeyId=key)["Plaintext"] == plaintext
+            else:
+                with r.lock:
+                    if key in r.keys:
+                        r.keys.remove(key)
+                    r.doomed.add(key)
+                kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            with r.lock:
+                r.codes[code] += 1
+                # A deleted key's ciphertexts no longer decrypt: KMS says InvalidCiphertext.
+                gone = code == "InvalidCiphertextException" and key in r.doomed
+                if code not in EXPECTED_CODES and not gone and not stop.is_set():
+                    r.unexpected.append(f"{code}: {exc}")
+        except BotoCoreError:
+            return  # the server was killed under us
+
+
+def _random_kill(r: Run) -> None:
+    """One cycle: two client threads mix CreateKey/Encrypt/Decrypt/ScheduleKeyDeletion while the
+    sweeper deletes keys; SIGKILL after a random delay."""
+    srv = r.start()
+    started = time.monotonic()
+    _verify_after_restart(r, srv, f"after restart before a random kill (seed {SEED})")
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_load_client, args=(r, srv.url, stop), daemon=True)
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(r.rng.uniform(0.05, 1.5))
+    srv.kill()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=15)
+    r.advance_clock(time.monotonic() - started)
+
+
+def _plain_restart(r: Run, context: str) -> None:
+    srv = r.start(plain=True)
+    _verify_after_restart(r, srv, context)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop ends by that signal.
+    assert srv.stop() in (0, -signal.SIGTERM), srv.log()
+
+
+def test_kill_restart_cycles_leave_no_orphans_and_lose_no_keys(run: Run) -> None:
+    points = CREATE_POINTS + DESTROY_POINTS + STORE_POINTS
+    begun = time.monotonic()
+    for cycle in range(CYCLES):
+        # About a third random kills under load, the rest spread over the kill points.
+        kind = run.rng.choice([*points, *CREATE_POINTS, *DESTROY_POINTS, *["random"] * 5])
+        run.kinds[kind] += 1
+        if kind == "random":
+            _random_kill(run)
+        else:
+            _targeted(run, kind)
+        if kind == "in_disconnect" or cycle % SERVE_EVERY == SERVE_EVERY - 1:
+            _plain_restart(run, f"plain restart after cycle {cycle} ({kind}, seed {SEED})")
+        # Keep the token small: find-by-label is a linear scan (field notes §0.4).
+        with run.lock:
+            del run.keys[:-20]
+            del run.sealed[:-50]
+    _plain_restart(run, f"final restart (seed {SEED})")
+    assert not run.unexpected, run.unexpected[:5]
+    assert set(run.hits) == set(points), f"kill points never reached: {run.hits}"
+    assert run.decrypt_checks > 0
+    logs = "".join(p.read_text(errors="replace") for p in sorted(run.logs.glob("server-*.log")))
+    assert "Traceback" not in logs, logs[logs.find("Traceback") - 2000 :][:6000]
+    print(
+        json.dumps(
+            {
+                "seed": SEED,
+                "cycles": CYCLES,
+                "servers": len(run.servers),
+                "kinds": run.kinds,
+                "kill_points_hit": run.hits,
+                "client_error_codes": run.codes,
+                "decrypt_checks": run.decrypt_checks,
+                "seconds": round(time.monotonic() - begun, 1),
+            }
+        )
+    )
+
+
+def _wait_deletion_status(audit_log: Path, arn: str) -> Any:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in audit_log.read_text().splitlines():
+            event = json.loads(line)
+            if event["eventName"] == "DeleteKey" and event["keyArn"] == arn:
+                return event["additionalEventData"]["backingKeysDeletionStatus"]
+        time.sleep(0.1)
+    raise AssertionError(f"no DeleteKey audit event for {arn}")
+
+
+def test_deletion_while_disconnected_leaves_a_recorded_orphan(
+    tmp_path: Path,
+) -> None:
+    """KMS deletes the key but cannot reach the HSM: the material stays as a documented orphan,
+    recorded as a tombstone (material_deleted=False) and a DeleteKey event with FAILURE."""
+    env = init_env(tmp_path / "env")
+    (tmp_path / "logs").mkdir()
+    r = Run(env, tmp_path / "logs", random.Random(SEED))
+    try:
+        srv = r.start()
+        kms = env.client(srv.url)
+        arn = _create(kms, env)
+        kms.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7)
+        kms.disconnect_custom_key_store(CustomKeyStoreId=env.store_id)
+        deadline = time.monotonic() + 15
+        while kms.list_keys()["Keys"]:
+            assert time.monotonic() < deadline, "the sweeper did not delete the key"
+            time.sleep(0.1)
+        # The audit sink flushes about once a second; the tombstone is the durable record.
+        status = _wait_deletion_status(env.root / "audit.jsonl", arn)
+        srv.kill()
+        report = env.check()
+        report.assert_clean("after a deletion while disconnected")
+        assert report.recorded_orphans == 1
+        assert status[0]["deletionStatus"] == "FAILURE"
+    finally:
+        for srv in r.servers:
+            srv.kill()
