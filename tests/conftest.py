@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 INIT_TOKEN = REPO / "softhsm" / "init-token.sh"
 SO_PIN = os.environ.get("HSMBRIDGE_TEST_SO_PIN", "so-pin-4321")
-TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "64"))
+# One token per environment a test builds; the whole suite needs ~90 (about 0.09 s each).
+TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "128"))
 
 
 @dataclass
@@ -60,7 +61,9 @@ def softhsm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmEnv
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before any pkcs11.lib() of SoftHSM in this process
     env = SoftHsmEnv(conf=conf, profile=load_profile(REPO / "config" / "softhsm2.toml"))
     for i in range(TOKEN_STOCK):
-        label, pin = f"hsmb-test-{i:02d}", f"kmsuser-pass-{i:02d}"
+        # Equal-length labels: pkcs11-tool --token-label matches a prefix, so "hsmb-test-10"
+        # would also select "hsmb-test-100".
+        label, pin = f"hsmb-test-{i:03d}", f"kmsuser-pass-{i:03d}"
         env.init_token(label, pin)
         env.stock.append((label, pin))
     yield env
