@@ -10,6 +10,7 @@ every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -82,6 +83,18 @@ class InitEnv:
         )
         rows, tombs = consistency.read_metadata(self.db, self.store_id)
         return consistency.check(labels, rows, tombs)
+
+    def production_audit(self) -> dict[str, Any]:
+        """`hsmbridge audit` (the operators' key-label audit) on the store; run it with the
+        server stopped. Returns its JSON report; a non-zero exit is a failed assertion."""
+        argv = [sys.executable, "-m", "hsmbridge", "audit", "--config", str(self.config)]
+        argv += ["--keystore", self.store_id, "--output", "json"]
+        done = subprocess.run(
+            argv, check=False, capture_output=True, text=True, timeout=120, cwd=REPO
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
 
 
 def init_env(root: Path) -> InitEnv:

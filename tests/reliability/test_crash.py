@@ -268,8 +268,12 @@ def test_kill_restart_cycles_leave_no_orphans_and_lose_no_keys(run: Run) -> None
             del run.keys[:-20]
             del run.sealed[:-50]
     _plain_restart(run, f"final restart (seed {SEED})")
+    # The operators' own audit must agree with ours (recorded orphans are not findings).
+    audit = run.env.production_audit()
+    assert audit["findings"] == [], audit
     assert not run.unexpected, run.unexpected[:5]
-    assert set(run.hits) == set(points), f"kill points never reached: {run.hits}"
+    if CYCLES >= 30:  # a short manual run need not draw every point
+        assert set(run.hits) == set(points), f"kill points never reached: {run.hits}"
     assert run.decrypt_checks > 0
     logs = "".join(p.read_text(errors="replace") for p in sorted(run.logs.glob("server-*.log")))
     assert "Traceback" not in logs, logs[logs.find("Traceback") - 2000 :][:6000]
