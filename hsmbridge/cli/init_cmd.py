@@ -159,7 +159,8 @@ def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -
     return path
 
 
-def _store(config: Path, cluster_id: str, anchor: str, password: str) -> str:
+def _store(config: Path, cluster_id: str, anchor: str, password: str) -> tuple[str, str]:
+    """Create (or reuse) ExampleKeyStore and connect it; returns its id and connection state."""
     service, sink = open_cli_service(load_settings(config))
     try:
         # KMS's own create is idempotent only for a DISCONNECTED store; ours is CONNECTED after
@@ -170,7 +171,9 @@ def _store(config: Path, cluster_id: str, anchor: str, password: str) -> str:
         state = service.keystores.describe(store_id).items[0].connection_state
         if state is ConnectionState.DISCONNECTED:
             service.keystores.connect(store_id)
-        return store_id
+        store = service.keystores.describe(store_id).items[0]
+        code = store.connection_error_code
+        return store_id, store.connection_state.value + (f" ({code.value})" if code else "")
     finally:
         service.close()
         sink.close()
@@ -191,12 +194,12 @@ def run(args: argparse.Namespace) -> int:
     _token(data, cluster_id, password)
     akid, secret = _credentials(data, args.account_id, args.region)
     config = _config(data, cluster_id, args.region, args.account_id, args.port)
-    store_id = _store(config, cluster_id, anchor, password)
+    store_id, state = _store(config, cluster_id, anchor, password)
     settings = load_settings(config)
     print(f"hsmbridge environment ready in {data}")
     print(f"  config:            {config}")
     print(f"  cluster:           {cluster_id} (SoftHSM2 token, 2 ACTIVE HSMs in 2 AZs)")
-    print(f"  custom key store:  {store_id} ({STORE_NAME}, CONNECTED)")
+    print(f"  custom key store:  {store_id} ({STORE_NAME}, {state})")
     print(f"  endpoint:          http://{settings.listen_host}:{settings.listen_port}")
     print(f"  AWS credentials:   AWS_ACCESS_KEY_ID={akid} AWS_SECRET_ACCESS_KEY={secret}")
-    return 0
+    return 0 if state == ConnectionState.CONNECTED.value else 1

@@ -18,6 +18,7 @@ from hsmbridge.errors import CustomKeyStoreNotFoundException, KMSInternalExcepti
 from hsmbridge.keystore.inventory import ClusterInventory
 from hsmbridge.keystore.passwords import PasswordVault, SealedPasswordError
 from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
+from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.connections import StoreConnections
 
 Clock = Callable[[], float]
@@ -32,6 +33,10 @@ class ServiceContext:
     connections: StoreConnections
     clock: Clock = time.time
     audit: AuditSink = field(default_factory=NullSink)
+    clusters: ClusterFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clusters = ClusterFacts(self.inventory)
 
     def store_row(self, store_id: str) -> StoredKeyStore:
         row = self.meta.get_key_store(store_id)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from hsmbridge.backend import BackendError, HsmBackend, Sealed
 from hsmbridge.errors import (
+    CustomKeyStoreInvalidStateException,
+    DependencyTimeoutException,
     DisabledException,
     DryRunOperationException,
     IncorrectKeyException,
@@ -79,6 +81,7 @@ class CryptoService:
             raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
         if state is KeyState.UNAVAILABLE:
             raise KMSInvalidStateException(f"{record.arn} is unavailable.")
+        self._ctx.clusters.require_active_hsm(record.cluster_id, record.arn)
         return self._keys.backend_for(record)
 
     def _seal(self, record: KeyRecord, backend: HsmBackend, data: bytes, ctx: Context) -> bytes:
@@ -205,13 +208,16 @@ class CryptoService:
         row = self._ctx.store_row(store_id)
         require(StoreOp.GENERATE_RANDOM, store_id, row.store.connection_state)
         store = row.store
+        self._ctx.clusters.require_active_hsm(
+            store.cluster_id, store_id, CustomKeyStoreInvalidStateException
+        )
         try:
             backend = self._ctx.connections.get(
                 store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
             )
             return backend.random(number_of_bytes)
         except BackendError as exc:
-            raise to_kms_error(exc) from exc
+            raise to_kms_error(exc, retryable=DependencyTimeoutException) from exc
 
 
 def _check_algorithm(algorithm: str | None) -> None:

@@ -30,21 +30,22 @@ from hsmbridge.errors import (
 # NOTE: differs from KMS, which answers KMSInvalidStateException (400, not retried) with "KMS
 # cannot communicate with your CloudHSM cluster" (spec §7.6); a retryable 500 lets SDKs ride out
 # HSM blips and throttling, which is what a stand-in under CI load needs.
-_TABLE: dict[type[BackendError], tuple[type[KmsError], str]] = {
+# None: the operation's retryable fault class (see `to_kms_error`).
+_TABLE: dict[type[BackendError], tuple[type[KmsError] | None, str]] = {
     TransientHsmError: (
-        KeyUnavailableException,
+        None,
         "The CloudHSM cluster is busy or the HSM session was lost; retry the request.",
     ),
     DeviceLostError: (
-        KeyUnavailableException,
+        None,
         "KMS cannot communicate with your CloudHSM cluster; retry the request.",
     ),
     HsmUnreachableError: (
-        KeyUnavailableException,
+        None,
         "KMS cannot communicate with your CloudHSM cluster; retry the request.",
     ),
     LoginError: (
-        KeyUnavailableException,
+        None,
         "KMS cannot log in to your CloudHSM cluster as kmsuser; disconnect the custom key store, "
         "update its KeyStorePassword and connect it again.",
     ),
@@ -71,10 +72,18 @@ _TABLE: dict[type[BackendError], tuple[type[KmsError], str]] = {
 }
 
 
-def to_kms_error(exc: BackendError, arn: str = "the key") -> KmsError:
+def to_kms_error(
+    exc: BackendError,
+    arn: str = "the key",
+    *,
+    retryable: type[KmsError] = KeyUnavailableException,
+) -> KmsError:
+    """`retryable` is the fault the operation's model lists for "try again": cryptographic
+    operations list KeyUnavailableException; CreateKey and GenerateRandom only
+    DependencyTimeoutException."""
     for cls in type(exc).__mro__:
         entry = _TABLE.get(cls)
         if entry is not None:
             kms_cls, message = entry
-            return kms_cls(message.format(arn=arn))
+            return (kms_cls or retryable)(message.format(arn=arn))
     return KMSInternalException("The HSM reported an internal error.")

@@ -23,6 +23,7 @@ from hsmbridge.errors import (
     CustomKeyStoreInvalidStateException,
     DependencyTimeoutException,
     InvalidMarkerException,
+    KeyUnavailableException,
     KmsError,
     KMSInternalException,
     KMSInvalidStateException,
@@ -30,7 +31,6 @@ from hsmbridge.errors import (
     ValidationException,
 )
 from hsmbridge.keystore import quorum
-from hsmbridge.keystore.inventory import InventoryUnavailableError
 from hsmbridge.keystore.lifecycle import StoreOp, require
 from hsmbridge.metadata.store import DeletedKey, StoredKeyStore
 from hsmbridge.model import (
@@ -96,7 +96,7 @@ class KeyService:
         row = self._ctx.store_row(store_id)
         require(StoreOp.CREATE_KEY, store_id, row.store.connection_state)
         self._check_quorum(row.store.cluster_id)
-        backend = self._backend(row)
+        backend = self._backend(row, DependencyTimeoutException)
         record = self._new_record(row, req.description, policy, req.tags)
         with self._ctx.meta.write():
             self._ctx.meta.put_key(record)  # intent: visible to recovery, hidden from clients
@@ -119,12 +119,7 @@ class KeyService:
         return self._lookup.metadata(live)
 
     def _check_quorum(self, cluster_id: str) -> None:
-        try:
-            cluster = self._ctx.inventory.describe(cluster_id)
-        except InventoryUnavailableError as exc:
-            raise DependencyTimeoutException(
-                f"The cluster inventory is unavailable: {exc}"
-            ) from exc
+        cluster = self._ctx.clusters.describe(cluster_id)
         if cluster is None:
             raise CloudHsmClusterInvalidConfigurationException(
                 f"The CloudHSM cluster {cluster_id} of this custom key store no longer exists."
@@ -166,7 +161,8 @@ class KeyService:
                 log.warning("CreateKey cleanup of %s deferred to the sweeper", record.key_id)
                 with self._abandoned_lock:
                     self._abandoned[record.key_id] = record
-            raise to_kms_error(exc, record.arn) from exc
+            # CreateKey's model lists DependencyTimeoutException, not KeyUnavailable, for retries.
+            raise to_kms_error(exc, record.arn, retryable=DependencyTimeoutException) from exc
 
     def _retry_abandoned(self) -> None:
         """Finish the cleanups of failed CreateKeys that the HSM refused at the time.
@@ -192,14 +188,16 @@ class KeyService:
                 self._abandoned.pop(record.key_id, None)
             log.info("rolled back the failed CreateKey %s", record.key_id)
 
-    def _backend(self, row: StoredKeyStore) -> HsmBackend:
+    def _backend(
+        self, row: StoredKeyStore, retryable: type[KmsError] = KeyUnavailableException
+    ) -> HsmBackend:
         store = row.store
         try:
             return self._ctx.connections.get(
                 store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
             )
         except BackendError as exc:
-            raise to_kms_error(exc) from exc
+            raise to_kms_error(exc, retryable=retryable) from exc
 
     def backend_for(self, record: KeyRecord) -> HsmBackend:
         """The live login for a key's store; the store must be CONNECTED."""

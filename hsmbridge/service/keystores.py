@@ -23,7 +23,6 @@ from hsmbridge.errors import (
     CustomKeyStoreHasCMKsException,
     CustomKeyStoreNameInUseException,
     CustomKeyStoreNotFoundException,
-    DependencyTimeoutException,
     LimitExceededException,
     ValidationException,
 )
@@ -53,12 +52,7 @@ class KeyStoreService:
 
     # -- cluster facts ------------------------------------------------------------------------
     def _describe_cluster(self, cluster_id: str) -> ClusterInfo | None:
-        try:
-            return self._ctx.inventory.describe(cluster_id)
-        except InventoryUnavailableError as exc:
-            raise DependencyTimeoutException(
-                f"The CloudHSM cluster inventory could not be read: {exc}"
-            ) from exc
+        return self._ctx.clusters.describe(cluster_id)
 
     def _require_cluster(self, cluster_id: str, op: quorum.Operation) -> ClusterInfo:
         cluster = self._describe_cluster(cluster_id)

@@ -16,7 +16,7 @@ import pytest
 
 from hsmbridge.backend import TransientHsmError
 from hsmbridge.backend.pkcs11 import Pkcs11Connector
-from hsmbridge.errors import KeyUnavailableException, NotFoundException
+from hsmbridge.errors import DependencyTimeoutException, NotFoundException
 from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
@@ -258,7 +258,8 @@ def test_hsm_error_after_the_key_was_made_leaves_neither_row_nor_material(kms_en
 
     ctx.connections.close_all()
     ctx.connections = StoreConnections(Connector())
-    with pytest.raises(KeyUnavailableException):  # retryable for SDKs (a 5xx fault)
+    # Retryable for SDKs (503); CreateKey's model lists DependencyTimeout, not KeyUnavailable.
+    with pytest.raises(DependencyTimeoutException):
         _create(kms_env)
     assert rows(kms_env) == []
     assert sum(hsm_labels(kms_env).values()) == 0

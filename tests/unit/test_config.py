@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hsmbridge.config import IvPolicy, LoginFormat, load_profile, load_settings
-from hsmbridge.errors import ConfigError
+from hsmbridge.errors import ConfigError, KMSInternalException
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     describe_clusters_document,
@@ -182,7 +182,8 @@ def test_create_store_over_malformed_inventory_creates_nothing(tmp_path: Path) -
     try:
         for bad in ("{not json", good.replace('"Hsms"', '"Hsmz"').replace('"State"', '"Sate"')):
             inventory.write_text(bad)
-            with pytest.raises(ConfigError, match=r"clusters\.json"):
+            # A KMS error (so HTTP clients get a clear message) that still names the file.
+            with pytest.raises(KMSInternalException, match=r"clusters\.json"):
                 service.keystores.create("S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
             assert service.keystores.describe().items == ()
         inventory.write_text(good)  # fixed file: the same call now succeeds
