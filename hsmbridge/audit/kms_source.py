@@ -9,7 +9,7 @@ DescribeKey per key in the account and region. Must not import service, api or c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hsmbridge.audit.sources import KeyStatus, KnownKey, Tombstone
 from hsmbridge.errors import HsmbridgeError
@@ -44,10 +44,15 @@ def make_kms_client(region: str | None, endpoint_url: str | None) -> KmsClient:
     # Standard retries (throttling-aware for 20,000 DescribeKeys); the attempt count is left to
     # AWS_MAX_ATTEMPTS / the AWS config file so operators can tune it without a new flag.
     config = Config(retries={"mode": "standard"}, connect_timeout=5)
-    client: KmsClient = boto3.client(
-        "kms", region_name=region, endpoint_url=endpoint_url, config=config
+    # A session of our own: boto3's default session caches the first credentials it resolves
+    # and is not thread-safe. cast: boto3-stubs types the client concretely; only the
+    # Protocol's methods are used.
+    return cast(
+        KmsClient,
+        boto3.session.Session().client(
+            "kms", region_name=region, endpoint_url=endpoint_url, config=config
+        ),
     )
-    return client
 
 
 class KmsApiSource:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hsmbridge.config import InventorySettings
 from hsmbridge.errors import ConfigError, HsmbridgeError
@@ -249,10 +249,15 @@ def _make_client(region: str | None, endpoint_url: str | None) -> _DescribeClust
     from botocore.config import Config
 
     config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5)
-    client: _DescribeClustersClient = boto3.client(
-        "cloudhsmv2", region_name=region, endpoint_url=endpoint_url, config=config
+    # A session of our own: boto3's default session caches the first credentials it resolves
+    # and is not thread-safe. cast: boto3-stubs types the client concretely; only the
+    # Protocol's methods are used.
+    return cast(
+        _DescribeClustersClient,
+        boto3.session.Session().client(
+            "cloudhsmv2", region_name=region, endpoint_url=endpoint_url, config=config
+        ),
     )
-    return client
 
 
 def inventory_from_settings(settings: InventorySettings) -> ClusterInventory:
