@@ -142,6 +142,13 @@ CATEGORIES = (
 )
 
 
+def _interesting(frame: str) -> bool:
+    """hsmbridge frames below the CLI's entry points (those are on every stack)."""
+    return "hsmbridge/" in frame and not any(
+        skip in frame for skip in ("hsmbridge/cli/", "hsmbridge/__main__", "serve (")
+    )
+
+
 def summarize_folded(path: Path, top: int = 15) -> dict[str, Any]:
     """Collapsed py-spy stacks -> total samples, share per category, hottest frames."""
     own: Counter[str] = Counter()
@@ -177,7 +184,7 @@ def summarize_folded(path: Path, top: int = 15) -> dict[str, Any]:
         "categories_pct": pct(cats) if total else [],
         "self_pct": pct(own) if total else [],
         "inclusive_hsmbridge_pct": [
-            row for row in (pct(Counter({k: v for k, v in incl.items() if "hsmbridge/" in k})))
+            row for row in pct(Counter({k: v for k, v in incl.items() if _interesting(k)}))
         ]
         if total
         else [],
