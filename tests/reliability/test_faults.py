@@ -4,7 +4,7 @@
   SessionClosed, TokenNotPresent, UserNotLoggedIn, FunctionFailed and OperationActive, so the
   backend's translation, tenacity retries, eviction, re-login and re-initialisation run for real.
   Most operations must succeed through retries; the rest must fail as KeyUnavailableException
-  (a 500, which SDKs retry), never as anything else.
+  or DependencyTimeoutException (500s, which SDKs retry), never as anything else.
 * Above the backend (`FaultyBackend`): the backend's own transient errors before or after the
   real call, so the service sees "the HSM did it but the answer was lost" on every method.
 
@@ -40,6 +40,8 @@ pytestmark = pytest.mark.softhsm
 
 SEED = int(os.environ.get("HSMBRIDGE_FAULT_SEED", "20240611"))
 OPS = int(os.environ.get("HSMBRIDGE_FAULT_OPS", "300"))
+# The fault (HTTP 500) errors STYLE practice 2 reserves for "HSM busy or unreachable": SDKs retry.
+RETRYABLE = {"KeyUnavailableException", "DependencyTimeoutException"}
 
 
 class Mix:
@@ -142,7 +144,7 @@ def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
     print(summary)
     assert set(injector.injected) == {cls.__name__ for cls in PKCS11_FAULTS}, summary
     # Every failure that got through the retries is a retryable fault, never a 400 or a crash.
-    assert all(code == "KeyUnavailableException" and fault for _, code, fault in mix.failed)
+    assert all(code in RETRYABLE and fault for _, code, fault in mix.failed), summary
     assert sum(mix.ok.values()) >= 0.9 * OPS, summary
     assert stats.retries > 0
     assert generations > 0, "TokenNotPresent/DeviceError never re-initialised the library"
@@ -223,7 +225,7 @@ def test_backend_faults_surface_as_kms_errors_and_leave_nothing_half_done(
         "injected": dict(injector.injected),
     }
     print(summary)
-    assert all(code == "KeyUnavailableException" and fault for _, code, fault in mix.failed)
+    assert all(code in RETRYABLE and fault for _, code, fault in mix.failed), summary
     assert mix.failed, "no fault reached the service"
     for arn in mix.keys:
         if arn not in doomed:
