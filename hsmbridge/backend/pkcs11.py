@@ -43,6 +43,7 @@ T = TypeVar("T")
 GCM_IV_BYTES = 12
 GCM_TAG_BITS = 128
 _RETRY_ATTEMPTS = 3
+_FIRST_BACKOFF_S = 0.005
 _SECRET_KEYS = {Attribute.CLASS: ObjectClass.SECRET_KEY}
 _READ_ATTRS = [Attribute[name] for name in READ_BACK.values()]
 
@@ -88,6 +89,23 @@ class Pkcs11Backend:
 
     def _run(self, op: Callable[[Worker], T], *, during_decrypt: bool = False) -> T:
         """Run `op` in a worker session; transient failures retried after the pool recovered."""
+        # Fast path: building a tenacity Retrying per call cost ~15% of an in-process Encrypt
+        # (benchmark profile), so the retry machinery starts only once a call has failed.
+        try:
+            return self._once(op, during_decrypt)
+        except (TransientHsmError, DeviceLostError):
+            self._count("_retries")
+        time.sleep(_FIRST_BACKOFF_S)
+        return self._retry(op, during_decrypt)
+
+    def _once(self, op: Callable[[Worker], T], during_decrypt: bool) -> T:
+        if self._closed:
+            raise HsmUnreachableError("this HSM connection is closed")
+        with self._pool.session(during_decrypt=during_decrypt) as worker:
+            return op(worker)
+
+    def _retry(self, op: Callable[[Worker], T], during_decrypt: bool) -> T:
+        """Attempts 2.. of `_stop_retrying`'s budget; the fast path's failure was attempt 1."""
         retrying = Retrying(
             stop=_stop_retrying,
             wait=wait_exponential(multiplier=0.005, min=0.005, max=0.05),
@@ -276,12 +294,14 @@ class Pkcs11Backend:
 
 
 def _stop_retrying(state: RetryCallState) -> bool:
-    """Stop after _RETRY_ATTEMPTS, but never right after a re-initialisation: the third
-    DeviceError in a row is what triggers it, and the freshly initialised library deserves one
-    attempt before the caller is told the HSM is unavailable."""
-    if state.attempt_number > _RETRY_ATTEMPTS:
+    """Stop after _RETRY_ATTEMPTS in all (the fast path's failed call was the first), but never
+    right after a re-initialisation: the third DeviceError in a row is what triggers it, and the
+    freshly initialised library deserves one attempt before the caller is told the HSM is
+    unavailable."""
+    attempt = state.attempt_number + 1  # tenacity numbers from the first *retry*
+    if attempt > _RETRY_ATTEMPTS:
         return True
-    if state.attempt_number < _RETRY_ATTEMPTS:
+    if attempt < _RETRY_ATTEMPTS:
         return False
     outcome = state.outcome
     return outcome is None or not isinstance(outcome.exception(), DeviceLostError)
