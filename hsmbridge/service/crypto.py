@@ -74,7 +74,8 @@ class CryptoService:
     # -- helpers ------------------------------------------------------------------------------
     def _usable(self, record: KeyRecord) -> HsmBackend:
         """The backend for a key that may be used for cryptography right now."""
-        state = effective_state(record, self._lookup.store_of(record))
+        row = self._lookup.store_of(record)  # read once: state check and login both use it
+        state = effective_state(record, row)
         if state is KeyState.DISABLED:
             raise DisabledException(f"{record.arn} is disabled.")
         if state is KeyState.PENDING_DELETION:
@@ -82,7 +83,7 @@ class CryptoService:
         if state is KeyState.UNAVAILABLE:
             raise KMSInvalidStateException(f"{record.arn} is unavailable.")
         self._ctx.clusters.require_active_hsm(record.cluster_id, record.arn)
-        return self._keys.backend_for(record)
+        return self._keys.backend_for(record, row)
 
     def _seal(self, record: KeyRecord, backend: HsmBackend, data: bytes, ctx: Context) -> bytes:
         try:

@@ -199,9 +199,10 @@ class KeyService:
         except BackendError as exc:
             raise to_kms_error(exc, retryable=retryable) from exc
 
-    def backend_for(self, record: KeyRecord) -> HsmBackend:
-        """The live login for a key's store; the store must be CONNECTED."""
-        row = self._ctx.store_row(record.custom_key_store_id)
+    def backend_for(self, record: KeyRecord, row: StoredKeyStore | None = None) -> HsmBackend:
+        """The live login for a key's store (`row`, if the caller already read it); the store
+        must be CONNECTED."""
+        row = row or self._ctx.store_row(record.custom_key_store_id)
         if row.store.connection_state is not ConnectionState.CONNECTED:
             self._ctx.connections.detach(row.store.store_id)
             raise KMSInvalidStateException(f"{record.arn} is unavailable.")
