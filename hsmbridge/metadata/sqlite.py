@@ -26,6 +26,7 @@ from typing import Any
 
 from hsmbridge.errors import HsmbridgeError
 from hsmbridge.metadata import rows as mapping
+from hsmbridge.metadata.read_cache import ReadCache
 from hsmbridge.metadata.schema import (
     BUSY_TIMEOUT_S,
     MIGRATIONS,
@@ -64,6 +65,9 @@ class SqliteMetadataStore:
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
+        # The hot path reads one key row and one store row per cryptographic request.
+        self._key_cache: ReadCache[KeyRecord | None] = ReadCache()
+        self._store_cache: ReadCache[StoredKeyStore | None] = ReadCache()
         create_private_file(self.path)
         try:
             migrate(self._conn(), self.path)
@@ -109,6 +113,10 @@ class SqliteMetadataStore:
             except BaseException:
                 rollback(conn)
                 raise
+            finally:
+                # After COMMIT (and on a failed one, to be safe): cached rows may now be stale.
+                self._key_cache.bump()
+                self._store_cache.bump()
         finally:
             state.depth = 0
 
@@ -127,6 +135,13 @@ class SqliteMetadataStore:
             conn.execute(f"RELEASE {name}")
         finally:
             state.depth -= 1
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A change; outside write() it commits by itself, so cached reads are stale now."""
+        self._conn().execute(sql, params)
+        if not self._local.depth:
+            self._key_cache.bump()
+            self._store_cache.bump()
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, params).fetchall()
@@ -152,7 +167,7 @@ class SqliteMetadataStore:
 
     def put_key_store(self, row: StoredKeyStore) -> None:
         s = row.store
-        self._conn().execute(
+        self._exec(
             """INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor_pem,
                    connection_state, connection_error_code, store_type, creation_date,
                    password_blob)
@@ -177,8 +192,13 @@ class SqliteMetadataStore:
         )
 
     def get_key_store(self, store_id: str) -> StoredKeyStore | None:
-        row = self._one("SELECT * FROM custom_key_stores WHERE id = ?", (store_id,))
-        return mapping.to_key_store(row) if row else None
+        def load() -> StoredKeyStore | None:
+            row = self._one("SELECT * FROM custom_key_stores WHERE id = ?", (store_id,))
+            return mapping.to_key_store(row) if row else None
+
+        if self._local.depth:  # inside write(): read this transaction's own view
+            return load()
+        return self._store_cache.get(self._conn(), store_id, load)
 
     def get_key_store_by_name(self, name: str) -> StoredKeyStore | None:
         row = self._one("SELECT * FROM custom_key_stores WHERE name = ?", (name,))
@@ -195,7 +215,7 @@ class SqliteMetadataStore:
         return self._count("SELECT count(*) FROM custom_key_stores")
 
     def delete_key_store(self, store_id: str) -> None:
-        self._conn().execute("DELETE FROM custom_key_stores WHERE id = ?", (store_id,))
+        self._exec("DELETE FROM custom_key_stores WHERE id = ?", (store_id,))
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -203,15 +223,20 @@ class SqliteMetadataStore:
         values = mapping.key_values(record)
         columns = ", ".join(values)
         updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != "id")
-        self._conn().execute(
+        self._exec(
             f"INSERT INTO keys ({columns}) VALUES ({', '.join('?' * len(values))}) "  # noqa: S608 - column names are constants
             f"ON CONFLICT(id) DO UPDATE SET {updates}",
             tuple(values.values()),
         )
 
     def get_key(self, key_id: str) -> KeyRecord | None:
-        row = self._one("SELECT * FROM keys WHERE id = ?", (key_id,))
-        return mapping.to_key(row) if row else None
+        def load() -> KeyRecord | None:
+            row = self._one("SELECT * FROM keys WHERE id = ?", (key_id,))
+            return mapping.to_key(row) if row else None
+
+        if self._local.depth:  # inside write(): read this transaction's own view
+            return load()
+        return self._key_cache.get(self._conn(), key_id, load)
 
     def list_keys(self, limit: int, after: str | None) -> list[KeyRecord]:
         rows = self._rows(
@@ -260,7 +285,7 @@ class SqliteMetadataStore:
     # -- aliases -----------------------------------------------------------------------------
 
     def put_alias(self, alias: Alias) -> None:
-        self._conn().execute(
+        self._exec(
             """INSERT INTO aliases (name, arn, key_id, creation_date, last_updated_date)
                VALUES (?, ?, ?, ?, ?)
                ON CONFLICT(name) DO UPDATE SET arn = excluded.arn, key_id = excluded.key_id,
@@ -280,7 +305,7 @@ class SqliteMetadataStore:
         return mapping.to_alias(row) if row else None
 
     def delete_alias(self, name: str) -> None:
-        self._conn().execute("DELETE FROM aliases WHERE name = ?", (name,))
+        self._exec("DELETE FROM aliases WHERE name = ?", (name,))
 
     def list_aliases(self, key_id: str | None, limit: int, after: str | None) -> list[Alias]:
         if key_id is None:
@@ -299,7 +324,7 @@ class SqliteMetadataStore:
     # -- tombstones --------------------------------------------------------------------------
 
     def record_deleted_key(self, tomb: DeletedKey) -> None:
-        self._conn().execute(
+        self._exec(
             """INSERT OR REPLACE INTO deleted_keys
                (key_id, arn, custom_key_store_id, cluster_id, deleted_at, material_deleted)
                VALUES (?, ?, ?, ?, ?, ?)""",
