@@ -138,7 +138,10 @@ class ThreadedServer:
 
     def start(self) -> ThreadedServer:
         # Bind here, not in uvicorn, so the port is known before the thread starts.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio disables Nagle (TCP_NODELAY) on accepted connections
+        # only when the listening socket says it is TCP; without it every response waited
+        # ~40 ms for the delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, 0))
         self.port = sock.getsockname()[1]
