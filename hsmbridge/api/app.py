@@ -263,7 +263,7 @@ class KmsApi:
     ) -> bytes:
         request_id = annotations.request_id
         headers = _headers(scope)
-        trace.operation = annotations.operation = operation = self._route(headers)
+        trace.operation = annotations.operation = operation = self._route(headers, trace)
         body = await self._read_body(receive, headers, trace)
         params = trace.params = parse_json(body)
         if self._verifier is not None:
@@ -283,7 +283,7 @@ class KmsApi:
             annotate_store(created_store)
         return encode_json(result)
 
-    def _route(self, headers: Mapping[str, str]) -> str:
+    def _route(self, headers: Mapping[str, str], trace: _Trace) -> str:
         content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != CONTENT_TYPE:
             # AWS's front end picks the protocol by Content-Type; with no match it cannot find an
@@ -294,6 +294,7 @@ class KmsApi:
         if not dot or service + dot != TARGET_PREFIX or operation not in operation_names():
             raise UnknownOperationException(f"Unknown operation {target!r}")
         if operation not in self._operations:
+            trace.operation = operation  # a real KMS operation: the audit event names it
             raise UnsupportedOperationException(
                 f"{operation} is not supported by this KMS endpoint (hsmbridge)"
             )

@@ -64,6 +64,17 @@ def test_exactly_one_event_per_call_with_matching_request_ids(live):
         assert event["eventSource"] == "kms.amazonaws.com"
 
 
+def test_an_unsupported_kms_operation_is_audited_under_its_name(live):
+    with pytest.raises(ClientError) as caught:
+        live.kms.create_grant(KeyId="alias/x", GranteePrincipal=PRINCIPAL, Operations=["Decrypt"])
+    assert caught.value.response["Error"]["Code"] == "UnsupportedOperationException"
+    event = _api_events(live)[-1]
+    assert (event["eventName"], event["errorCode"]) == (
+        "CreateGrant",
+        "UnsupportedOperationException",
+    )
+
+
 def test_encrypt_event_names_key_store_and_hsm_latency_without_plaintext(live):
     key = live.create_key()
     live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"audit-me", EncryptionContext={"a": "b"})
