@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash softhsm/bootstrap.sh test
 export PATH="$PWD/.venv/bin:$PATH"
-ruff check hsmbridge tests
-ruff format --check hsmbridge tests
+ruff check hsmbridge tests benchmarks
+ruff format --check hsmbridge tests benchmarks
 mypy
 lint-imports
 python -m pytest "$@"
