@@ -73,9 +73,11 @@ class FakeBackend:
             raise DuplicateLabelError(f"{len(found)} keys labelled {label!r}")
         return found[0]
 
-    def generate_key(self, label: str, key_id: bytes) -> HsmKeyInfo:
+    def generate_key(self, label: str, key_id: bytes, *, fresh_label: bool = False) -> HsmKeyInfo:
         with self.token.lock:
             self._check_open()
+            # The fake searches even for fresh labels: a dict scan is free, and tests see a
+            # duplicate whatever the caller promised.
             if any(k.label == label for k in self.token.keys.values()):
                 raise DuplicateLabelError(f"a key labelled {label!r} already exists")
             key = _FakeKey(next(self.token.handles), label, key_id, AESGCM.generate_key(256))

@@ -125,8 +125,11 @@ class TimedBackend:
             self._metrics.observe_hsm(call, elapsed, error)
             context.add_hsm_latency(elapsed * 1000.0)
 
-    def generate_key(self, label: str, key_id: bytes) -> HsmKeyInfo:
-        info: HsmKeyInfo = self._timed("generate_key", self.inner.generate_key, label, key_id)
+    def generate_key(self, label: str, key_id: bytes, *, fresh_label: bool = False) -> HsmKeyInfo:
+        info: HsmKeyInfo = self._timed(
+            "generate_key",
+            lambda: self.inner.generate_key(label, key_id, fresh_label=fresh_label),
+        )
         return info
 
     def find_keys(self, label: str) -> list[HsmKeyInfo]:

@@ -150,7 +150,8 @@ class KeyService:
 
     def _generate(self, backend: HsmBackend, record: KeyRecord) -> None:
         try:
-            backend.generate_key(record.arn, record.key_id.encode("ascii"))
+            # The ARN embeds a UUID4 minted for this key: no HSM key can carry it yet.
+            backend.generate_key(record.arn, record.key_id.encode("ascii"), fresh_label=True)
         except BackendError as exc:
             # The HSM may or may not hold the key now; remove both sides or leave it to recovery.
             try:

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from hsmbridge.backend.errors import (
+    DuplicateLabelError,
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
@@ -248,3 +249,15 @@ def test_close_is_idempotent_and_final(token) -> None:
     again = _connect(binding, pin)  # logged out cleanly, so a new login works
     assert [k.label for k in again.find_keys(label)] == [label]
     again.close()
+
+
+def test_fresh_label_skips_the_label_search_and_the_default_refuses(backend) -> None:
+    # fresh_label is the caller's promise (a new UUID4 ARN); the backend really does not search,
+    # so a broken promise shows up as a duplicate, which `hsmbridge audit` reports.
+    label = _arn()
+    backend.generate_key(label, b"first", fresh_label=True)
+    with pytest.raises(DuplicateLabelError):
+        backend.generate_key(label, b"second")
+    backend.generate_key(label, b"second", fresh_label=True)
+    assert sorted(k.key_id for k in backend.find_keys(label)) == [b"first", b"second"]
+    assert backend.destroy_key(label) == 2

@@ -83,9 +83,9 @@ class CrashingBackend:
         self._inner = inner
         self._points = points
 
-    def generate_key(self, label: str, key_id: bytes) -> Any:
+    def generate_key(self, label: str, key_id: bytes, **kwargs: Any) -> Any:
         self._points.reached("before_hsm_create")
-        info = self._inner.generate_key(label, key_id)
+        info = self._inner.generate_key(label, key_id, **kwargs)
         self._points.reached("after_hsm_create")
         return info
 

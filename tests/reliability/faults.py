@@ -100,17 +100,17 @@ class FaultyBackend:
         self.inner = inner
         self._inj = injector
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         exc = self._inj.pick()
         if exc is not None and self._inj.coin():
             raise exc(f"injected before {name}")
-        result = getattr(self.inner, name)(*args)
+        result = getattr(self.inner, name)(*args, **kwargs)
         if exc is not None:
             raise exc(f"injected after {name}")
         return result
 
-    def generate_key(self, label: str, key_id: bytes) -> Any:
-        return self._call("generate_key", label, key_id)
+    def generate_key(self, label: str, key_id: bytes, **kwargs: Any) -> Any:
+        return self._call("generate_key", label, key_id, **kwargs)
 
     def find_keys(self, label: str) -> Any:
         return self._call("find_keys", label)

@@ -97,7 +97,7 @@ class CrashingBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def generate_key(self, label: str, key_id: bytes) -> Any:
+    def generate_key(self, label: str, key_id: bytes, **kwargs: Any) -> Any:
         raise SimulatedCrashError("generate_key")
 
 
@@ -243,8 +243,8 @@ def test_connect_and_disconnect_interrupted_by_a_crash_are_finished_at_start(
 class ReplyLostBackend(CrashingBackend):
     """The HSM made the key, but the reply was lost (a network blip on CloudHSM)."""
 
-    def generate_key(self, label: str, key_id: bytes) -> Any:
-        self._inner.generate_key(label, key_id)
+    def generate_key(self, label: str, key_id: bytes, **kwargs: Any) -> Any:
+        self._inner.generate_key(label, key_id, **kwargs)
         raise TransientHsmError("reply lost after C_GenerateKey")
 
 
