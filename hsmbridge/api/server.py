@@ -1,8 +1,11 @@
-"""Run the ASGI app under uvicorn: `serve` for the CLI's foreground process, `ThreadedServer`
-for tests and embedding.
+"""Run the ASGI app under uvicorn: `serve` for the CLI's foreground process, `serve_workers` for
+N worker processes behind one listening socket, `ThreadedServer` for tests and embedding.
 
 Owns: uvicorn configuration (keep-alive, graceful shutdown, concurrency limit, no access log,
-no proxy headers) and the thread/signal plumbing around it.
+no proxy headers, the HTTP parser and event loop) and the thread/signal plumbing around it.
+Parser and loop: httptools and uvloop when installed (both are dependencies). Under
+GenerateDataKey load h11's pure-Python state machine was ~30 % of the server's GIL time;
+httptools is C. uvloop's loop replaces asyncio's pure-Python one (loop="auto" picks it).
 Must not import: pkcs11, service or backend modules. This is one of the only modules allowed to
 import uvicorn.
 """
@@ -10,12 +13,16 @@ import uvicorn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any, Final
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from hsmbridge.api.app import KmsApi
 
@@ -29,32 +36,25 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 HEADER_TIMEOUT_S: Final = 10.0
 
 
-class _DeadlineH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus a header deadline (see HEADER_TIMEOUT_S)."""
+class _HeaderDeadline(asyncio.Protocol):
+    """Header deadline (see HEADER_TIMEOUT_S), mixed into uvicorn's HTTP protocol class.
+
+    Armed when a connection opens and at the first byte of each further request on a kept-alive
+    connection; disarmed once the request line and headers are in."""
 
     header_timeout_s: float = HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes: int = 0
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._arm_header_timer()
-
-    def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm_header_timer()  # first byte of a further request on a kept-alive connection
-        super().data_received(data)
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self._disarm_header_timer()  # the request line and headers are in
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
+    def _between_requests(self) -> bool:
+        return self._header_timer is None and (self.cycle is None or self.cycle.response_complete)
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
+        self._header_bytes = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _disarm_header_timer(self) -> None:
@@ -68,9 +68,35 @@ class _DeadlineH11Protocol(H11Protocol):
             self.transport.close()  # no response: there is no request to answer yet
 
 
+class _DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol plus the header deadline."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._between_requests():
+            self._arm_header_timer()  # first byte of a further request on a kept-alive connection
+        super().data_received(data)
+        if self._header_timer is not None:  # still reading headers: llhttp has no size limit
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._disarm_header_timer()
+                self.send_400_response("Request headers are too large.")  # closes the connection
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()  # httptools calls this once the request line and headers are in
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+
 class _Server(uvicorn.Server):
-    """uvicorn.Server that reports readiness. Signal handlers: uvicorn installs SIGTERM/SIGINT
-    handlers (graceful shutdown) only when run in the main thread and skips them elsewhere."""
+    """uvicorn.Server that reports readiness and returns after a signal. Signal handlers: uvicorn
+    installs SIGTERM/SIGINT handlers (graceful shutdown) only when run in the main thread."""
 
     def __init__(self, config: uvicorn.Config, ready: threading.Event | None) -> None:
         super().__init__(config)
@@ -81,15 +107,32 @@ class _Server(uvicorn.Server):
         if self._ready is not None and self.started:
             self._ready.set()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies of the
+        # signal. That killed `hsmbridge serve` before its cleanup (flush the audit buffer, log
+        # out of the HSM, close the DB). Forget the captured signals so `run()` returns and the
+        # caller cleans up and exits 0: the shutdown was asked for and went well.
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
-def _config(app: KmsApi, host: str, port: int, request_timeout_s: float) -> uvicorn.Config:
+
+def _config(
+    app: KmsApi | str, host: str, port: int, request_timeout_s: float, workers: int = 1
+) -> uvicorn.Config:
+    """`app` is the app itself, or (workers > 1) an import string of a factory each worker calls."""
     return uvicorn.Config(
         app,
+        factory=isinstance(app, str),
+        workers=workers,
         host=host,
         port=port,
         lifespan="on",
-        loop="asyncio",
-        http=_DeadlineH11Protocol,
+        loop="auto",  # uvloop when installed
+        http=_DeadlineHttpToolsProtocol,
         access_log=False,  # the audit trail (on_event) records requests, never bodies
         proxy_headers=False,  # source IPs come from the socket; no X-Forwarded-For trust
         server_header=False,
@@ -97,7 +140,6 @@ def _config(app: KmsApi, host: str, port: int, request_timeout_s: float) -> uvic
         # In-flight requests get as long as one request may take before shutdown cuts them off.
         timeout_graceful_shutdown=max(1, round(request_timeout_s)),
         limit_concurrency=LIMIT_CONCURRENCY,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_config=None,  # the process's logging setup (CLI) decides handlers and levels
     )
 
@@ -118,6 +160,27 @@ def serve(
     """
     del max_request_bytes  # enforced in KmsApi._read_body; see the docstring
     _Server(_config(app, host, port, request_timeout_s), ready).run()
+
+
+def serve_workers(
+    factory: str, host: str, port: int, *, workers: int, request_timeout_s: float
+) -> bool:
+    """Serve with `workers` processes sharing one listening socket until SIGTERM/SIGINT.
+
+    uvicorn's supervisor binds the socket, spawns the workers (a fresh interpreter each, so no
+    PKCS#11 state crosses a fork), restarts a worker that dies, and on SIGTERM/SIGINT sends each
+    worker SIGTERM and waits: each drains its requests and runs lifespan shutdown. `factory` is
+    the import string of a zero-argument app factory each worker calls. Returns False when a
+    worker could not start (the supervisor then stops: every restart would fail the same way).
+    """
+    config = _config(factory, host, port, request_timeout_s, workers)
+    sock = config.bind_socket()
+    supervisor = Multiprocess(config, sockets=[sock])
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+    return not any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
 
 
 class ThreadedServer:

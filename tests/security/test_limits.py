@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.server import ThreadedServer, _DeadlineH11Protocol
+from hsmbridge.api.server import ThreadedServer, _HeaderDeadline
 
 HEAD = (
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"
@@ -83,7 +83,7 @@ def test_more_than_ten_grant_tokens_are_a_validation_error_without_hsm_call(live
 
 @pytest.fixture
 def slow_server(monkeypatch):
-    monkeypatch.setattr(_DeadlineH11Protocol, "header_timeout_s", 0.5)
+    monkeypatch.setattr(_HeaderDeadline, "header_timeout_s", 0.5)
     app = create_asgi_app(
         operations={"ListKeys": lambda ctx, p: {"Keys": []}},
         verifier=None,
