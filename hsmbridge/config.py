@@ -93,6 +93,8 @@ class Settings:
     clusters: dict[str, ClusterBinding]
     hsm_env: dict[str, str] = field(default_factory=dict)
     custom_key_store_limit: int = 10
+    # Server processes; None: not set, `hsmbridge serve` picks one per CPU (capped).
+    workers: int | None = None
 
     def binding(self, cluster_id: str) -> ClusterBinding | None:
         return self.clusters.get(cluster_id)
@@ -249,4 +251,12 @@ def load_settings(path: Path | str) -> Settings:
         clusters=_load_clusters(_get(raw, "clusters", list, where, []), base, where),
         hsm_env=hsm_env,
         custom_key_store_limit=_get(service, "custom_key_store_limit", int, here, 10),
+        workers=_workers(service, here),
     )
+
+
+def _workers(service: dict[str, Any], here: str) -> int | None:
+    workers: int | None = _get(service, "workers", int, here, None)
+    if workers is not None and not 1 <= workers <= 64:
+        raise ConfigError(f"{here}: 'workers' must be 1-64, got {workers}")
+    return workers

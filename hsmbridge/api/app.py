@@ -190,6 +190,9 @@ class KmsApi:
         self._body_timeout = body_timeout_s
         # Bounded: at most this many HSM calls in flight; further requests queue here.
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-op")
+        # Run at lifespan shutdown instead of close() (in-flight requests are done by then).
+        # Worker processes set it to their runtime's close: uvicorn ends them with their signal.
+        self.on_shutdown: Callable[[], None] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
@@ -216,7 +219,8 @@ class KmsApi:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # In-flight handlers have finished (uvicorn waits for them); join the threads.
-                await asyncio.get_running_loop().run_in_executor(None, self.close)
+                cleanup = self.on_shutdown or self.close
+                await asyncio.get_running_loop().run_in_executor(None, cleanup)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -101,8 +101,12 @@ def create_app(
     health_ttl_s: float = 30.0,
     health_slow_ms: float = 250.0,
     health_clock: Callable[[], float] = time.monotonic,
+    recover: bool = True,
 ) -> Runtime:
     """Build and start the service (start-up recovery included) and its ASGI app.
+
+    `recover=False` (with `sweep_interval_s=None`) builds a worker of a multi-process server:
+    `start_maintenance` did recovery in the supervisor and runs the sweeper there.
 
     Raises ConfigError before touching anything if a secret file is group- or world-accessible.
     """
@@ -113,7 +117,7 @@ def create_app(
     metrics = Metrics()
     timed = TimedConnector(connector or Pkcs11Connector(settings.clusters), metrics)
     service = open_service(settings, timed, clock=clock, audit=RequestAwareSink(sink))
-    service.start(sweep_interval_s=sweep_interval_s)
+    service.start(sweep_interval_s=sweep_interval_s, recover=recover)
     metrics.add_collector(_store_collector(service))
     health = HealthChecker(service, ttl_s=health_ttl_s, slow_ms=health_slow_ms, clock=health_clock)
     verifier = (
@@ -132,3 +136,38 @@ def create_app(
         handler_timeout_s=settings.request_timeout_s,
     )
     return Runtime(service, app, sink, metrics, health)
+
+
+@dataclass
+class Maintenance:
+    """The supervisor's own service of a multi-process server: recovery, then the sweeper."""
+
+    service: KmsService
+    audit: BufferedJsonLinesSink
+
+    def close(self) -> None:
+        self.service.close()
+        self.audit.close()
+
+
+def start_maintenance(settings: Settings, *, sweep_interval_s: float | None = 60.0) -> Maintenance:
+    """Run start-up recovery once and start the deletion sweeper, for `serve` with workers.
+
+    Call it before any worker starts (recovery rolls back CreateKeys in flight). Its HSM login
+    is this process's own; workers are spawned, not forked, so none inherits it (field notes
+    §2.1). Sweeper events go to the same audit file as the workers' (O_APPEND, whole lines).
+    """
+    check_secret_files(settings)
+    settings.apply_hsm_env()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    sink = BufferedJsonLinesSink(settings.audit_log)
+    service = open_service(
+        settings, Pkcs11Connector(settings.clusters), audit=RequestAwareSink(sink)
+    )
+    try:
+        service.start(sweep_interval_s=sweep_interval_s)
+    except BaseException:
+        service.close()
+        sink.close()
+        raise
+    return Maintenance(service, sink)

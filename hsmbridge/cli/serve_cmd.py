@@ -2,20 +2,28 @@
 
 Owns: starting the server from the configuration and printing how to reach it: the endpoint, a
 credential pair from the credentials file, and an `aws kms` command that works when pasted.
+With one worker the app runs in this process. With N (`--workers`, `[service] workers`, default
+one per CPU) this process is the supervisor: it runs start-up recovery once, keeps the deletion
+sweeper, and uvicorn's supervisor runs N spawned workers on one socket (`api.workers`).
+Either way SIGTERM/SIGINT drains requests, flushes every audit buffer, logs out and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from hsmbridge.api.auth import load_principals
-from hsmbridge.api.compose import create_app
+from hsmbridge.api.compose import create_app, start_maintenance
 from hsmbridge.api.logs import configure_logging
-from hsmbridge.api.server import serve
+from hsmbridge.api.server import serve, serve_workers
+from hsmbridge.api.workers import FACTORY, default_workers, worker_environment
 from hsmbridge.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +31,11 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--config", type=Path, required=True, help="path to hsmbridge.toml")
     p.add_argument("--host", help="override listen_host")
     p.add_argument("--port", type=int, help="override listen_port")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes (overrides [service] workers; default: one per CPU, at most 8)",
+    )
     p.add_argument(
         "--log-format",
         choices=("text", "json"),
@@ -32,10 +45,11 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=run)
 
 
-def _banner(settings: Settings, host: str, port: int) -> str:
+def _banner(settings: Settings, host: str, port: int, workers: int) -> str:
     endpoint = f"http://{host}:{port}"
     creds = next(iter(load_principals(settings.credentials_file).values()), None)
-    lines = [f"hsmbridge serving the KMS API at {endpoint} (region {settings.region})"]
+    procs = "1 process" if workers == 1 else f"{workers} worker processes"
+    lines = [f"hsmbridge serving the KMS API at {endpoint} (region {settings.region}, {procs})"]
     if creds is not None:
         # WARNING: stderr ends up in journald and container logs, so the banner names the secret
         # key's file instead of printing it; the command still works when pasted.
@@ -55,13 +69,24 @@ def _banner(settings: Settings, host: str, port: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(logging.getLogger().level, json_format=args.log_format == "json")
+    json_logs = args.log_format == "json"
+    configure_logging(logging.getLogger().level, json_format=json_logs)
     settings = load_settings(args.config)
     host = args.host or settings.listen_host
     port = args.port if args.port is not None else settings.listen_port
+    workers = args.workers or settings.workers or default_workers()
+    if workers < 1:
+        print("hsmbridge serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers == 1:
+        return _serve_in_process(settings, host, port)
+    return _serve_with_workers(settings, host, port, workers, json_logs=json_logs)
+
+
+def _serve_in_process(settings: Settings, host: str, port: int) -> int:
     runtime = create_app(settings)
     try:
-        print(_banner(settings, host, port), file=sys.stderr, flush=True)
+        print(_banner(settings, host, port, 1), file=sys.stderr, flush=True)
         serve(
             runtime.app,
             host,
@@ -70,5 +95,26 @@ def run(args: argparse.Namespace) -> int:
             max_request_bytes=settings.max_request_bytes,
         )
     finally:
-        runtime.close()
+        runtime.close()  # reached on SIGTERM/SIGINT too: api.server.serve returns, not re-raises
+    return 0
+
+
+def _serve_with_workers(
+    settings: Settings, host: str, port: int, workers: int, *, json_logs: bool
+) -> int:
+    # Recovery before any worker exists; the sweeper stays here for the server's lifetime.
+    maintenance = start_maintenance(settings)
+    try:
+        level = logging.getLogger().level
+        env = worker_environment(str(settings.config_path), json_logs=json_logs, log_level=level)
+        os.environ.update(env)  # spawned workers inherit this process's environment
+        print(_banner(settings, host, port, workers), file=sys.stderr, flush=True)
+        started = serve_workers(
+            FACTORY, host, port, workers=workers, request_timeout_s=settings.request_timeout_s
+        )
+    finally:
+        maintenance.close()
+    if not started:
+        log.error("a worker could not start; see its log lines above")
+        return 1
     return 0

@@ -48,13 +48,15 @@ class KmsService:
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
-    def start(self, sweep_interval_s: float | None = 60.0) -> None:
-        """Recover what a crash left, then (optionally) sweep expired deletions periodically."""
-        self.keystores.resume_connected()
-        for row in self.ctx.meta.list_key_stores(10_000, None):
-            if row.store.connection_state is ConnectionState.CONNECTED:
-                self._recover_quietly(row.store.store_id)
-        self.keys.sweep_deletions()
+    def start(self, sweep_interval_s: float | None = 60.0, *, recover: bool = True) -> None:
+        """Recover what a crash left, then (optionally) sweep expired deletions periodically.
+
+        `recover=False` is for the worker processes of a multi-process server: recovery rolls
+        back every CreateKey it finds in flight, so it must run in one process while no other
+        serves (the supervisor, before it starts workers), and so must the sweeper.
+        """
+        if recover:
+            self._recover_all()
         if sweep_interval_s:
             self._sweeper = threading.Thread(
                 target=self._sweep_loop,
@@ -63,6 +65,13 @@ class KmsService:
                 daemon=True,
             )
             self._sweeper.start()
+
+    def _recover_all(self) -> None:
+        self.keystores.resume_connected()
+        for row in self.ctx.meta.list_key_stores(10_000, None):
+            if row.store.connection_state is ConnectionState.CONNECTED:
+                self._recover_quietly(row.store.store_id)
+        self.keys.sweep_deletions()
 
     def _recover_quietly(self, store_id: str) -> None:
         try:
