@@ -19,6 +19,7 @@ import pytest
 
 from hsmbridge.config import ClusterBinding, HsmProfile, load_profile
 from tests.harness import KmsEnv, build_env
+from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
 
 REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"

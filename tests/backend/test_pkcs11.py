@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import uuid
 from dataclasses import replace
 
@@ -21,6 +20,7 @@ from hsmbridge.backend.interface import HsmKeyInfo
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
 from hsmbridge.backend.templates import violations
 from hsmbridge.config import ClusterBinding, IvPolicy
+from tests import pkcs11_tool
 
 pytestmark = pytest.mark.softhsm
 
@@ -48,27 +48,11 @@ def backend(token):
 
 
 def _pkcs11_tool(binding: ClusterBinding, pin: str, *args: str) -> str:
-    cmd = ["pkcs11-tool", "--module", MODULE, "--token-label", str(binding.profile.token_label)]
-    done = subprocess.run(
-        [*cmd, "--login", "--pin", pin, *args], capture_output=True, text=True, check=True
-    )
-    return done.stdout
+    return pkcs11_tool.run(str(binding.profile.token_label), pin, *args)
 
 
 def _secret_keys_seen_by_pkcs11_tool(binding: ClusterBinding, pin: str) -> dict[str, dict]:
-    """Parse `pkcs11-tool --list-objects --type secrkey` into {label: {id, usage, access}}."""
-    out = _pkcs11_tool(binding, pin, "--list-objects", "--type", "secrkey")
-    keys: dict[str, dict] = {}
-    for block in re.split(r"^(?=Secret Key Object)", out, flags=re.MULTILINE):
-        fields = dict(re.findall(r"^\s+(\w+):\s+(.*?)\s*$", block, flags=re.MULTILINE))
-        if "label" in fields:
-            keys[fields["label"]] = {
-                "header": block.splitlines()[0],
-                "id": fields.get("ID", ""),
-                "usage": {u.strip() for u in fields.get("Usage", "").split(",") if u.strip()},
-                "access": {a.strip() for a in fields.get("Access", "").split(",") if a.strip()},
-            }
-    return keys
+    return pkcs11_tool.secret_keys(str(binding.profile.token_label), pin)
 
 
 def test_generated_key_attributes_through_backend_and_pkcs11_tool(token, backend) -> None:

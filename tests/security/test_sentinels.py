@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from hsmbridge.api.logs import JsonFormatter, RequestIdFilter
 from tests.conftest import SO_PIN, SOFTHSM_MODULE
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY
-from tests.operability.live import HTTP, Live, start_live
+from tests.live import HTTP, Live, start_live
 
 pytestmark = pytest.mark.softhsm
 

@@ -7,12 +7,11 @@ another process (so a bug in our attribute reader cannot hide a bug in our key t
 
 from __future__ import annotations
 
-import re
-import subprocess
 from collections import Counter
 
 from hsmbridge.backend import HsmBackend
 from hsmbridge.model import KeyLifecycle, KeyRecord
+from tests import pkcs11_tool
 from tests.harness import KmsEnv
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -48,22 +47,4 @@ def assert_consistent(env: KmsEnv) -> None:
 
 def pkcs11_tool_secret_keys(env: KmsEnv) -> dict[str, dict[str, object]]:
     """`pkcs11-tool --list-objects --type secrkey` on the env's token, parsed by label."""
-    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", env.token_label, "--login"]
-    done = subprocess.run(
-        [*tool, "--pin", env.password, "--list-objects", "--type", "secrkey"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    keys: dict[str, dict[str, object]] = {}
-    for block in re.split(r"^(?=Secret Key Object)", done.stdout, flags=re.MULTILINE):
-        fields = dict(re.findall(r"^\s+(\w+):\s+(.*?)\s*$", block, flags=re.MULTILINE))
-        if "label" in fields:
-            keys[fields["label"]] = {
-                "header": block.splitlines()[0],
-                "id": fields.get("ID", ""),
-                "usage": {u.strip() for u in fields.get("Usage", "").split(",") if u.strip()},
-                "access": {a.strip() for a in fields.get("Access", "").split(",") if a.strip()},
-            }
-    return keys
+    return pkcs11_tool.secret_keys(env.token_label, env.password)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 import urllib3
 from botocore.config import Config
 
@@ -118,3 +120,27 @@ def start_live(env: KmsEnv, **create_kwargs: Any) -> Live:
     live = Live(env, runtime, server, health_clock)
     live.kms = live.client()
     return live
+
+
+@pytest.fixture
+def make_live(make_kms_env: Callable[..., KmsEnv]) -> Iterator[Callable[..., Live]]:
+    """Factory: a live server; `store=True` creates and connects a store through boto3."""
+    made: list[Live] = []
+
+    def make(store: bool = True, **create_kwargs: Any) -> Live:
+        live = start_live(make_kms_env(store=False), **create_kwargs)
+        made.append(live)
+        if store:
+            live.create_store()
+            live.connect()
+        return live
+
+    yield make
+    for live in made:
+        live.close()
+
+
+@pytest.fixture
+def live(make_live: Callable[..., Live]) -> Live:
+    """A live server over a fresh SoftHSM-backed environment with a connected store."""
+    return make_live()
