@@ -293,7 +293,13 @@ class KeyService:
 
     def _finish_deletion(self, record: KeyRecord) -> None:
         with self._ctx.meta.write():
-            self._ctx.meta.put_key(replace(record, lifecycle=KeyLifecycle.DELETING))
+            # Re-read: another process (the sweeper, or recovery after a connect) may have
+            # finished this deletion already, and an upsert of our copy would resurrect the row.
+            current = self._ctx.meta.get_key(record.key_id)
+            if current is None or current.base_state is not KeyState.PENDING_DELETION:
+                return
+            record = replace(current, lifecycle=KeyLifecycle.DELETING)
+            self._ctx.meta.put_key(record)
         row = self._ctx.meta.get_key_store(record.custom_key_store_id)
         connected = row is not None and row.store.connection_state is ConnectionState.CONNECTED
         destroyed = 0
@@ -301,6 +307,8 @@ class KeyService:
             destroyed = _destroy(self._backend(row), record.arn)
         status = "SUCCESS" if connected else "FAILURE"
         with self._ctx.meta.write():
+            if self._ctx.meta.get_key(record.key_id) is None:
+                return  # finished concurrently; that process records the tombstone and event
             self._ctx.meta.record_deleted_key(
                 DeletedKey(
                     record.key_id,
@@ -334,13 +342,23 @@ class KeyService:
             )
         )
 
-    def recover_store(self, store_id: str) -> int:
-        """Roll back interrupted creations and finish interrupted deletions of a connected store."""
+    def recover_store(self, store_id: str, *, in_flight_grace_s: float = 0.0) -> int:
+        """Roll back interrupted creations and finish interrupted deletions of a connected store.
+
+        With no other process serving (start-up), every CREATING intent is interrupted. Otherwise
+        (`in_flight_grace_s` > 0: after a connect, or the periodic sweep of a multi-process
+        server) intents younger than the grace may belong to a live request and are left alone.
+        """
         row = self._ctx.store_row(store_id)
         if row.store.connection_state is not ConnectionState.CONNECTED:
             return 0
         fixed = 0
-        creating = self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
+        cutoff = self._ctx.clock() - in_flight_grace_s
+        creating = [
+            r
+            for r in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
+            if not in_flight_grace_s or r.creation_date <= cutoff
+        ]
         for record in creating:
             _destroy(self._backend(row), record.arn)
             with self._ctx.meta.write():

@@ -33,6 +33,11 @@ from hsmbridge.service.tags import TagService
 
 log = logging.getLogger(__name__)
 
+# A CreateKey holds its intent for one HSM key generation (milliseconds; seconds when an HSM is
+# throttling and retried): intents younger than this may still belong to a live request.
+IN_FLIGHT_GRACE_S = 60.0
+STALE_INTENT_S = 300.0
+
 
 class KmsService:
     def __init__(self, ctx: ServiceContext, *, synchronous_connect: bool = False) -> None:
@@ -44,7 +49,7 @@ class KmsService:
         self.tags = TagService(ctx, self.lookup)
         self.policies = PolicyService(ctx, self.lookup)
         self.crypto = CryptoService(ctx, self.lookup, self.keys)
-        self.keystores.on_connected = self._recover_quietly
+        self.keystores.on_connected = self._recover_after_connect
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -73,9 +78,13 @@ class KmsService:
                 self._recover_quietly(row.store.store_id)
         self.keys.sweep_deletions()
 
-    def _recover_quietly(self, store_id: str) -> None:
+    def _recover_after_connect(self, store_id: str) -> None:
+        # Other processes may already be serving this store: spare intents a live request owns.
+        self._recover_quietly(store_id, IN_FLIGHT_GRACE_S)
+
+    def _recover_quietly(self, store_id: str, grace_s: float = 0.0) -> None:
         try:
-            fixed = self.keys.recover_store(store_id)
+            fixed = self.keys.recover_store(store_id, in_flight_grace_s=grace_s)
         except Exception:  # recovery is retried at the next connect or start
             log.exception("recovery of custom key store %s failed; will retry", store_id)
             return
@@ -86,6 +95,11 @@ class KmsService:
         while not self._stop.wait(interval):
             try:
                 self.keys.sweep_deletions()
+                # A worker that died mid-CreateKey leaves an intent nobody will finish: roll
+                # back intents too old to belong to a live request, without waiting for a restart.
+                for row in self.ctx.meta.list_key_stores(10_000, None):
+                    if row.store.connection_state is ConnectionState.CONNECTED:
+                        self._recover_quietly(row.store.store_id, STALE_INTENT_S)
             except Exception:
                 log.exception("deletion sweep failed; retrying next interval")
 

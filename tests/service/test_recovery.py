@@ -21,6 +21,7 @@ from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
 from hsmbridge.service.keys import CreateKeyRequest
+from hsmbridge.service.kms import IN_FLIGHT_GRACE_S
 from tests.harness import KmsEnv
 from tests.service.checks import assert_consistent, backend, hsm_labels, rows
 
@@ -129,7 +130,14 @@ def test_crash_recovered_when_the_store_connects_instead_of_at_start(kms_env) ->
     svc.keystores.disconnect(kms_env.store_id)
     svc.start(sweep_interval_s=None)  # a DISCONNECTED store cannot be reconciled yet
     assert [r.lifecycle for r in rows(kms_env)] == [KeyLifecycle.CREATING]
-    svc.keystores.connect(kms_env.store_id)  # the on_connected hook reconciles it
+    # Right after a connect, other worker processes may be serving the store: an intent younger
+    # than the grace may belong to a live request, so the on_connected hook spares it...
+    svc.keystores.connect(kms_env.store_id)
+    assert [r.lifecycle for r in rows(kms_env)] == [KeyLifecycle.CREATING]
+    svc.keystores.disconnect(kms_env.store_id)
+    # ...and rolls it back once it is too old for that (the supervisor's sweep does the same).
+    kms_env.clock.advance(IN_FLIGHT_GRACE_S + 1)
+    svc.keystores.connect(kms_env.store_id)
     assert rows(kms_env) == []
     assert_consistent(kms_env)
 
@@ -263,3 +271,20 @@ def test_hsm_error_after_the_key_was_made_leaves_neither_row_nor_material(kms_en
         _create(kms_env)
     assert rows(kms_env) == []
     assert sum(hsm_labels(kms_env).values()) == 0
+
+
+def test_a_deletion_finished_twice_is_recorded_once_and_never_resurrected(kms_env) -> None:
+    # Two processes (the sweeper and recovery after a connect) can both pick the same expired
+    # key; the one that comes second holds a stale copy of the row.
+    svc = kms_env.svc
+    key_id = _create(kms_env)
+    svc.keys.schedule_deletion(key_id, 7)
+    kms_env.clock.advance(7 * 86_400 + 1)
+    [stale] = svc.ctx.meta.keys_due_for_deletion(kms_env.clock())
+    assert svc.keys.sweep_deletions() == 1
+    svc.keys._finish_deletion(stale)  # the second finisher, with its stale copy
+    assert svc.ctx.meta.get_key(key_id) is None
+    assert [t.key_id for t in svc.ctx.meta.deleted_keys()] == [key_id]
+    deletes = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
+    assert len(deletes) == 1
+    assert_consistent(kms_env)
