@@ -253,6 +253,7 @@ def profile_server(
     argv = [
         spy, "record", "--pid", str(proc.pid), "--duration", str(max(1, round(seconds))),
         "--rate", "250", "--format", "raw", "--output", str(raw), "--gil",
+        "--subprocesses",  # the server's workers; the supervisor itself is idle under load
     ]  # fmt: skip
     spy_proc = spawn("py-spy", argv, out.with_suffix(".log"))
     try:
