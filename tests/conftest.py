@@ -126,3 +126,11 @@ def make_kms_env(
 def kms_env(make_kms_env: Callable[..., KmsEnv]) -> KmsEnv:
     """A connected custom key store on a fresh SoftHSM2 token, through a real KmsService."""
     return make_kms_env()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches a SoftHSM token through its fixtures is a `softhsm` test, marked
+    or not, so `-m "not softhsm"` selects exactly the tests that run without one."""
+    for item in items:
+        if "softhsm_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.softhsm)
