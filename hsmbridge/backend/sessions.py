@@ -137,6 +137,7 @@ class Worker:
     raw: Any
     epoch: int
     keys: dict[str, Any] = field(default_factory=dict)
+    warmed: bool = False  # `keys` was filled from one enumeration of the token
 
 
 def _find_token(library: Library, token_label: str | None) -> Any:
@@ -358,6 +359,7 @@ class SessionPool:
     def _recover(self, worker: Worker, err: BackendError) -> None:
         if isinstance(err, StaleHandleError):
             worker.keys.clear()
+            worker.warmed = False
         if isinstance(err, DeviceLostError):
             self._evict(worker, close=False)
             self.library.reinitialize(self._generation)
