@@ -75,8 +75,12 @@ class KeyService:
         self._ctx = ctx
         self._lookup = lookup
         # Failed CreateKeys whose rollback failed too (by key id); the sweeper retries them.
+        # `_lock` guards this and `_in_flight`.
         self._abandoned: dict[str, KeyRecord] = {}
-        self._abandoned_lock = threading.Lock()
+        self._lock = threading.Lock()
+        # CreateKeys this process is running now: recovery here never rolls these back, whatever
+        # their age says (the service clock is injectable and may jump, as in tests).
+        self._in_flight: set[str] = set()
 
     # -- CreateKey ----------------------------------------------------------------------------
     def create(self, req: CreateKeyRequest) -> KeyMetadata:
@@ -98,16 +102,13 @@ class KeyService:
         self._check_quorum(row.store.cluster_id)
         backend = self._backend(row, DependencyTimeoutException)
         record = self._new_record(row, req.description, policy, req.tags)
-        with self._ctx.meta.write():
-            self._ctx.meta.put_key(record)  # intent: visible to recovery, hidden from clients
-        self._generate(backend, record)
-        with self._ctx.meta.write():
-            current = self._ctx.meta.get_key(record.key_id)
-            if current is None or current.lifecycle is not KeyLifecycle.CREATING:
-                _destroy_quietly(backend, record.arn)  # recovery rolled the intent back
-                raise KMSInternalException("Key creation was interrupted; retry the request.")
-            live = replace(record, lifecycle=KeyLifecycle.LIVE)
-            self._ctx.meta.put_key(live)
+        with self._lock:
+            self._in_flight.add(record.key_id)
+        try:
+            live = self._create_in_hsm(backend, record)
+        finally:
+            with self._lock:
+                self._in_flight.discard(record.key_id)
         self._ctx.audit.emit(
             AuditEvent(
                 "CreateKey",
@@ -117,6 +118,20 @@ class KeyService:
             )
         )
         return self._lookup.metadata(live)
+
+    def _create_in_hsm(self, backend: HsmBackend, record: KeyRecord) -> KeyRecord:
+        """Intent row, HSM key, LIVE row: the crash-safe sequence of CreateKey."""
+        with self._ctx.meta.write():
+            self._ctx.meta.put_key(record)  # intent: visible to recovery, hidden from clients
+        self._generate(backend, record)
+        with self._ctx.meta.write():
+            current = self._ctx.meta.get_key(record.key_id)
+            if current is None or current.lifecycle is not KeyLifecycle.CREATING:
+                _destroy_quietly(backend, record.arn)  # another process rolled the intent back
+                raise KMSInternalException("Key creation was interrupted; retry the request.")
+            live = replace(record, lifecycle=KeyLifecycle.LIVE)
+            self._ctx.meta.put_key(live)
+        return live
 
     def _check_quorum(self, cluster_id: str) -> None:
         cluster = self._ctx.clusters.describe(cluster_id)
@@ -160,7 +175,7 @@ class KeyService:
                     self._ctx.meta.delete_key(record.key_id)
             except BackendError:
                 log.warning("CreateKey cleanup of %s deferred to the sweeper", record.key_id)
-                with self._abandoned_lock:
+                with self._lock:
                     self._abandoned[record.key_id] = record
             # CreateKey's model lists DependencyTimeoutException, not KeyUnavailable, for retries.
             raise to_kms_error(exc, record.arn, retryable=DependencyTimeoutException) from exc
@@ -171,7 +186,7 @@ class KeyService:
         Without this the intent row and possibly the HSM key would wait for the next restart or
         reconnect (`recover_store`), however long the server runs.
         """
-        with self._abandoned_lock:
+        with self._lock:
             pending = list(self._abandoned.values())
         for record in pending:
             try:
@@ -185,7 +200,7 @@ class KeyService:
                     "CreateKey cleanup of %s postponed: %s", record.key_id, type(exc).__name__
                 )
                 continue
-            with self._abandoned_lock:
+            with self._lock:
                 self._abandoned.pop(record.key_id, None)
             log.info("rolled back the failed CreateKey %s", record.key_id)
 
@@ -354,10 +369,12 @@ class KeyService:
             return 0
         fixed = 0
         cutoff = self._ctx.clock() - in_flight_grace_s
+        with self._lock:
+            ours = set(self._in_flight)
         creating = [
             r
             for r in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
-            if not in_flight_grace_s or r.creation_date <= cutoff
+            if r.key_id not in ours and (not in_flight_grace_s or r.creation_date <= cutoff)
         ]
         for record in creating:
             _destroy(self._backend(row), record.arn)
