@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import summarize
+from hsmbridge import bootstrap
 from hsmbridge.config import HsmProfile, Settings, load_settings
+from hsmbridge.request import RequestContext
 
 MAX_OPS = 2_000_000  # hard cap on any timed loop, whatever the deadline
 
@@ -47,7 +49,7 @@ def timed(fn: Callable[[int], object], seconds: float, max_ops: int = MAX_OPS) -
 
 def _settings(config: Path) -> tuple[Settings, HsmProfile, str]:
     settings = load_settings(config)
-    settings.apply_hsm_env()  # SOFTHSM2_CONF must be set before the module loads
+    bootstrap.prepare_host(settings)  # SOFTHSM2_CONF must be set before the module loads
     binding = next(iter(settings.clusters.values()))
     password = (settings.data_dir / "kmsuser.password").read_text().strip()
     return settings, binding.profile, binding.profile.login_pin(password)
@@ -133,13 +135,11 @@ def cmd_raw(args: argparse.Namespace) -> dict[str, Any]:
 
 def _open_service(config: Path) -> tuple[Any, str]:
     from hsmbridge.audit.events import NullSink
-    from hsmbridge.backend.pkcs11 import Pkcs11Connector
-    from hsmbridge.service.kms import open_service
 
     settings, _profile, _pin = _settings(config)
     # NullSink: the in-process numbers are the service layer's; the HTTP server keeps its
     # real JSON-lines audit sink, so its cost shows in the HTTP numbers.
-    svc = open_service(settings, Pkcs11Connector(settings.clusters), audit=NullSink())
+    svc = bootstrap.open_service(settings, audit=NullSink())
     svc.start(sweep_interval_s=None)
     store_id = svc.ctx.meta.list_key_stores(1, None)[0].store.store_id
     return svc, store_id
@@ -151,6 +151,12 @@ def _create_request(store_id: str, i: int) -> Any:
     return CreateKeyRequest(
         custom_key_store_id=store_id, origin="AWS_CLOUDHSM", description=f"bench {i}"
     )
+
+
+def _caller(svc: Any) -> RequestContext:
+    """An administrator of the endpoint's own account: every call is authorized, as for a client."""
+    account = svc.ctx.settings.account_id
+    return RequestContext(f"arn:aws:iam::{account}:user/bench", account)
 
 
 def _profile_text(fn: Callable[[int], object], seconds: float, path: Path) -> None:
@@ -166,31 +172,33 @@ def _profile_text(fn: Callable[[int], object], seconds: float, path: Path) -> No
 
 def cmd_service(args: argparse.Namespace) -> dict[str, Any]:
     svc, store_id = _open_service(args.config)
+    caller = _caller(svc)
     try:
         out: dict[str, Any] = {}
         out["CreateKey"] = timed(
-            lambda i: svc.keys.create(_create_request(store_id, i)),
+            lambda i: svc.keys.create(caller, _create_request(store_id, i)),
             args.seconds,
             max_ops=args.max_keys,
         )
-        key_id = svc.keys.create(_create_request(store_id, -1)).key_id
+        key_id = svc.keys.create(caller, _create_request(store_id, -1)).key_id
         pt = os.urandom(32)
-        svc.crypto.encrypt(key_id, pt)  # warm the handle cache
+        svc.crypto.encrypt(caller, key_id, pt)  # warm the handle cache
 
         def encrypt(_i: int) -> object:
-            return svc.crypto.encrypt(key_id, pt)
+            return svc.crypto.encrypt(caller, key_id, pt)
 
         out["Encrypt"] = timed(encrypt, args.seconds)
-        blob = svc.crypto.encrypt(key_id, pt).ciphertext_blob
-        out["Decrypt"] = timed(lambda _i: svc.crypto.decrypt(blob), args.seconds)
+        blob = svc.crypto.encrypt(caller, key_id, pt).ciphertext_blob
+        out["Decrypt"] = timed(lambda _i: svc.crypto.decrypt(caller, blob), args.seconds)
         out["GenerateDataKey"] = timed(
-            lambda _i: svc.crypto.generate_data_key(key_id, key_spec="AES_256"), args.seconds
+            lambda _i: svc.crypto.generate_data_key(caller, key_id, key_spec="AES_256"),
+            args.seconds,
         )
         if args.profile_dir is not None:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
             _profile_text(encrypt, args.seconds, args.profile_dir / "service_encrypt.txt")
             _profile_text(
-                lambda i: svc.keys.create(_create_request(store_id, 10_000_000 + i)),
+                lambda i: svc.keys.create(caller, _create_request(store_id, 10_000_000 + i)),
                 min(args.seconds, 1.0),
                 args.profile_dir / "service_createkey.txt",
             )
@@ -212,12 +220,11 @@ def cmd_fill(args: argparse.Namespace) -> dict[str, Any]:
     from pkcs11 import KeyType
 
     from hsmbridge.backend.sessions import acquire_pool
-    from hsmbridge.metadata.sqlite import SqliteMetadataStore
     from hsmbridge.model import KeyRecord, KeyState
     from hsmbridge.policy.document import default_policy
 
     settings, profile, pin = _settings(args.config)
-    meta = SqliteMetadataStore(settings.metadata_db)
+    meta = bootstrap.open_metadata_store(settings)
     store = meta.list_key_stores(1, None)[0].store
     have = meta.count_keys_in_store(store.store_id)
     need = max(0, args.target - have)
@@ -264,21 +271,22 @@ def cmd_fill(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_scale(args: argparse.Namespace) -> dict[str, Any]:
     svc, store_id = _open_service(args.config)
+    caller = _caller(svc)
     try:
         keys = svc.ctx.meta.keys_in_store(store_id)
         rng = random.Random(42)  # noqa: S311 (choice of keys, not cryptography)
         pt = os.urandom(32)
         hot = keys[0].key_id
-        svc.crypto.encrypt(hot, pt)
+        svc.crypto.encrypt(caller, hot, pt)
         out: dict[str, Any] = {"keys": len(keys), "hot_key": hot}
-        out["Encrypt_hot"] = timed(lambda _i: svc.crypto.encrypt(hot, pt), args.seconds)
+        out["Encrypt_hot"] = timed(lambda _i: svc.crypto.encrypt(caller, hot, pt), args.seconds)
         # First use of a key in this process: the label search in the token (linear in N).
         cold = rng.sample([k.key_id for k in keys[1:]], min(args.cold, len(keys) - 1))
         out["Encrypt_first_use"] = timed(
-            lambda i: svc.crypto.encrypt(cold[i], pt), args.seconds, max_ops=len(cold)
+            lambda i: svc.crypto.encrypt(caller, cold[i], pt), args.seconds, max_ops=len(cold)
         )
         out["CreateKey"] = timed(
-            lambda i: svc.keys.create(_create_request(store_id, i)),
+            lambda i: svc.keys.create(caller, _create_request(store_id, i)),
             args.seconds,
             max_ops=args.max_keys,
         )

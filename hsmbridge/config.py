@@ -1,8 +1,11 @@
 """Load and validate hsmbridge's TOML configuration into typed, immutable settings.
 
-Owns: `Settings` (service settings, from `hsmbridge.toml`) and `HsmProfile` (one HSM vendor's
-facts and quirks, from `config/<name>.toml`). Relative paths are resolved against the directory of
-the file that names them. No module-level singletons: callers load and pass these explicitly.
+Owns: `Settings` (service settings, from `hsmbridge.toml`), `HsmProfile` (one HSM vendor's
+facts and quirks, from a built-in profile shipped as package data in `hsmbridge/profiles/` or a
+profile file) and the grammar of the metadata URL (`[metadata] url`; which engine opens it is
+`hsmbridge.metadata.factory`'s business). Relative paths are resolved against the directory of the
+file that names them; a relative SQLite path in the metadata URL against the data directory. No
+module-level singletons: callers load and pass these explicitly.
 Must not import anything from hsmbridge but `errors`.
 """
 
@@ -13,17 +16,18 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from hsmbridge.errors import ConfigError
 
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-_PROFILE_DIRS = (
-    Path(__file__).resolve().parent.parent / "config",  # source checkout / editable install
-    Path(__file__).resolve().parent / "_profiles",  # installed wheel
-)
+SQLITE_SCHEME: Final = "sqlite"
+# The engines `hsmbridge.metadata.factory` can open; a URL naming any other is refused at load.
+METADATA_SCHEMES: Final = (SQLITE_SCHEME,)
 
 
 class LoginFormat(enum.StrEnum):
@@ -81,7 +85,8 @@ class Settings:
     account_id: str
     partition: str
     data_dir: Path
-    metadata_db: Path
+    metadata_url: str  # normalised: a SQLite path in it is absolute
+    metadata_db: Path | None  # the SQLite file when the engine is SQLite, else None
     master_key_file: Path
     credentials_file: Path
     audit_log: Path
@@ -108,7 +113,7 @@ class Settings:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Traversable) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -139,20 +144,40 @@ def _enum(enum_cls: type[enum.StrEnum], raw: str, where: str, key: str) -> Any:
         raise ConfigError(f"{where}: '{key}' must be one of {allowed}, got {raw!r}") from None
 
 
-def resolve_profile_path(name_or_path: str, base: Path) -> Path:
-    candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or "/" in name_or_path:
-        return candidate if candidate.is_absolute() else (base / candidate)
-    for directory in _PROFILE_DIRS:
-        path = directory / f"{name_or_path}.toml"
-        if path.is_file():
-            return path
-    raise ConfigError(
-        f"HSM profile '{name_or_path}' not found in {', '.join(map(str, _PROFILE_DIRS))}"
+def _profiles_dir() -> Traversable:
+    # Package data, not a source-tree path: an installed wheel carries the profiles.
+    return resources.files("hsmbridge") / "profiles"
+
+
+def builtin_profile_names() -> list[str]:
+    """The profiles shipped with hsmbridge, by the name `[[clusters]] profile` gives them."""
+    return sorted(
+        entry.name.removesuffix(".toml")
+        for entry in _profiles_dir().iterdir()
+        if entry.name.endswith(".toml")
     )
 
 
-def load_profile(path: Path, token_label: str | None = None) -> HsmProfile:
+def builtin_profile(name: str) -> Traversable:
+    """The built-in profile `name` (e.g. "softhsm2"), read from the installed package."""
+    path = _profiles_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(
+            f"HSM profile '{name}' is not a built-in profile "
+            f"({', '.join(builtin_profile_names())}); give a path to a .toml file for another"
+        )
+    return path
+
+
+def resolve_profile_path(name_or_path: str, base: Path) -> Traversable:
+    """A path (anything with a '/' or ending in .toml, relative to `base`) or a built-in name."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or "/" in name_or_path:
+        return candidate if candidate.is_absolute() else (base / candidate)
+    return builtin_profile(name_or_path)
+
+
+def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfile:
     raw = _read_toml(path)
     where = str(path)
     max_sessions = _get(raw, "max_sessions", int, where, 4)
@@ -209,6 +234,63 @@ def _load_inventory(raw: dict[str, Any], base: Path, where: str) -> InventorySet
     raise ConfigError(f"{here}: 'provider' must be 'static' or 'cloudhsm', got {provider!r}")
 
 
+def parse_metadata_url(url: str, base: Path | None = None) -> tuple[str, Path | None]:
+    """(scheme, database file) of a metadata URL; the file is None for an engine without one.
+
+    SQLite follows the SQLAlchemy form: `sqlite:///relative/path` (resolved against `base`, else
+    the working directory) or `sqlite:////absolute/path`. ConfigError names the URL, not where
+    it came from: callers add that.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigError(f"{url!r} is not a URL; expected e.g. sqlite:///metadata.sqlite3")
+    if scheme not in METADATA_SCHEMES:
+        raise ConfigError(
+            f"{url!r} names an unsupported metadata engine {scheme!r}; supported schemes: "
+            f"{', '.join(METADATA_SCHEMES)} (e.g. sqlite:///metadata.sqlite3)"
+        )
+    if not rest.startswith("/"):
+        raise ConfigError(
+            f"{url!r}: a SQLite URL has no host; use sqlite:///relative/path or "
+            "sqlite:////absolute/path"
+        )
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"{url!r}: a SQLite URL takes no query or fragment")
+    raw = rest[1:]
+    if not raw:
+        raise ConfigError(f"{url!r}: a SQLite URL needs a database file path")
+    file = Path(raw)
+    if not file.is_absolute() and base is not None:
+        file = base / file
+    return scheme, file
+
+
+def sqlite_url(path: Path) -> str:
+    """The metadata URL of a SQLite database file (absolute paths give the four-slash form)."""
+    return f"{SQLITE_SCHEME}:///{path}"
+
+
+def _metadata(
+    raw: dict[str, Any], paths: dict[str, Any], data_dir: Path, where: str
+) -> tuple[str, Path | None]:
+    """(normalised URL, SQLite file or None) from `[metadata] url`, else `[paths] metadata_db`."""
+    table = _get(raw, "metadata", dict, where, None)
+    if table is None:
+        db = data_dir / _get(paths, "metadata_db", str, where, "metadata.sqlite3")
+        return sqlite_url(db), db
+    here = f"{where}: [metadata]"
+    if "metadata_db" in paths:
+        raise ConfigError(
+            f"{here}: 'url' and [paths] 'metadata_db' both name the metadata database; keep one"
+        )
+    url = _get(table, "url", str, here)
+    try:
+        _scheme, db = parse_metadata_url(url, data_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{here}: 'url' {exc}") from None
+    return (url if db is None else sqlite_url(db)), db
+
+
 def load_settings(path: Path | str) -> Settings:
     """Read `hsmbridge.toml`; every problem is a ConfigError naming the file and the setting."""
     path = Path(path).resolve()
@@ -233,13 +315,15 @@ def load_settings(path: Path | str) -> Settings:
     port = _get(service, "listen_port", int, here, 8080)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{here}: 'listen_port' must be 0-65535, got {port}")
+    metadata_url, metadata_db = _metadata(raw, paths, data_dir, where)
     return Settings(
         config_path=path,
         region=region,
         account_id=account,
         partition=_get(service, "partition", str, here, "aws"),
         data_dir=data_dir,
-        metadata_db=data_dir / _get(paths, "metadata_db", str, where, "metadata.sqlite3"),
+        metadata_url=metadata_url,
+        metadata_db=metadata_db,
         master_key_file=data_dir / _get(paths, "master_key", str, where, "master.key"),
         credentials_file=data_dir / _get(paths, "credentials", str, where, "credentials"),
         audit_log=data_dir / _get(paths, "audit_log", str, where, "audit.jsonl"),

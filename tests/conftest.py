@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.config import ClusterBinding, HsmProfile, load_profile
+from hsmbridge.config import ClusterBinding, HsmProfile, builtin_profile, load_profile
+from tests.callers import ADMIN
 from tests.harness import KmsEnv, build_env
 from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
 
@@ -60,7 +61,7 @@ def softhsm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmEnv
     conf.write_text(template.replace("@TOKENDIR@", str(tokens)))
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before any pkcs11.lib() of SoftHSM in this process
-    env = SoftHsmEnv(conf=conf, profile=load_profile(REPO / "config" / "softhsm2.toml"))
+    env = SoftHsmEnv(conf=conf, profile=load_profile(builtin_profile("softhsm2")))
     for i in range(TOKEN_STOCK):
         # Equal-length labels: pkcs11-tool --token-label matches a prefix, so "hsmb-test-10"
         # would also select "hsmb-test-100".
@@ -112,9 +113,9 @@ def make_kms_env(
         service = env.open()
         if store:
             env.store_id = service.keystores.create(
-                name, env.cluster_id, env.pki.ca_cert_pem, password
+                ADMIN, name, env.cluster_id, env.pki.ca_cert_pem, password
             )
-            service.keystores.connect(env.store_id)
+            service.keystores.connect(ADMIN, env.store_id)
         return env
 
     yield make

@@ -23,9 +23,9 @@ from hsmbridge.backend.errors import (
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
-    LoginFailure,
 )
 from hsmbridge.backend.interface import HsmHealth, HsmKeyInfo, Sealed
+from hsmbridge.model import ConnectionErrorCode
 
 
 @dataclass
@@ -148,6 +148,6 @@ class FakeConnector:
         if cluster_id not in self.passwords:
             raise HsmUnreachableError(f"no HSM is configured for cluster {cluster_id!r}")
         if password != self.passwords[cluster_id]:
-            raise LoginError(LoginFailure.INVALID_CREDENTIALS, "wrong password for kmsuser")
+            raise LoginError(ConnectionErrorCode.INVALID_CREDENTIALS, "wrong password for kmsuser")
         self.connects += 1
         return FakeBackend(self.tokens[cluster_id])

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsmbridge import bootstrap
 from hsmbridge.audit.events import MemorySink
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
-from hsmbridge.config import ClusterBinding, Settings, load_settings
+from hsmbridge.config import ClusterBinding, Settings, builtin_profile, load_settings
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     DemoHsmSpec,
@@ -22,9 +22,10 @@ from hsmbridge.keystore.demo import (
     make_demo_pki,
     new_cluster_id,
 )
-from hsmbridge.service.kms import KmsService, open_service
+from hsmbridge.service.kms import KmsService
 
 REPO = Path(__file__).resolve().parent.parent
+SOFTHSM2_PROFILE = builtin_profile("softhsm2")  # the package's copy, as an installed one reads
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
 ACCESS_KEY = "AKIAHSMBRIDGETEST001"
@@ -92,9 +93,8 @@ class KmsEnv:
 
     def open(self, *, synchronous_connect: bool = True) -> KmsService:
         settings = self.settings
-        self.service = open_service(
+        self.service = bootstrap.open_service(
             settings,
-            Pkcs11Connector(settings.clusters),
             clock=self.clock,
             audit=self.audit,
             synchronous_connect=synchronous_connect,
@@ -134,6 +134,6 @@ def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
         f'[service]\nregion = "{REGION}"\naccount_id = "{ACCOUNT}"\n\n'
         '[inventory]\nprovider = "static"\npath = "clusters.json"\n\n'
         f'[[clusters]]\ncluster_id = "{cluster_id}"\n'
-        f'profile = "{REPO / "config" / "softhsm2.toml"}"\ntoken_label = "{token_label}"\n'
+        f'profile = "{SOFTHSM2_PROFILE}"\ntoken_label = "{token_label}"\n'
     )
     return env

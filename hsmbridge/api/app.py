@@ -1,6 +1,6 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol.
 
-Owns: `create_asgi_app`, `RequestContext`, `ApiEvent`, `Handler` and the request pipeline
+Owns: `create_asgi_app`, `Handler` and the request pipeline
 (route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
 thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
 `api.errors`. Each request runs inside an `audit.context.RequestScope` (copied into the worker
@@ -24,14 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from hsmbridge.api.auth import Principal, SigV4Verifier
+from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.api.errors import CONTENT_TYPE, encode_json, error_response, json_headers
-from hsmbridge.api.validation import (
-    SECRET_MEMBER_NAMES,
-    operation_names,
-    redacted_members,
-    validate_input,
-)
+from hsmbridge.api.validation import operation_names, redact_params, validate_input
+from hsmbridge.audit.calls import ApiEvent, api_event
 from hsmbridge.audit.context import RequestScope, annotate_store, request_scope
 from hsmbridge.errors import (
     DependencyTimeoutException,
@@ -40,6 +36,8 @@ from hsmbridge.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from hsmbridge.identity.credentials import Principal
+from hsmbridge.request import RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +48,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 TARGET_PREFIX: Final = "TrentService."
 MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for future shapes
-REDACTED: Final = "<redacted>"
 # A client must deliver its whole body this long after the headers. uvicorn's keep-alive timeout
 # only runs between requests, and h11 has no body timeout, so a client trickling a body would
 # otherwise hold a connection (and count against limit_concurrency) for as long as it likes.
@@ -58,37 +55,8 @@ BODY_TIMEOUT_S: Final = 10.0
 _CLOSE: Final = (b"connection", b"close")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
-    """What a handler may know about the caller, besides the validated params."""
-
-    request_id: str
-    principal: Principal | None  # None only when the app runs without a verifier (tests)
-    source_ip: str | None
-    operation: str
-    user_agent: str | None
-
-
 # Synchronous on purpose: handlers talk to an HSM and may block, so they run in worker threads.
 Handler = Callable[[RequestContext, dict[str, Any]], dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class ApiEvent:
-    """One per request, for the audit trail. Secrets are already redacted from params."""
-
-    request_id: str
-    operation: str | None
-    principal_arn: str | None
-    source_ip: str | None
-    status: int
-    error_code: str | None
-    duration_ms: float
-    params_redacted: Mapping[str, Any]
-    key_arn: str | None = None
-    custom_key_store_id: str | None = None
-    hsm_latency_ms: float | None = None  # None: the request made no HSM call
-    additional: Mapping[str, Any] | None = None  # service facts (e.g. CreateKey's backingKeyId)
 
 
 @dataclass(slots=True)
@@ -142,17 +110,6 @@ def parse_json(body: bytes) -> Any:
     return obj
 
 
-def _redact(value: Any, hidden: frozenset[str]) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if k in hidden or k in SECRET_MEMBER_NAMES else _redact(v, hidden)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_redact(v, hidden) for v in value]
-    return value
-
-
 async def _respond(
     send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> None:
@@ -175,6 +132,7 @@ class KmsApi:
         worker_threads: int,
         handler_timeout_s: float | None,
         body_timeout_s: float,
+        anonymous_account: str,
     ) -> None:
         known = operation_names()
         unknown = sorted(set(operations) - known)
@@ -188,6 +146,9 @@ class KmsApi:
         self._on_event = on_event
         self._timeout = handler_timeout_s
         self._body_timeout = body_timeout_s
+        # Without a verifier (tests, embedding) every request acts as this account's root.
+        self._anonymous_account = anonymous_account
+        self._anonymous_arn = f"arn:aws:iam::{anonymous_account}:root" if anonymous_account else ""
         # Bounded: at most this many HSM calls in flight; further requests queue here.
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-op")
         # Run at lifespan shutdown instead of close() (in-flight requests are done by then).
@@ -274,12 +235,14 @@ class KmsApi:
             query = scope["query_string"].decode("latin-1")
             trace.principal = self._verifier.verify("POST", scope["path"], query, headers, body)
         typed = validate_input(operation, params)
+        principal = trace.principal
         context = RequestContext(
+            principal_arn=principal.arn if principal else self._anonymous_arn,
+            account_id=principal.account_id if principal else self._anonymous_account,
             request_id=request_id,
-            principal=trace.principal,
             source_ip=trace.source_ip,
-            operation=operation,
             user_agent=headers.get("user-agent"),
+            grant_tokens=tuple(typed.get("GrantTokens") or ()),
         )
         result = await self._call(self._operations[operation], context, typed)
         created_store = result.get("CustomKeyStoreId")  # CreateCustomKeyStore names it only here
@@ -372,30 +335,20 @@ class KmsApi:
         duration_ms: float,
     ) -> None:
         assert self._on_event is not None
-        request_id = annotations.request_id
-        hidden = redacted_members(trace.operation) if trace.operation else frozenset()
-        params = trace.params if isinstance(trace.params, dict) else {}
-        additional = dict(annotations.additional)
-        if annotations.other_key_arns:
-            additional["otherKeyArns"] = list(annotations.other_key_arns)
-        event = ApiEvent(
-            request_id=request_id,
+        event = api_event(
+            annotations,
             operation=trace.operation,
             principal_arn=trace.principal.arn if trace.principal else None,
             source_ip=trace.source_ip,
             status=status,
             error_code=error_code,
             duration_ms=duration_ms,
-            params_redacted=_redact(params, hidden),
-            key_arn=annotations.key_arn,
-            custom_key_store_id=annotations.custom_key_store_id,
-            hsm_latency_ms=annotations.hsm_latency_ms if annotations.hsm_calls else None,
-            additional=additional,
+            params_redacted=redact_params(trace.operation, trace.params),
         )
         try:
             self._on_event(event)
         except Exception:  # an audit sink failure must not turn a served request into a crash
-            logger.exception("on_event hook failed for request %s", request_id)
+            logger.exception("on_event hook failed for request %s", annotations.request_id)
 
 
 def create_asgi_app(
@@ -410,6 +363,7 @@ def create_asgi_app(
     worker_threads: int = 32,
     handler_timeout_s: float | None = None,
     body_timeout_s: float = BODY_TIMEOUT_S,
+    anonymous_account: str = "",
 ) -> KmsApi:
     """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers."""
     if verifier is not None and verifier.region != region:
@@ -424,4 +378,5 @@ def create_asgi_app(
         worker_threads=worker_threads,
         handler_timeout_s=handler_timeout_s,
         body_timeout_s=body_timeout_s,
+        anonymous_account=anonymous_account,
     )

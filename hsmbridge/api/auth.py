@@ -1,21 +1,19 @@
 """SigV4 request authentication for the `kms` service in one configured region.
 
-Owns: `Principal`, `load_principals` (the hsmbridge credentials file) and `SigV4Verifier`, a pure
-function of (method, path, query, headers, body, now) returning the authenticated Principal or
-raising the KMS-named auth error AWS would send.
+Owns: `SigV4Verifier`, a pure function of (method, path, query, headers, body, now) returning the
+authenticated `Principal` (from `identity.credentials`) or raising the KMS-named auth error AWS
+would send.
 Must not import: uvicorn or any HTTP framework type, pkcs11, service or backend modules.
 WARNING: secret access keys live only in `Credential.secret`; never log or repr them.
 """
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import hmac
 import re
-import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -23,87 +21,22 @@ from typing import Final
 from urllib.parse import parse_qsl, quote
 
 from hsmbridge.errors import (
-    ConfigError,
     IncompleteSignatureException,
     InvalidSignatureException,
     MissingAuthenticationTokenException,
     UnrecognizedClientException,
 )
+from hsmbridge.identity.credentials import Credential, Principal, load_principals
 
 ALGORITHM: Final = "AWS4-HMAC-SHA256"
 SERVICE: Final = "kms"
 MAX_SKEW: Final = timedelta(minutes=15)
 _AMZ_DATE_FORMAT: Final = "%Y%m%dT%H%M%SZ"
-_PRINCIPAL_ARN_RE: Final = re.compile(
-    r"^arn:aws(?:-[a-z]+)*:iam::(?P<account>\d{12}):(?:user|role)/[\w+=,.@/-]{1,512}$"
-)
 _SPACES_RE: Final = re.compile(r"\s+")
 _MISMATCH: Final = (
     "The request signature we calculated does not match the signature you provided. Check your"
     " AWS Secret Access Key and signing method. Consult the service documentation for details."
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who signed a request: the access key, its account and its IAM ARN."""
-
-    access_key_id: str
-    account_id: str
-    arn: str
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    principal: Principal
-    secret: str = field(repr=False)
-
-
-def _check_permissions(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ConfigError(f"credentials file {path} is not readable: {exc.strerror}") from None
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"credentials file {path} is world-readable; run chmod o-r {path}")
-
-
-def load_principals(path: Path | str) -> dict[str, Credential]:
-    """Parse an AWS shared-credentials-style INI file into {access key id: credential}.
-
-    Each section needs `aws_access_key_id`, `aws_secret_access_key` and `principal_arn`.
-    """
-    path = Path(path)
-    _check_permissions(path)
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with path.open(encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except (OSError, configparser.Error) as exc:
-        raise ConfigError(f"credentials file {path} cannot be read: {exc}") from None
-    creds: dict[str, Credential] = {}
-    for name in parser.sections():
-        section = parser[name]
-        where = f"{path}: [{name}]"
-        missing = [
-            k
-            for k in ("aws_access_key_id", "aws_secret_access_key", "principal_arn")
-            if not section.get(k)
-        ]
-        if missing:
-            raise ConfigError(f"{where}: missing {', '.join(missing)}")
-        arn = section["principal_arn"].strip()
-        match = _PRINCIPAL_ARN_RE.match(arn)
-        if match is None:
-            raise ConfigError(f"{where}: principal_arn {arn!r} is not an IAM user or role ARN")
-        akid = section["aws_access_key_id"].strip()
-        if akid in creds:
-            raise ConfigError(f"{where}: access key {akid} appears twice")
-        principal = Principal(akid, match["account"], arn)
-        creds[akid] = Credential(principal, section["aws_secret_access_key"].strip())
-    if not creds:
-        raise ConfigError(f"credentials file {path} defines no principals")
-    return creds
 
 
 @lru_cache(maxsize=1024)

@@ -1,10 +1,10 @@
-"""Composition root of the HTTP service: settings → KmsService → KMS ASGI app.
+"""The HTTP service's own wiring over `hsmbridge.bootstrap`: settings → KmsService → KMS ASGI app.
 
-Owns: `create_app()`, the one place that wires the PKCS#11 connector (wrapped so every HSM call is
-timed), the service, SigV4, the audit trail (one event per API call, into a buffered JSON-lines
-file), `/metrics` (a private Prometheus registry) and the deep `/health` check together for
-`hsmbridge serve`, the tests and the benchmark. It refuses to start over secret files other users
-can read (`startup.check_secret_files`).
+Owns: `create_app()` and `start_maintenance()`, which take the service, the default connector and
+the audit trail file from `hsmbridge.bootstrap` (which also refuses to start over secret files
+other users can read) and add what only HTTP needs: the connector wrapped so every HSM call is
+timed, SigV4, one audit event per API call, `/metrics` (a private Prometheus registry) and the
+deep `/health` check, for `hsmbridge serve`, the tests and the benchmark.
 Must not import pkcs11 directly (the backend package does).
 """
 
@@ -14,20 +14,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from hsmbridge.api.app import ApiEvent, KmsApi, create_asgi_app
+from hsmbridge import bootstrap
+from hsmbridge.api.app import KmsApi, create_asgi_app
 from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.api.health import HealthChecker
 from hsmbridge.api.metrics import Metrics, StoreCollector, TimedConnector
 from hsmbridge.api.operations import build_operations
-from hsmbridge.api.startup import check_secret_files
-from hsmbridge.audit.events import AuditEvent, AuditSink, redact
+from hsmbridge.audit.calls import ApiEvent, audit_event
+from hsmbridge.audit.events import AuditSink
 from hsmbridge.audit.sinks import BufferedJsonLinesSink, RequestAwareSink
 from hsmbridge.backend import HsmConnector
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
 from hsmbridge.config import Settings
 from hsmbridge.model import ConnectionState
 from hsmbridge.service.context import Clock
-from hsmbridge.service.kms import KmsService, open_service
+from hsmbridge.service.kms import KmsService
 
 
 @dataclass
@@ -52,25 +52,7 @@ def _on_event(audit: AuditSink, metrics: Metrics) -> Callable[[ApiEvent], None]:
     def on_event(event: ApiEvent) -> None:
         operation = event.operation or "Unknown"
         metrics.observe_request(operation, event.error_code, event.duration_ms / 1000.0)
-        additional = {"status": event.status, "durationMs": round(event.duration_ms, 3)}
-        additional.update(event.additional or {})
-        audit.emit(
-            AuditEvent(
-                event_name=operation,
-                event_time=time.time(),
-                request_id=event.request_id,
-                principal_arn=event.principal_arn,
-                source_ip=event.source_ip,
-                # Second, model-independent pass: the app already hid the model's sensitive
-                # members; this also hides the names hsmbridge treats as secret everywhere.
-                request_parameters=redact(event.params_redacted),
-                key_arn=event.key_arn,
-                custom_key_store_id=event.custom_key_store_id,
-                error_code=event.error_code,
-                hsm_latency_ms=event.hsm_latency_ms,
-                additional=additional,
-            )
-        )
+        audit.emit(audit_event(event))
 
     return on_event
 
@@ -110,13 +92,12 @@ def create_app(
 
     Raises ConfigError before touching anything if a secret file is group- or world-accessible.
     """
-    check_secret_files(settings)
-    settings.apply_hsm_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    sink = audit or BufferedJsonLinesSink(settings.audit_log)
+    sink = audit or bootstrap.open_buffered_audit_log(settings)
     metrics = Metrics()
-    timed = TimedConnector(connector or Pkcs11Connector(settings.clusters), metrics)
-    service = open_service(settings, timed, clock=clock, audit=RequestAwareSink(sink))
+    timed = TimedConnector(connector or bootstrap.default_connector(settings), metrics)
+    service = bootstrap.open_service(
+        settings, connector=timed, clock=clock, audit=RequestAwareSink(sink)
+    )
     service.start(sweep_interval_s=sweep_interval_s, recover=recover)
     metrics.add_collector(_store_collector(service))
     health = HealthChecker(service, ttl_s=health_ttl_s, slow_ms=health_slow_ms, clock=health_clock)
@@ -134,6 +115,7 @@ def create_app(
         metrics=metrics.render,
         on_event=_on_event(sink, metrics),
         handler_timeout_s=settings.request_timeout_s,
+        anonymous_account=settings.account_id,
     )
     return Runtime(service, app, sink, metrics, health)
 
@@ -157,13 +139,8 @@ def start_maintenance(settings: Settings, *, sweep_interval_s: float | None = 60
     is this process's own; workers are spawned, not forked, so none inherits it (field notes
     §2.1). Sweeper events go to the same audit file as the workers' (O_APPEND, whole lines).
     """
-    check_secret_files(settings)
-    settings.apply_hsm_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    sink = BufferedJsonLinesSink(settings.audit_log)
-    service = open_service(
-        settings, Pkcs11Connector(settings.clusters), audit=RequestAwareSink(sink)
-    )
+    sink = bootstrap.open_buffered_audit_log(settings)
+    service = bootstrap.open_service(settings, audit=RequestAwareSink(sink))
     try:
         service.start(sweep_interval_s=sweep_interval_s)
     except BaseException:

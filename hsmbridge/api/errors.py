@@ -79,7 +79,7 @@ def json_headers(request_id: str, body_len: int) -> Headers:
     ]
 
 
-def to_kms_error(exc: BaseException, request_id: str) -> KmsError:
+def as_client_error(exc: BaseException, request_id: str) -> KmsError:
     """The outermost guard: any non-KmsError becomes a generic KMSInternalException.
 
     WARNING: the traceback is logged server-side with the request id and never sent to the
@@ -93,6 +93,6 @@ def to_kms_error(exc: BaseException, request_id: str) -> KmsError:
 
 def error_response(exc: BaseException, request_id: str) -> tuple[int, Headers, bytes, str]:
     """Status, headers, body and error code for any exception raised while serving a request."""
-    error = to_kms_error(exc, request_id)
+    error = as_client_error(exc, request_id)
     body = encode_json({"__type": error.code, "message": error.message})
     return status_for(error), json_headers(request_id, len(body)), body, error.code

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from hsmbridge.audit.events import iso_time
-from hsmbridge.backend import BackendError, HsmBackend
+from hsmbridge.backend import HsmBackend
 from hsmbridge.errors import KmsError
 from hsmbridge.keystore import quorum
 from hsmbridge.keystore.inventory import InventoryUnavailableError
@@ -109,8 +109,8 @@ class HealthChecker:
             why = f" ({code.value})" if code is not None else ""
             return StoreHealth(UNAVAILABLE, f"custom key store is {state.value}{why}")
         try:
-            backend = self._backend(row)
-        except (BackendError, KmsError) as exc:
+            backend = self._service.hsm.login(row)
+        except KmsError as exc:
             # Class name only: login errors are safe to show, but nothing here needs more.
             return StoreHealth(UNAVAILABLE, f"login to the HSM failed: {type(exc).__name__}")
         ping = backend.ping()
@@ -120,13 +120,6 @@ class HealthChecker:
         if problem:
             return StoreHealth(DEGRADED, problem, ping.latency_ms)
         return StoreHealth(ACTIVE, "HSM answered a random draw", ping.latency_ms)
-
-    def _backend(self, row: StoredKeyStore) -> HsmBackend:
-        """This process's login, made now if the store was connected by another process."""
-        ctx = self._service.ctx
-        return ctx.connections.get(
-            row.store.store_id, row.store.cluster_id, lambda: ctx.password_of(row)
-        )
 
     def _degradation(
         self, store_id: str, cluster_id: str, backend: HsmBackend, latency_ms: float

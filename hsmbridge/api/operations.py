@@ -13,27 +13,34 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hsmbridge.api import codec
-from hsmbridge.api.app import Handler, RequestContext
-from hsmbridge.errors import AccessDeniedException, UnsupportedOperationException
+from hsmbridge.api.app import Handler
+from hsmbridge.errors import UnsupportedOperationException
+from hsmbridge.request import RequestContext
 from hsmbridge.service.keys import CreateKeyRequest
 from hsmbridge.service.kms import KmsService
 
 P = dict[str, Any]
+C = RequestContext
 
 
-def _keystore_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
+def _keystore_handlers(s: KmsService) -> dict[str, Handler]:
     ks = s.keystores
 
-    def describe(p: P) -> P:
+    def describe(c: C, p: P) -> P:
         page = ks.describe(
-            p.get("CustomKeyStoreId"), p.get("CustomKeyStoreName"), p.get("Limit"), p.get("Marker")
+            c,
+            p.get("CustomKeyStoreId"),
+            p.get("CustomKeyStoreName"),
+            p.get("Limit"),
+            p.get("Marker"),
         )
         return codec.page(
             page, "CustomKeyStores", "NextMarker", [codec.custom_key_store(x) for x in page.items]
         )
 
-    def update(p: P) -> P:
+    def update(c: C, p: P) -> P:
         ks.update(
+            c,
             p["CustomKeyStoreId"],
             new_name=p.get("NewCustomKeyStoreName"),
             password=p.get("KeyStorePassword"),
@@ -42,8 +49,9 @@ def _keystore_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
         return {}
 
     return {
-        "CreateCustomKeyStore": lambda p: {
+        "CreateCustomKeyStore": lambda c, p: {
             "CustomKeyStoreId": ks.create(
+                c,
                 p["CustomKeyStoreName"],
                 codec.require(p, "CloudHsmClusterId"),
                 codec.require(p, "TrustAnchorCertificate"),
@@ -53,18 +61,20 @@ def _keystore_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             else _no_xks()
         },
         "DescribeCustomKeyStores": describe,
-        "ConnectCustomKeyStore": _no_output(lambda p: ks.connect(p["CustomKeyStoreId"])),
-        "DisconnectCustomKeyStore": _no_output(lambda p: ks.disconnect(p["CustomKeyStoreId"])),
+        "ConnectCustomKeyStore": _no_output(lambda c, p: ks.connect(c, p["CustomKeyStoreId"])),
+        "DisconnectCustomKeyStore": _no_output(
+            lambda c, p: ks.disconnect(c, p["CustomKeyStoreId"])
+        ),
         "UpdateCustomKeyStore": update,
-        "DeleteCustomKeyStore": _no_output(lambda p: ks.delete(p["CustomKeyStoreId"])),
+        "DeleteCustomKeyStore": _no_output(lambda c, p: ks.delete(c, p["CustomKeyStoreId"])),
     }
 
 
-def _no_output(fn: Callable[[P], object]) -> Callable[[P], P]:
+def _no_output(fn: Callable[[C, P], object]) -> Handler:
     """For operations whose KMS response has no members: run, then answer `{}`."""
 
-    def handler(p: P) -> P:
-        fn(p)
+    def handler(c: C, p: P) -> P:
+        fn(c, p)
         return {}
 
     return handler
@@ -77,10 +87,10 @@ def _no_xks() -> str:
     )
 
 
-def _key_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
+def _key_handlers(s: KmsService) -> dict[str, Handler]:
     keys = s.keys
 
-    def create(p: P) -> P:
+    def create(c: C, p: P) -> P:
         req = CreateKeyRequest(
             custom_key_store_id=p.get("CustomKeyStoreId"),
             origin=p.get("Origin"),
@@ -94,14 +104,14 @@ def _key_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             bypass_policy_lockout_safety_check=bool(p.get("BypassPolicyLockoutSafetyCheck")),
             tags=codec.tags_in(p.get("Tags")),
         )
-        return {"KeyMetadata": codec.key_metadata(keys.create(req))}
+        return {"KeyMetadata": codec.key_metadata(keys.create(c, req))}
 
-    def list_keys(p: P) -> P:
-        page = keys.list(p.get("Limit"), p.get("Marker"))
+    def list_keys(c: C, p: P) -> P:
+        page = keys.list(c, p.get("Limit"), p.get("Marker"))
         return codec.page(page, "Keys", "NextMarker", [codec.key_list_entry(k) for k in page.items])
 
-    def schedule(p: P) -> P:
-        r = keys.schedule_deletion(p["KeyId"], p.get("PendingWindowInDays"))
+    def schedule(c: C, p: P) -> P:
+        r = keys.schedule_deletion(c, p["KeyId"], p.get("PendingWindowInDays"))
         return {
             "KeyId": r.arn,
             "DeletionDate": r.deletion_date,
@@ -109,67 +119,71 @@ def _key_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             "PendingWindowInDays": r.pending_window_days,
         }
 
-    def unsupported_rotation(p: P) -> P:
-        record = s.lookup.resolve(p["KeyId"], allow_alias=False)
-        raise UnsupportedOperationException(
-            f"{record.arn} is in a custom key store; automatic key rotation is not supported "
-            "for KMS keys in custom key stores."
-        )
+    def unsupported_rotation(operation: str) -> Handler:
+        def handler(c: C, p: P) -> P:
+            keys.refuse_rotation(c, p["KeyId"], f"kms:{operation}")
+
+        return handler
 
     return {
         "CreateKey": create,
-        "DescribeKey": lambda p: {"KeyMetadata": codec.key_metadata(keys.describe(p["KeyId"]))},
+        "DescribeKey": lambda c, p: {
+            "KeyMetadata": codec.key_metadata(keys.describe(c, p["KeyId"]))
+        },
         "ListKeys": list_keys,
-        "EnableKey": _no_output(lambda p: keys.enable(p["KeyId"])),
-        "DisableKey": _no_output(lambda p: keys.disable(p["KeyId"])),
+        "EnableKey": _no_output(lambda c, p: keys.enable(c, p["KeyId"])),
+        "DisableKey": _no_output(lambda c, p: keys.disable(c, p["KeyId"])),
         "ScheduleKeyDeletion": schedule,
-        "CancelKeyDeletion": lambda p: {"KeyId": keys.cancel_deletion(p["KeyId"]).arn},
+        "CancelKeyDeletion": lambda c, p: {"KeyId": keys.cancel_deletion(c, p["KeyId"]).arn},
         "UpdateKeyDescription": _no_output(
-            lambda p: keys.update_description(p["KeyId"], p["Description"])
+            lambda c, p: keys.update_description(c, p["KeyId"], p["Description"])
         ),
-        "GetKeyRotationStatus": unsupported_rotation,
-        "EnableKeyRotation": unsupported_rotation,
-        "DisableKeyRotation": unsupported_rotation,
+        "GetKeyRotationStatus": unsupported_rotation("GetKeyRotationStatus"),
+        "EnableKeyRotation": unsupported_rotation("EnableKeyRotation"),
+        "DisableKeyRotation": unsupported_rotation("DisableKeyRotation"),
     }
 
 
-def _alias_tag_policy_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
+def _alias_tag_policy_handlers(s: KmsService) -> dict[str, Handler]:
     al, tg, po = s.aliases, s.tags, s.policies
 
-    def list_aliases(p: P) -> P:
-        page = al.list(p.get("KeyId"), p.get("Limit"), p.get("Marker"))
+    def list_aliases(c: C, p: P) -> P:
+        page = al.list(c, p.get("KeyId"), p.get("Limit"), p.get("Marker"))
         return codec.page(page, "Aliases", "NextMarker", [codec.alias(a) for a in page.items])
 
-    def list_tags(p: P) -> P:
-        page = tg.list(p["KeyId"], p.get("Limit"), p.get("Marker"))
+    def list_tags(c: C, p: P) -> P:
+        page = tg.list(c, p["KeyId"], p.get("Limit"), p.get("Marker"))
         return codec.page(page, "Tags", "NextMarker", [codec.tag(t) for t in page.items])
 
-    def list_policies(p: P) -> P:
-        page = po.list(p["KeyId"])
+    def list_policies(c: C, p: P) -> P:
+        page = po.list(c, p["KeyId"])
         return {"PolicyNames": list(page.items), "Truncated": False}
 
     return {
-        "CreateAlias": _no_output(lambda p: al.create(p["AliasName"], p["TargetKeyId"])),
-        "UpdateAlias": _no_output(lambda p: al.update(p["AliasName"], p["TargetKeyId"])),
-        "DeleteAlias": _no_output(lambda p: al.delete(p["AliasName"])),
+        "CreateAlias": _no_output(lambda c, p: al.create(c, p["AliasName"], p["TargetKeyId"])),
+        "UpdateAlias": _no_output(lambda c, p: al.update(c, p["AliasName"], p["TargetKeyId"])),
+        "DeleteAlias": _no_output(lambda c, p: al.delete(c, p["AliasName"])),
         "ListAliases": list_aliases,
-        "TagResource": _no_output(lambda p: tg.tag(p["KeyId"], codec.tags_in(p["Tags"]))),
-        "UntagResource": _no_output(lambda p: tg.untag(p["KeyId"], tuple(p["TagKeys"]))),
+        "TagResource": _no_output(lambda c, p: tg.tag(c, p["KeyId"], codec.tags_in(p["Tags"]))),
+        "UntagResource": _no_output(lambda c, p: tg.untag(c, p["KeyId"], tuple(p["TagKeys"]))),
         "ListResourceTags": list_tags,
-        "GetKeyPolicy": lambda p: {
-            "Policy": po.get(p["KeyId"], p.get("PolicyName")),
+        "GetKeyPolicy": lambda c, p: {
+            "Policy": po.get(c, p["KeyId"], p.get("PolicyName")),
             "PolicyName": p.get("PolicyName") or "default",
         },
-        "PutKeyPolicy": _no_output(lambda p: po.put(p["KeyId"], p.get("PolicyName"), p["Policy"])),
+        "PutKeyPolicy": _no_output(
+            lambda c, p: po.put(c, p["KeyId"], p.get("PolicyName"), p["Policy"])
+        ),
         "ListKeyPolicies": list_policies,
     }
 
 
-def _crypto_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
+def _crypto_handlers(s: KmsService) -> dict[str, Handler]:
     cr = s.crypto
 
-    def encrypt(p: P) -> P:
+    def encrypt(c: C, p: P) -> P:
         out = cr.encrypt(
+            c,
             p["KeyId"],
             p["Plaintext"],
             context=codec.context_in(p.get("EncryptionContext")),
@@ -182,8 +196,9 @@ def _crypto_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
-    def decrypt(p: P) -> P:
+    def decrypt(c: C, p: P) -> P:
         out = cr.decrypt(
+            c,
             codec.require(p, "CiphertextBlob"),
             key_ref=p.get("KeyId"),
             context=codec.context_in(p.get("EncryptionContext")),
@@ -196,8 +211,9 @@ def _crypto_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
-    def re_encrypt(p: P) -> P:
+    def re_encrypt(c: C, p: P) -> P:
         out = cr.re_encrypt(
+            c,
             codec.require(p, "CiphertextBlob"),
             p["DestinationKeyId"],
             source_key_ref=p.get("SourceKeyId"),
@@ -213,10 +229,12 @@ def _crypto_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
             "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
-    def data_key(with_plaintext: bool) -> Callable[[P], P]:
-        def handler(p: P) -> P:
+    def data_key(with_plaintext: bool) -> Handler:
+        def handler(c: C, p: P) -> P:
             out = cr.generate_data_key(
+                c,
                 p["KeyId"],
+                without_plaintext=not with_plaintext,
                 key_spec=p.get("KeySpec"),
                 number_of_bytes=p.get("NumberOfBytes"),
                 context=codec.context_in(p.get("EncryptionContext")),
@@ -235,41 +253,27 @@ def _crypto_handlers(s: KmsService) -> dict[str, Callable[[P], P]]:
         "ReEncrypt": re_encrypt,
         "GenerateDataKey": data_key(True),
         "GenerateDataKeyWithoutPlaintext": data_key(False),
-        "GenerateRandom": lambda p: {
-            "Plaintext": cr.generate_random(p.get("NumberOfBytes"), p.get("CustomKeyStoreId"))
+        "GenerateRandom": lambda c, p: {
+            "Plaintext": cr.generate_random(c, p.get("NumberOfBytes"), p.get("CustomKeyStoreId"))
         },
     }
 
 
 def build_operations(service: KmsService) -> dict[str, Handler]:
     """Every supported operation, keyed by its KMS operation name."""
-    plain: dict[str, Callable[[P], P]] = {
+    return {
         **_keystore_handlers(service),
         **_key_handlers(service),
         **_alias_tag_policy_handlers(service),
         **_crypto_handlers(service),
     }
-    account = service.ctx.settings.account_id
-    return {name: _with_context(fn, account) for name, fn in plain.items()}
 
 
-def _with_context(fn: Callable[[P], P], account_id: str) -> Handler:
-    def handler(ctx: RequestContext, params: P) -> P:
-        # NOTE: differs from KMS, which serves every account; one hsmbridge endpoint holds the
-        # keys of the one account in its configuration, so other accounts' principals are denied.
-        if ctx.principal is not None and ctx.principal.account_id != account_id:
-            raise AccessDeniedException(
-                f"{ctx.principal.arn} is not authorized to perform kms:{ctx.operation}: this "
-                f"endpoint serves account {account_id} only."
-            )
-        return fn(params)
-
-    return handler
-
-
-def dispatch(operations: Mapping[str, Handler], name: str, params: Mapping[str, Any]) -> P:
-    """Validate `params` as the HTTP edge would and run one operation (used by the CLI)."""
+def dispatch(
+    operations: Mapping[str, Handler], caller: RequestContext, name: str, params: Mapping[str, Any]
+) -> P:
+    """Validate `params` as the HTTP edge would and run one operation as `caller` (the CLI)."""
     from hsmbridge.api.validation import validate_input
 
     typed = validate_input(name, dict(params))
-    return operations[name](RequestContext("cli", None, None, name, "hsmbridge-cli"), typed)
+    return operations[name](caller, typed)

@@ -24,6 +24,7 @@ from botocore.parsers import JSONParser
 from botocore.validate import ParamValidator
 
 from hsmbridge.api.errors import encode_json
+from hsmbridge.audit.events import REDACTED, SECRET_MEMBERS
 from hsmbridge.errors import (
     SerializationException,
     UnknownOperationException,
@@ -248,13 +249,6 @@ def validate_input(operation: str, params: Any) -> dict[str, Any]:
     return result
 
 
-# Members redacted from audit events by name, wherever they appear, besides every blob member.
-SECRET_MEMBER_NAMES = frozenset(
-    {"Plaintext", "KeyStorePassword", "Password", "XksProxyAuthenticationCredential",
-     "RawSecretAccessKey", "AccessKeyId", "PrivateKeyPlaintext"}
-)  # fmt: skip
-
-
 @cache
 def redacted_members(operation: str) -> frozenset[str]:
     """Top-level input members of `operation` that audit events must not carry in clear."""
@@ -264,10 +258,26 @@ def redacted_members(operation: str) -> frozenset[str]:
     return frozenset(
         name
         for name, child in shape.members.items()
-        if child.type_name == "blob"
-        or child.metadata.get("sensitive")
-        or name in SECRET_MEMBER_NAMES
+        if child.type_name == "blob" or child.metadata.get("sensitive") or name in SECRET_MEMBERS
     )
+
+
+def redact_params(operation: str | None, params: Any) -> dict[str, Any]:
+    """A request's parameters as the audit trail may carry them: the operation's blob and
+    sensitive members, and every name in the trail's secret list at any depth, hidden."""
+    hidden = redacted_members(operation) if operation else frozenset()
+    return _redact(params, hidden) if isinstance(params, dict) else {}
+
+
+def _redact(value: Any, hidden: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if k in hidden or k in SECRET_MEMBERS else _redact(v, hidden)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v, hidden) for v in value]
+    return value
 
 
 def output_validate(operation: str, response: Mapping[str, Any]) -> list[str]:

@@ -20,18 +20,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+# The one list of member names the trail never carries in clear, wherever they appear (the edges
+# also hide every blob and every member the service model marks sensitive).
 SECRET_MEMBERS = frozenset(
     {
-        "Plaintext",
-        "KeyStorePassword",
-        "Password",
+        "AccessKeyId",
         "CiphertextBlob",
         "CiphertextForRecipient",
         "GrantTokens",
+        "KeyStorePassword",
+        "Password",
+        "Plaintext",
+        "PrivateKeyPlaintext",
         "RawSecretAccessKey",
         "XksProxyAuthenticationCredential",
     }
 )
+REDACTED = "<redacted>"
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in params.items():
         if name in SECRET_MEMBERS or isinstance(value, bytes | bytearray):
-            out[name] = "<redacted>"
+            out[name] = REDACTED
         elif isinstance(value, Mapping):
             out[name] = redact(value)
         elif isinstance(value, list):

@@ -8,7 +8,7 @@ catch these classes.
 
 from __future__ import annotations
 
-import enum
+from hsmbridge.model import ConnectionErrorCode
 
 
 class BackendError(Exception):
@@ -27,15 +27,10 @@ class HsmUnreachableError(BackendError):
     """The PKCS#11 module cannot be loaded or the token is not present."""
 
 
-class LoginFailure(enum.Enum):
-    INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
-    USER_LOCKED_OUT = "USER_LOCKED_OUT"
-    USER_LOGGED_IN = "USER_LOGGED_IN"
-    USER_NOT_FOUND = "USER_NOT_FOUND"
-
-
 class LoginError(BackendError):
-    def __init__(self, reason: LoginFailure, message: str) -> None:
+    """kmsuser could not log in; `reason` is the ConnectionErrorCode a connect ends with."""
+
+    def __init__(self, reason: ConnectionErrorCode, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -27,11 +27,11 @@ from hsmbridge.backend.errors import (
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
-    LoginFailure,
     MisconfiguredError,
     TransientHsmError,
 )
 from hsmbridge.config import HsmProfile
+from hsmbridge.model import ConnectionErrorCode
 
 # A DeviceError is a throttled call on CloudHSM (field notes §4.7) until it repeats this many
 # times in a row on one library; then the device is treated as lost and the library re-initialised
@@ -58,23 +58,25 @@ class LoginLostError(SessionLostError):
 _Factory = Callable[[str], BackendError]
 
 
-def _login(reason: LoginFailure) -> _Factory:
+def _login(reason: ConnectionErrorCode) -> _Factory:
     return lambda msg: LoginError(reason, msg)
 
 
 _TABLE: Mapping[type[Exception], _Factory] = {
     # --- login: the KMS ConnectionErrorCode each one becomes -------------------------------------
-    p11e.PinIncorrect: _login(LoginFailure.INVALID_CREDENTIALS),
-    p11e.PinInvalid: _login(LoginFailure.INVALID_CREDENTIALS),  # PIN has characters the HSM refuses
-    p11e.PinLenRange: _login(LoginFailure.INVALID_CREDENTIALS),  # CloudHSM passwords are 8-32 chars
-    p11e.PinExpired: _login(LoginFailure.INVALID_CREDENTIALS),
-    p11e.PinLocked: _login(LoginFailure.USER_LOCKED_OUT),
-    p11e.UserAlreadyLoggedIn: _login(LoginFailure.USER_LOGGED_IN),
-    p11e.AnotherUserAlreadyLoggedIn: _login(LoginFailure.USER_LOGGED_IN),
-    p11e.UserTooManyTypes: _login(LoginFailure.USER_LOGGED_IN),
+    p11e.PinIncorrect: _login(ConnectionErrorCode.INVALID_CREDENTIALS),
+    # PinInvalid: the PIN has characters the HSM refuses; PinLenRange: CloudHSM passwords are
+    # 8-32 characters.
+    p11e.PinInvalid: _login(ConnectionErrorCode.INVALID_CREDENTIALS),
+    p11e.PinLenRange: _login(ConnectionErrorCode.INVALID_CREDENTIALS),
+    p11e.PinExpired: _login(ConnectionErrorCode.INVALID_CREDENTIALS),
+    p11e.PinLocked: _login(ConnectionErrorCode.USER_LOCKED_OUT),
+    p11e.UserAlreadyLoggedIn: _login(ConnectionErrorCode.USER_LOGGED_IN),
+    p11e.AnotherUserAlreadyLoggedIn: _login(ConnectionErrorCode.USER_LOGGED_IN),
+    p11e.UserTooManyTypes: _login(ConnectionErrorCode.USER_LOGGED_IN),
     # CKR_USER_PIN_NOT_INITIALIZED: the token has no normal-user PIN, i.e. the crypto user we were
     # told to log in as was never created there. KMS reports a missing kmsuser as USER_NOT_FOUND.
-    p11e.UserPinNotInitialized: _login(LoginFailure.USER_NOT_FOUND),
+    p11e.UserPinNotInitialized: _login(ConnectionErrorCode.USER_NOT_FOUND),
     # --- transient: retry after evicting the session or logging in again --------------------------
     p11e.FunctionFailed: HsmBusyError,  # CloudHSM throttling, key-availability check (§4.7)
     p11e.OperationActive: HsmBusyError,  # CloudHSM busy; abandoned find generator (§2.4)

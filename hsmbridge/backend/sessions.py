@@ -47,7 +47,6 @@ from hsmbridge.backend.errors import (
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
-    LoginFailure,
 )
 from hsmbridge.backend.pkcs11_errors import (
     LoginLostError,
@@ -56,6 +55,7 @@ from hsmbridge.backend.pkcs11_errors import (
     translate,
 )
 from hsmbridge.config import HsmProfile
+from hsmbridge.model import ConnectionErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def acquire_pool(profile: HsmProfile, pin: str) -> SessionPool:
             # A second C_Login cannot check the password without logging this token out for
             # everyone else in the process (§2.2), so we compare with the one that logged in.
             raise LoginError(
-                LoginFailure.INVALID_CREDENTIALS,
+                ConnectionErrorCode.INVALID_CREDENTIALS,
                 f"password does not match the logged-in session for token {token.label!r}",
             )
         pool.users += 1

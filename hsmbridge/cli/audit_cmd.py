@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hsmbridge import bootstrap
 from hsmbridge.audit import (
     AuditReport,
     AuditScope,
@@ -35,7 +36,6 @@ from hsmbridge.audit import (
 )
 from hsmbridge.audit.events import AuditSink, JsonLinesSink
 from hsmbridge.backend import BackendError, HsmBackend
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
 from hsmbridge.backend.templates import violations
 from hsmbridge.cli import audit_view as view
 from hsmbridge.config import Settings, load_settings
@@ -216,11 +216,11 @@ def _standalone(
     if settings.binding(args.cluster) is None:
         raise ConfigError(f"cluster {args.cluster} has no [[clusters]] entry in {args.config}")
     password = _read_password(args.password_file)
-    settings.apply_hsm_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # No secret-file check: a standalone audit opens neither the master key nor the metadata.
+    bootstrap.prepare_host(settings)
     scope = _scope(settings, args.keystore, args.cluster)
     source = _kms_source(args, settings, scope, progress)
-    hsm = Pkcs11Connector(settings.clusters).connect(args.cluster, password)
+    hsm = bootstrap.default_connector(settings).connect(args.cluster, password)
     del password  # WARNING: the password lives no longer than the login needs it
     sink = JsonLinesSink(settings.audit_log)
     try:

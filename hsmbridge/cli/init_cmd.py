@@ -31,7 +31,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hsmbridge.cli.runner import open_cli_service
+from hsmbridge.cli.runner import cli_caller, open_cli_service
 from hsmbridge.config import load_settings
 from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
 from hsmbridge.keystore.demo import (
@@ -41,6 +41,7 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.model import ConnectionState
+from hsmbridge.request import RequestContext
 from hsmbridge.service.kms import KmsService
 
 STORE_NAME = "ExampleKeyStore"
@@ -161,17 +162,19 @@ def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -
 
 def _store(config: Path, cluster_id: str, anchor: str, password: str) -> tuple[str, str]:
     """Create (or reuse) ExampleKeyStore and connect it; returns its id and connection state."""
-    service, sink = open_cli_service(load_settings(config))
+    settings = load_settings(config)
+    caller = cli_caller(settings)
+    service, sink = open_cli_service(settings)
     try:
         # KMS's own create is idempotent only for a DISCONNECTED store; ours is CONNECTED after
         # the first run, so reuse the store by name instead of asking to create it again.
-        store_id = _existing_store(service) or service.keystores.create(
-            STORE_NAME, cluster_id, anchor, password
+        store_id = _existing_store(service, caller) or service.keystores.create(
+            caller, STORE_NAME, cluster_id, anchor, password
         )
-        state = service.keystores.describe(store_id).items[0].connection_state
+        state = service.keystores.describe(caller, store_id).items[0].connection_state
         if state is ConnectionState.DISCONNECTED:
-            service.keystores.connect(store_id)
-        store = service.keystores.describe(store_id).items[0]
+            service.keystores.connect(caller, store_id)
+        store = service.keystores.describe(caller, store_id).items[0]
         code = store.connection_error_code
         return store_id, store.connection_state.value + (f" ({code.value})" if code else "")
     finally:
@@ -179,9 +182,9 @@ def _store(config: Path, cluster_id: str, anchor: str, password: str) -> tuple[s
         sink.close()
 
 
-def _existing_store(service: KmsService) -> str | None:
+def _existing_store(service: KmsService, caller: RequestContext) -> str | None:
     try:
-        return service.keystores.describe(name=STORE_NAME).items[0].store_id
+        return service.keystores.describe(caller, name=STORE_NAME).items[0].store_id
     except CustomKeyStoreNotFoundException:
         return None
 

@@ -1,6 +1,7 @@
 """`hsmbridge` entry point: argparse subcommands, `main(argv) -> int`, documented exit codes.
 
-Owns: the CLI's composition root (settings → connector → service) and error reporting. Exit codes:
+Owns: the subcommand table and error reporting (each command opens its service through
+`hsmbridge.bootstrap`). Exit codes:
 0 ok; 1 findings or an operation that ended FAILED; 2 usage, configuration or request error;
 3 HSM or cluster unreachable. A KMS error prints one line `ExceptionName: message`; anything else
 prints a generic line, with the traceback only under `-v`.

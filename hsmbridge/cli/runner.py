@@ -1,57 +1,112 @@
-"""Run one `keystore`/`key` subcommand against the configured service (the CLI's composition root).
+"""Run one `keystore`/`key` subcommand against the configured service (opened by `bootstrap`).
 
 Owns: opening the service for one command (synchronous connect, no background sweeper, no
 start-up recovery: a running server owns recovery), running the request through the operation
-table, printing the response, and reporting a connect that ended FAILED.
+table as the CLI's principal (`cli_caller`), writing the same audit-trail line an API call writes,
+printing the response, and reporting a connect that ended FAILED.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from typing import Any
 
+from hsmbridge import bootstrap
+from hsmbridge.api.errors import status_for
 from hsmbridge.api.operations import build_operations, dispatch
-from hsmbridge.api.startup import check_secret_files
-from hsmbridge.audit.events import JsonLinesSink
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
+from hsmbridge.api.validation import redact_params
+from hsmbridge.audit.calls import api_event, audit_event
+from hsmbridge.audit.context import RequestScope, request_scope
+from hsmbridge.audit.events import AuditSink, JsonLinesSink
+from hsmbridge.audit.sinks import RequestAwareSink
 from hsmbridge.cli.kms_commands import Command, build_request
 from hsmbridge.cli.output import print_json
 from hsmbridge.config import Settings, load_settings
+from hsmbridge.errors import KmsError, KMSInternalException
+from hsmbridge.identity.credentials import cli_principal
 from hsmbridge.model import ConnectionState
-from hsmbridge.service.kms import KmsService, open_service
+from hsmbridge.request import CLI_USER_AGENT, RequestContext
+from hsmbridge.service.kms import KmsService
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def open_cli_service(settings: Settings) -> tuple[KmsService, JsonLinesSink]:
-    check_secret_files(settings)  # before the metadata store would quietly chmod the DB
-    settings.apply_hsm_env()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    sink = JsonLinesSink(settings.audit_log)
-    service = open_service(
-        settings, Pkcs11Connector(settings.clusters), audit=sink, synchronous_connect=True
-    )
+    """The service and its write-through audit file, both from `hsmbridge.bootstrap`."""
+    sink = bootstrap.open_audit_log(settings)  # refuses exposed secrets before creating it
+    try:
+        service = bootstrap.open_service(
+            settings, audit=RequestAwareSink(sink), synchronous_connect=True
+        )
+    except BaseException:
+        sink.close()
+        raise
     return service, sink
+
+
+def cli_caller(settings: Settings) -> RequestContext:
+    """The principal CLI commands act as: the credentials file's `default` section (the demo
+    administrator `hsmbridge init` writes), authorized and audited like an API caller."""
+    principal = cli_principal(settings.credentials_file)
+    return RequestContext(
+        principal.arn, principal.account_id, user_agent=CLI_USER_AGENT, edge="cli"
+    )
 
 
 def run_kms_command(args: argparse.Namespace) -> int:
     cmd: Command = args.kms_command
     settings = load_settings(args.config)
     request = build_request(cmd, args)
+    caller = cli_caller(settings)
     service, sink = open_cli_service(settings)
     try:
-        response = dispatch(build_operations(service), cmd.operation, request)
+        response = _audited(service, sink, caller, cmd.operation, request)
         print_json(response)
         if cmd.operation == "ConnectCustomKeyStore":
-            return _connect_outcome(service, request["CustomKeyStoreId"])
+            return _connect_outcome(service, caller, request["CustomKeyStoreId"])
         return EXIT_OK
     finally:
         service.close()
         sink.close()
 
 
-def _connect_outcome(service: KmsService, store_id: str) -> int:
-    store = service.keystores.describe(store_id).items[0]
+def _audited(
+    service: KmsService,
+    sink: AuditSink,
+    caller: RequestContext,
+    operation: str,
+    request: dict[str, Any],
+) -> dict[str, Any]:
+    """Run one operation as `caller` and write the audit-trail line an API call would."""
+    started = time.perf_counter()
+    status, error_code = 200, None
+    with request_scope(RequestScope(caller.request_id, operation)) as scope:
+        try:
+            return dispatch(build_operations(service), caller, operation, request)
+        except KmsError as exc:
+            status, error_code = status_for(exc), exc.code
+            raise
+        except Exception:
+            status, error_code = 500, KMSInternalException.code
+            raise
+        finally:
+            event = api_event(
+                scope,
+                operation=operation,
+                principal_arn=caller.principal_arn,
+                source_ip=None,
+                status=status,
+                error_code=error_code,
+                duration_ms=(time.perf_counter() - started) * 1000.0,
+                params_redacted=redact_params(operation, request),
+            )
+            sink.emit(audit_event(event))
+
+
+def _connect_outcome(service: KmsService, caller: RequestContext, store_id: str) -> int:
+    store = service.keystores.describe(caller, store_id).items[0]
     if store.connection_state is ConnectionState.FAILED:
         code = store.connection_error_code.value if store.connection_error_code else "UNKNOWN"
         print(

@@ -16,12 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from hsmbridge.api.auth import load_principals
 from hsmbridge.api.compose import create_app, start_maintenance
 from hsmbridge.api.logs import configure_logging
 from hsmbridge.api.server import serve, serve_workers
 from hsmbridge.api.workers import FACTORY, default_workers, worker_environment
 from hsmbridge.config import Settings, load_settings
+from hsmbridge.identity.credentials import load_principals
 
 log = logging.getLogger(__name__)
 

@@ -66,8 +66,8 @@ class SqliteMetadataStore:
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         # The hot path reads one key row and one store row per cryptographic request.
-        self._key_cache: ReadCache[KeyRecord | None] = ReadCache()
-        self._store_cache: ReadCache[StoredKeyStore | None] = ReadCache()
+        self._key_cache: ReadCache[KeyRecord | None] = ReadCache(self._data_version)
+        self._store_cache: ReadCache[StoredKeyStore | None] = ReadCache(self._data_version)
         create_private_file(self.path)
         try:
             migrate(self._conn(), self.path)
@@ -91,6 +91,11 @@ class SqliteMetadataStore:
                 self._connections.append(conn)
             self._local.conn = conn
         return conn
+
+    def _data_version(self) -> int:
+        """The read caches' change token: moves when another connection commits (SQLite doc)."""
+        row = self._conn().execute("PRAGMA data_version").fetchone()
+        return int(row[0])
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -198,7 +203,7 @@ class SqliteMetadataStore:
 
         if self._local.depth:  # inside write(): read this transaction's own view
             return load()
-        return self._store_cache.get(self._conn(), store_id, load)
+        return self._store_cache.get(store_id, load)
 
     def get_key_store_by_name(self, name: str) -> StoredKeyStore | None:
         row = self._one("SELECT * FROM custom_key_stores WHERE name = ?", (name,))
@@ -236,7 +241,7 @@ class SqliteMetadataStore:
 
         if self._local.depth:  # inside write(): read this transaction's own view
             return load()
-        return self._key_cache.get(self._conn(), key_id, load)
+        return self._key_cache.get(key_id, load)
 
     def list_keys(self, limit: int, after: str | None) -> list[KeyRecord]:
         rows = self._rows(

@@ -15,6 +15,7 @@ from hsmbridge.errors import (
     NotFoundException,
 )
 from hsmbridge.model import Alias, Page
+from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
 
@@ -42,12 +43,14 @@ class AliasService:
         s = self._ctx.settings
         return ids.alias_arn(s.partition, s.region, s.account_id, name)
 
-    def create(self, name: str, target: str) -> None:
+    def create(self, caller: RequestContext, name: str, target: str) -> None:
         """CreateAlias. Raises AlreadyExists, NotFound, InvalidAliasName, KMSInvalidState,
         LimitExceeded."""
         check_alias_name(name)
         with self._ctx.meta.write():
-            record = require_not_pending(self._lookup.resolve(target, allow_alias=False))
+            record = self._lookup.resolve(target, allow_alias=False)
+            self._ctx.authorize(caller, "kms:CreateAlias", record.arn)
+            require_not_pending(record)
             if self._ctx.meta.get_alias(name) is not None:
                 raise AlreadyExistsException(
                     f"An alias with the name {self._arn(name)} already exists"
@@ -59,7 +62,7 @@ class AliasService:
             now = self._ctx.clock()
             self._ctx.meta.put_alias(Alias(name, self._arn(name), record.key_id, now, now))
 
-    def update(self, name: str, target: str) -> None:
+    def update(self, caller: RequestContext, name: str, target: str) -> None:
         """UpdateAlias: the new target must not be pending deletion. Raises NotFound,
         KMSInvalidState, LimitExceeded.
 
@@ -71,7 +74,9 @@ class AliasService:
             alias = self._ctx.meta.get_alias(name)
             if alias is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
-            record = require_not_pending(self._lookup.resolve(target, allow_alias=False))
+            record = self._lookup.resolve(target, allow_alias=False)
+            self._ctx.authorize(caller, "kms:UpdateAlias", record.arn)
+            require_not_pending(record)
             if self._ctx.meta.count_aliases(record.key_id) >= MAX_ALIASES_PER_KEY:
                 raise LimitExceededException(
                     f"{record.arn} already has {MAX_ALIASES_PER_KEY} aliases, the quota per key."
@@ -80,15 +85,20 @@ class AliasService:
                 Alias(name, alias.arn, record.key_id, alias.creation_date, self._ctx.clock())
             )
 
-    def delete(self, name: str) -> None:
+    def delete(self, caller: RequestContext, name: str) -> None:
         """DeleteAlias. Raises NotFound (also for names CreateAlias would refuse; see update)."""
         with self._ctx.meta.write():
-            if self._ctx.meta.get_alias(name) is None:
+            alias = self._ctx.meta.get_alias(name)
+            if alias is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
+            self._ctx.authorize(caller, "kms:DeleteAlias", alias.arn)
             self._ctx.meta.delete_alias(name)
 
-    def list(self, key_ref: str | None, limit: int | None, marker: str | None) -> Page[Alias]:
+    def list(
+        self, caller: RequestContext, key_ref: str | None, limit: int | None, marker: str | None
+    ) -> Page[Alias]:
         """ListAliases (Limit 1-100, default 50), optionally for one key."""
+        self._ctx.authorize(caller, "kms:ListAliases")
         key_id = None
         if key_ref is not None:
             key_id = self._lookup.resolve(key_ref, allow_alias=False).key_id

@@ -1,10 +1,11 @@
 """Reading the cluster inventory from the service: one place for its errors, and a short cache
 for the cryptographic hot path.
 
-Owns: `ClusterFacts`. Management operations (create/connect/update a store, CreateKey) read the
-inventory fresh, because their answer decides what is created. Cryptographic operations need only
-"does the cluster still have an ACTIVE HSM" (spec §3.7) on every request, so that answer is cached
-for a couple of seconds instead of re-reading a file or calling DescribeClusters per request.
+Owns: `ClusterFacts`, and the one place a quorum verdict becomes a KMS error. Management
+operations (create/connect/update a store, CreateKey) read the inventory fresh, because their
+answer decides what is created. Cryptographic operations need only "does the cluster still have an
+ACTIVE HSM" (spec §3.7) on every request, so that answer is cached for a couple of seconds instead
+of re-reading a file or calling DescribeClusters per request.
 Must not import api or cli.
 """
 
@@ -15,12 +16,15 @@ import time
 from collections.abc import Callable
 
 from hsmbridge.errors import (
+    CloudHsmClusterInvalidConfigurationException,
+    CloudHsmClusterNotActiveException,
     ConfigError,
     DependencyTimeoutException,
     KmsError,
     KMSInternalException,
     KMSInvalidStateException,
 )
+from hsmbridge.keystore import quorum
 from hsmbridge.keystore.inventory import ClusterInfo, ClusterInventory, InventoryUnavailableError
 
 CRYPTO_CHECK_TTL_S = 2.0
@@ -51,6 +55,17 @@ class ClusterFacts:
             raise KMSInternalException(
                 f"The cluster inventory of this endpoint is misconfigured: {exc}"
             ) from exc
+
+    def require_quorum(self, op: quorum.Operation, cluster: ClusterInfo) -> None:
+        """The AZ-quorum rule of `op` (spec §3.7), as the KMS error that operation lists: the
+        store operations distinguish a cluster that is not ACTIVE; CreateKey's model lists only
+        CloudHsmClusterInvalidConfigurationException."""
+        verdict = quorum.check(op, cluster)
+        if verdict.ok:
+            return
+        if verdict.reason is quorum.Reason.NOT_ACTIVE and op is not quorum.Operation.CREATE_KEY:
+            raise CloudHsmClusterNotActiveException(verdict.message)
+        raise CloudHsmClusterInvalidConfigurationException(verdict.message)
 
     def require_active_hsm(
         self,

@@ -1,8 +1,9 @@
 """The dependencies every service component shares, wired once by a composition root.
 
 Owns: `ServiceContext` (settings, metadata store, cluster inventory, password vault, live HSM
-logins, clock, audit sink) and the small helpers that read through it: loading a store or raising
-the KMS error for a missing one, and the kmsuser password of a store. Must not import api or cli.
+logins, clock, audit sink, access control) and the small helpers that read through it: loading a
+store or raising the KMS error for a missing one, the kmsuser password of a store, and asking
+access control whether a caller may act. Must not import api or cli.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from hsmbridge.errors import CustomKeyStoreNotFoundException, KMSInternalExcepti
 from hsmbridge.keystore.inventory import ClusterInventory
 from hsmbridge.keystore.passwords import PasswordVault, SealedPasswordError
 from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
+from hsmbridge.request import RequestContext
+from hsmbridge.service.access import AccessControl
 from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.connections import StoreConnections
 
@@ -34,9 +37,14 @@ class ServiceContext:
     clock: Clock = time.time
     audit: AuditSink = field(default_factory=NullSink)
     clusters: ClusterFacts = field(init=False)
+    access: AccessControl = field(init=False)
 
     def __post_init__(self) -> None:
         self.clusters = ClusterFacts(self.inventory)
+        self.access = AccessControl(self.settings.account_id)
+
+    def authorize(self, caller: RequestContext, action: str, resource: str | None = None) -> None:
+        self.access.authorize(caller, action, resource)
 
     def store_row(self, store_id: str) -> StoredKeyStore:
         row = self.meta.get_key_store(store_id)

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hsmbridge.backend import BackendError, HsmBackend, Sealed
+from hsmbridge.backend import HsmBackend, Sealed
 from hsmbridge.errors import (
     CustomKeyStoreInvalidStateException,
     DependencyTimeoutException,
@@ -27,10 +27,10 @@ from hsmbridge.errors import (
 )
 from hsmbridge.keystore.lifecycle import StoreOp, require
 from hsmbridge.model import KeyRecord, KeyState
+from hsmbridge.request import RequestContext
 from hsmbridge.service import envelope
 from hsmbridge.service.context import ServiceContext
-from hsmbridge.service.hsm_errors import to_kms_error
-from hsmbridge.service.keys import KeyService
+from hsmbridge.service.hsm import HsmGateway
 from hsmbridge.service.lookup import KeyLookup, effective_state
 
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
@@ -66,10 +66,10 @@ class ReEncrypted:
 
 
 class CryptoService:
-    def __init__(self, ctx: ServiceContext, lookup: KeyLookup, keys: KeyService) -> None:
+    def __init__(self, ctx: ServiceContext, lookup: KeyLookup, hsm: HsmGateway) -> None:
         self._ctx = ctx
         self._lookup = lookup
-        self._keys = keys
+        self._hsm = hsm
 
     # -- helpers ------------------------------------------------------------------------------
     def _usable(self, record: KeyRecord) -> HsmBackend:
@@ -83,18 +83,26 @@ class CryptoService:
         if state is KeyState.UNAVAILABLE:
             raise KMSInvalidStateException(f"{record.arn} is unavailable.")
         self._ctx.clusters.require_active_hsm(record.cluster_id, record.arn)
-        return self._keys.backend_for(record, row)
+        return self._hsm.for_key(record, row)
 
     def _seal(self, record: KeyRecord, backend: HsmBackend, data: bytes, ctx: Context) -> bytes:
-        try:
+        with self._hsm.translated(record.arn):
             sealed = backend.encrypt(record.arn, data, envelope.aad_for(record.arn, ctx))
-        except BackendError as exc:
-            raise to_kms_error(exc, record.arn) from exc
         return envelope.pack(envelope.Envelope(record.key_id, sealed.iv, sealed.ciphertext))
 
-    def _open(self, blob: bytes, key_ref: str | None, ctx: Context, dry_run: bool) -> Decrypted:
+    def _open(
+        self,
+        caller: RequestContext,
+        action: str,
+        blob: bytes,
+        key_ref: str | None,
+        *,
+        ctx: Context,
+        dry_run: bool,
+    ) -> Decrypted:
         env = envelope.unpack(blob)
         record = self._record_for_blob(env.key_id)
+        self._ctx.authorize(caller, action, record.arn)
         if key_ref is not None:
             named = self._lookup.resolve(key_ref, allow_alias=True)
             if named.key_id != record.key_id:
@@ -105,12 +113,10 @@ class CryptoService:
         backend = self._usable(record)
         if dry_run:
             raise DryRunOperationException(DRY_RUN_MESSAGE)
-        try:
+        with self._hsm.translated(record.arn):
             plaintext = backend.decrypt(
                 record.arn, Sealed(env.iv, env.ciphertext), envelope.aad_for(record.arn, ctx)
             )
-        except BackendError as exc:
-            raise to_kms_error(exc, record.arn) from exc
         return Decrypted(plaintext, record.arn)
 
     def _record_for_blob(self, key_id: str) -> KeyRecord:
@@ -125,6 +131,7 @@ class CryptoService:
     # -- operations ---------------------------------------------------------------------------
     def encrypt(
         self,
+        caller: RequestContext,
         key_ref: str,
         plaintext: bytes,
         *,
@@ -140,6 +147,7 @@ class CryptoService:
         if not 1 <= len(plaintext) <= 4096:
             raise ValidationException("Plaintext must be 1 to 4096 bytes long.")
         record = self._lookup.resolve(key_ref, allow_alias=True)
+        self._ctx.authorize(caller, "kms:Encrypt", record.arn)
         backend = self._usable(record)
         if dry_run:
             raise DryRunOperationException(DRY_RUN_MESSAGE)
@@ -147,6 +155,7 @@ class CryptoService:
 
     def decrypt(
         self,
+        caller: RequestContext,
         blob: bytes,
         *,
         key_ref: str | None = None,
@@ -159,10 +168,11 @@ class CryptoService:
         Raises InvalidCiphertext, IncorrectKey, NotFound, Disabled, KMSInvalidState, DryRun.
         """
         _check_algorithm(algorithm)
-        return self._open(blob, key_ref, context or {}, dry_run)
+        return self._open(caller, "kms:Decrypt", blob, key_ref, ctx=context or {}, dry_run=dry_run)
 
     def re_encrypt(
         self,
+        caller: RequestContext,
         blob: bytes,
         destination_key_ref: str,
         *,
@@ -173,15 +183,21 @@ class CryptoService:
     ) -> ReEncrypted:
         """ReEncrypt. https://docs.aws.amazon.com/kms/latest/APIReference/API_ReEncrypt.html"""
         destination = self._lookup.resolve(destination_key_ref, allow_alias=True)
+        self._ctx.authorize(caller, "kms:ReEncryptTo", destination.arn)
         dest_backend = self._usable(destination)
-        opened = self._open(blob, source_key_ref, source_context or {}, dry_run)
+        source = source_context or {}
+        opened = self._open(
+            caller, "kms:ReEncryptFrom", blob, source_key_ref, ctx=source, dry_run=dry_run
+        )
         sealed = self._seal(destination, dest_backend, opened.plaintext, destination_context or {})
         return ReEncrypted(sealed, opened.key_arn, destination.arn)
 
     def generate_data_key(
         self,
+        caller: RequestContext,
         key_ref: str,
         *,
+        without_plaintext: bool = False,
         key_spec: str | None = None,
         number_of_bytes: int | None = None,
         context: Context | None = None,
@@ -190,18 +206,23 @@ class CryptoService:
         """GenerateDataKey(WithoutPlaintext): the data key comes from the key's own HSM."""
         size = _data_key_size(key_spec, number_of_bytes)
         record = self._lookup.resolve(key_ref, allow_alias=True)
+        action = (
+            "kms:GenerateDataKeyWithoutPlaintext" if without_plaintext else "kms:GenerateDataKey"
+        )
+        self._ctx.authorize(caller, action, record.arn)
         backend = self._usable(record)
         if dry_run:
             raise DryRunOperationException(DRY_RUN_MESSAGE)
-        try:
+        with self._hsm.translated(record.arn):
             data_key = backend.random(size)
-        except BackendError as exc:
-            raise to_kms_error(exc, record.arn) from exc
         blob = self._seal(record, backend, data_key, context or {})
         return DataKey(blob, data_key, record.arn)
 
-    def generate_random(self, number_of_bytes: int | None, store_id: str | None) -> bytes:
+    def generate_random(
+        self, caller: RequestContext, number_of_bytes: int | None, store_id: str | None
+    ) -> bytes:
         """GenerateRandom; with a CustomKeyStoreId the bytes come from that store's HSM."""
+        self._ctx.authorize(caller, "kms:GenerateRandom")
         if number_of_bytes is None or not 1 <= number_of_bytes <= 1024:
             raise ValidationException("NumberOfBytes must be between 1 and 1024.")
         if store_id is None:
@@ -212,13 +233,9 @@ class CryptoService:
         self._ctx.clusters.require_active_hsm(
             store.cluster_id, store_id, CustomKeyStoreInvalidStateException
         )
-        try:
-            backend = self._ctx.connections.get(
-                store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
-            )
+        backend = self._hsm.login(row, retryable=DependencyTimeoutException)
+        with self._hsm.translated(retryable=DependencyTimeoutException):
             return backend.random(number_of_bytes)
-        except BackendError as exc:
-            raise to_kms_error(exc, retryable=DependencyTimeoutException) from exc
 
 
 def _check_algorithm(algorithm: str | None) -> None:

@@ -1,10 +1,11 @@
 """KMS key lifecycle in a custom key store: CreateKey, DescribeKey, ListKeys, Enable/DisableKey,
-Schedule/CancelKeyDeletion, UpdateKeyDescription, and crash recovery of key creation/deletion.
+Schedule/CancelKeyDeletion, UpdateKeyDescription.
 
-Owns: the crash-safe protocol around the HSM. CreateKey writes an intent row (lifecycle CREATING)
-before the HSM call and flips it to LIVE after; deletion flips the row to DELETING before destroying
-material. `recover_store()` finishes or rolls back whatever a crash left, using the label in the
-HSM, so there is never key material without a record nor a record without material.
+Owns: the crash-safe CreateKey. It writes an intent row (lifecycle CREATING) before the HSM call
+and flips it to LIVE after, so `recovery.Recovery` can roll back whatever a crash interrupted by
+the label in the HSM: there is never key material without a record nor a record without
+material. A failed CreateKey whose clean-up failed too is retried by `retry_abandoned()`.
+Deletion at the end of the waiting period is `deletion.KeyDeletion`'s.
 Must not import api or cli.
 """
 
@@ -14,16 +15,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from hsmbridge import ids
 from hsmbridge.audit.events import AuditEvent
 from hsmbridge.backend import BackendError, HsmBackend
 from hsmbridge.errors import (
     CloudHsmClusterInvalidConfigurationException,
-    CustomKeyStoreInvalidStateException,
     DependencyTimeoutException,
     InvalidMarkerException,
-    KeyUnavailableException,
     KmsError,
     KMSInternalException,
     KMSInvalidStateException,
@@ -32,9 +32,8 @@ from hsmbridge.errors import (
 )
 from hsmbridge.keystore import quorum
 from hsmbridge.keystore.lifecycle import StoreOp, require
-from hsmbridge.metadata.store import DeletedKey, StoredKeyStore
+from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import (
-    ConnectionState,
     KeyLifecycle,
     KeyMetadata,
     KeyRecord,
@@ -46,8 +45,9 @@ from hsmbridge.model import (
     Tag,
 )
 from hsmbridge.policy.document import default_policy, parse_policy
+from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
-from hsmbridge.service.hsm_errors import to_kms_error
+from hsmbridge.service.hsm import HsmGateway
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
 from hsmbridge.service.tags import validate_tags
 
@@ -71,9 +71,10 @@ class CreateKeyRequest:
 
 
 class KeyService:
-    def __init__(self, ctx: ServiceContext, lookup: KeyLookup) -> None:
+    def __init__(self, ctx: ServiceContext, lookup: KeyLookup, hsm: HsmGateway) -> None:
         self._ctx = ctx
         self._lookup = lookup
+        self._hsm = hsm
         # Failed CreateKeys whose rollback failed too (by key id); the sweeper retries them.
         # `_lock` guards this and `_in_flight`.
         self._abandoned: dict[str, KeyRecord] = {}
@@ -83,13 +84,14 @@ class KeyService:
         self._in_flight: set[str] = set()
 
     # -- CreateKey ----------------------------------------------------------------------------
-    def create(self, req: CreateKeyRequest) -> KeyMetadata:
+    def create(self, caller: RequestContext, req: CreateKeyRequest) -> KeyMetadata:
         """CreateKey in a CloudHSM key store. https://docs.aws.amazon.com/kms/latest/APIReference/API_CreateKey.html
 
         Raises UnsupportedOperation, CustomKeyStoreNotFound, CustomKeyStoreInvalidState,
         CloudHsmClusterInvalidConfiguration, MalformedPolicyDocument, TagException,
         LimitExceeded, KeyUnavailable, KMSInternal.
         """
+        self._ctx.authorize(caller, "kms:CreateKey")
         store_id = _check_create_request(req)
         policy = req.policy
         if policy is None:
@@ -100,7 +102,7 @@ class KeyService:
         row = self._ctx.store_row(store_id)
         require(StoreOp.CREATE_KEY, store_id, row.store.connection_state)
         self._check_quorum(row.store.cluster_id)
-        backend = self._backend(row, DependencyTimeoutException)
+        backend = self._hsm.login(row, retryable=DependencyTimeoutException)
         record = self._new_record(row, req.description, policy, req.tags)
         with self._lock:
             self._in_flight.add(record.key_id)
@@ -139,9 +141,7 @@ class KeyService:
             raise CloudHsmClusterInvalidConfigurationException(
                 f"The CloudHSM cluster {cluster_id} of this custom key store no longer exists."
             )
-        verdict = quorum.check(quorum.Operation.CREATE_KEY, cluster)
-        if not verdict.ok:
-            raise CloudHsmClusterInvalidConfigurationException(verdict.message)
+        self._ctx.clusters.require_quorum(quorum.Operation.CREATE_KEY, cluster)
 
     def _new_record(
         self, row: StoredKeyStore, description: str, policy: str, tags: tuple[Tag, ...]
@@ -164,10 +164,15 @@ class KeyService:
         )
 
     def _generate(self, backend: HsmBackend, record: KeyRecord) -> None:
+        # CreateKey's model lists DependencyTimeoutException, not KeyUnavailable, for retries.
+        with self._hsm.translated(record.arn, retryable=DependencyTimeoutException):
+            self._generate_or_clean_up(backend, record)
+
+    def _generate_or_clean_up(self, backend: HsmBackend, record: KeyRecord) -> None:
         try:
             # The ARN embeds a UUID4 minted for this key: no HSM key can carry it yet.
             backend.generate_key(record.arn, record.key_id.encode("ascii"), fresh_label=True)
-        except BackendError as exc:
+        except BackendError:
             # The HSM may or may not hold the key now; remove both sides or leave it to recovery.
             try:
                 _destroy(backend, record.arn)
@@ -177,10 +182,9 @@ class KeyService:
                 log.warning("CreateKey cleanup of %s deferred to the sweeper", record.key_id)
                 with self._lock:
                     self._abandoned[record.key_id] = record
-            # CreateKey's model lists DependencyTimeoutException, not KeyUnavailable, for retries.
-            raise to_kms_error(exc, record.arn, retryable=DependencyTimeoutException) from exc
+            raise
 
-    def _retry_abandoned(self) -> None:
+    def retry_abandoned(self) -> None:
         """Finish the cleanups of failed CreateKeys that the HSM refused at the time.
 
         Without this the intent row and possibly the HSM key would wait for the next restart or
@@ -193,7 +197,7 @@ class KeyService:
                 with self._ctx.meta.write():
                     current = self._ctx.meta.get_key(record.key_id)
                     if current is not None and current.lifecycle is KeyLifecycle.CREATING:
-                        _destroy(self.backend_for(record), record.arn)
+                        _destroy(self._hsm.for_key(record), record.arn)
                         self._ctx.meta.delete_key(record.key_id)
             except (BackendError, KmsError) as exc:
                 log.warning(
@@ -204,33 +208,23 @@ class KeyService:
                 self._abandoned.pop(record.key_id, None)
             log.info("rolled back the failed CreateKey %s", record.key_id)
 
-    def _backend(
-        self, row: StoredKeyStore, retryable: type[KmsError] = KeyUnavailableException
-    ) -> HsmBackend:
-        store = row.store
-        try:
-            return self._ctx.connections.get(
-                store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
-            )
-        except BackendError as exc:
-            raise to_kms_error(exc, retryable=retryable) from exc
-
-    def backend_for(self, record: KeyRecord, row: StoredKeyStore | None = None) -> HsmBackend:
-        """The live login for a key's store (`row`, if the caller already read it); the store
-        must be CONNECTED."""
-        row = row or self._ctx.store_row(record.custom_key_store_id)
-        if row.store.connection_state is not ConnectionState.CONNECTED:
-            self._ctx.connections.detach(row.store.store_id)
-            raise KMSInvalidStateException(f"{record.arn} is unavailable.")
-        return self._backend(row)
+    def in_flight(self) -> set[str]:
+        """Key ids of the CreateKeys this process is running now (recovery spares them)."""
+        with self._lock:
+            return set(self._in_flight)
 
     # -- DescribeKey / ListKeys ---------------------------------------------------------------
-    def describe(self, key_ref: str) -> KeyMetadata:
+    def describe(self, caller: RequestContext, key_ref: str) -> KeyMetadata:
         """DescribeKey. https://docs.aws.amazon.com/kms/latest/APIReference/API_DescribeKey.html"""
-        return self._lookup.metadata(self._lookup.resolve(key_ref, allow_alias=True))
+        record = self._lookup.resolve(key_ref, allow_alias=True)
+        self._ctx.authorize(caller, "kms:DescribeKey", record.arn)
+        return self._lookup.metadata(record)
 
-    def list(self, limit: int | None, marker: str | None) -> Page[KeyRecord]:
+    def list(
+        self, caller: RequestContext, limit: int | None, marker: str | None
+    ) -> Page[KeyRecord]:
         """ListKeys (Limit 1-1000, default 100). https://docs.aws.amazon.com/kms/latest/APIReference/API_ListKeys.html"""
+        self._ctx.authorize(caller, "kms:ListKeys")
         size = limit or 100
         if marker is not None and not ids.is_key_id(marker):
             raise InvalidMarkerException("The Marker is not one that ListKeys returned.")
@@ -238,32 +232,61 @@ class KeyService:
         items = tuple(rows[:size])
         return Page(items, items[-1].key_id if len(rows) > size else None)
 
+    def refuse_rotation(self, caller: RequestContext, key_ref: str, action: str) -> NoReturn:
+        """Get/Enable/DisableKeyRotation: KMS refuses them for keys in custom key stores."""
+        record = self._lookup.resolve(key_ref, allow_alias=False)
+        self._ctx.authorize(caller, action, record.arn)
+        raise UnsupportedOperationException(
+            f"{record.arn} is in a custom key store; automatic key rotation is not supported "
+            "for KMS keys in custom key stores."
+        )
+
     # -- state changes ------------------------------------------------------------------------
-    def _mutate(self, key_ref: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+    def _mutate(
+        self,
+        caller: RequestContext,
+        action: str,
+        key_ref: str,
+        change: Callable[[KeyRecord], KeyRecord],
+    ) -> KeyRecord:
         with self._ctx.meta.write():
             record = self._lookup.resolve(key_ref, allow_alias=False)
+            self._ctx.authorize(caller, action, record.arn)
             updated = change(record)
             self._ctx.meta.put_key(updated)
             return updated
 
-    def enable(self, key_ref: str) -> None:
+    def enable(self, caller: RequestContext, key_ref: str) -> None:
         """EnableKey; on an Unavailable key the change takes effect at reconnect (spec §6.2)."""
         self._mutate(
-            key_ref, lambda r: replace(require_not_pending(r), base_state=KeyState.ENABLED)
+            caller,
+            "kms:EnableKey",
+            key_ref,
+            lambda r: replace(require_not_pending(r), base_state=KeyState.ENABLED),
         )
 
-    def disable(self, key_ref: str) -> None:
+    def disable(self, caller: RequestContext, key_ref: str) -> None:
         """DisableKey; on an Unavailable key the change takes effect at reconnect (spec §6.2)."""
         self._mutate(
-            key_ref, lambda r: replace(require_not_pending(r), base_state=KeyState.DISABLED)
+            caller,
+            "kms:DisableKey",
+            key_ref,
+            lambda r: replace(require_not_pending(r), base_state=KeyState.DISABLED),
         )
 
-    def update_description(self, key_ref: str, description: str) -> None:
+    def update_description(self, caller: RequestContext, key_ref: str, description: str) -> None:
         if len(description) > 8192:
             raise ValidationException("Description must be at most 8192 characters long.")
-        self._mutate(key_ref, lambda r: replace(require_not_pending(r), description=description))
+        self._mutate(
+            caller,
+            "kms:UpdateKeyDescription",
+            key_ref,
+            lambda r: replace(require_not_pending(r), description=description),
+        )
 
-    def schedule_deletion(self, key_ref: str, window_days: int | None) -> KeyRecord:
+    def schedule_deletion(
+        self, caller: RequestContext, key_ref: str, window_days: int | None
+    ) -> KeyRecord:
         """ScheduleKeyDeletion (7-30 days, default 30); KMSInvalidState if already pending."""
         days = 30 if window_days is None else window_days
         if not 7 <= days <= 30:
@@ -272,6 +295,8 @@ class KeyService:
             )
         when = self._ctx.clock() + days * DAY
         return self._mutate(
+            caller,
+            "kms:ScheduleKeyDeletion",
             key_ref,
             lambda r: replace(
                 require_not_pending(r),
@@ -281,7 +306,7 @@ class KeyService:
             ),
         )
 
-    def cancel_deletion(self, key_ref: str) -> KeyRecord:
+    def cancel_deletion(self, caller: RequestContext, key_ref: str) -> KeyRecord:
         """CancelKeyDeletion: the key becomes Disabled, not Enabled (spec §6.4)."""
 
         def change(r: KeyRecord) -> KeyRecord:
@@ -291,127 +316,11 @@ class KeyService:
                 r, base_state=KeyState.DISABLED, deletion_date=None, pending_window_days=None
             )
 
-        return self._mutate(key_ref, change)
-
-    # -- deletion sweeper and recovery ----------------------------------------------------------
-    def sweep_deletions(self) -> int:
-        """Delete every key whose waiting period is over; returns how many went."""
-        self._retry_abandoned()
-        done = 0
-        for record in self._ctx.meta.keys_due_for_deletion(self._ctx.clock()):
-            try:
-                self._finish_deletion(record)
-                done += 1
-            except (BackendError, CustomKeyStoreInvalidStateException) as exc:
-                log.warning("deletion of %s postponed: %s", record.key_id, type(exc).__name__)
-        return done
-
-    def _finish_deletion(self, record: KeyRecord) -> None:
-        with self._ctx.meta.write():
-            # Re-read: another process (the sweeper, or recovery after a connect) may have
-            # finished this deletion already, and an upsert of our copy would resurrect the row.
-            current = self._ctx.meta.get_key(record.key_id)
-            if current is None or current.base_state is not KeyState.PENDING_DELETION:
-                return
-            record = replace(current, lifecycle=KeyLifecycle.DELETING)
-            self._ctx.meta.put_key(record)
-        row = self._ctx.meta.get_key_store(record.custom_key_store_id)
-        connected = row is not None and row.store.connection_state is ConnectionState.CONNECTED
-        destroyed = 0
-        if connected and row is not None:
-            destroyed = _destroy(self._backend(row), record.arn)
-        status = "SUCCESS" if connected else "FAILURE"
-        with self._ctx.meta.write():
-            if self._ctx.meta.get_key(record.key_id) is None:
-                return  # finished concurrently; that process records the tombstone and event
-            self._ctx.meta.record_deleted_key(
-                DeletedKey(
-                    record.key_id,
-                    record.arn,
-                    record.custom_key_store_id,
-                    record.cluster_id,
-                    self._ctx.clock(),
-                    material_deleted=connected,
-                )
-            )
-            self._ctx.meta.delete_key(record.key_id)
-        self._ctx.audit.emit(
-            AuditEvent(
-                "DeleteKey",
-                key_arn=record.arn,
-                custom_key_store_id=record.custom_key_store_id,
-                additional={
-                    "eventType": "AwsServiceEvent",
-                    "clusterId": record.cluster_id,
-                    # NOTE: handles are process-local in PKCS#11; the backing key id (CKA_ID) and
-                    # the label identify the material across processes instead.
-                    "backingKeys": [{"backingKeyId": record.key_id, "keyLabel": record.arn}],
-                    "backingKeysDeletionStatus": [
-                        {
-                            "backingKeyId": record.key_id,
-                            "deletionStatus": status,
-                            "objectsDestroyed": destroyed,
-                        }
-                    ],
-                },
-            )
-        )
-
-    def recover_store(self, store_id: str, *, in_flight_grace_s: float = 0.0) -> int:
-        """Roll back interrupted creations and finish interrupted deletions of a connected store.
-
-        With no other process serving (start-up), every CREATING intent is interrupted. Otherwise
-        (`in_flight_grace_s` > 0: after a connect, or the periodic sweep of a multi-process
-        server) intents younger than the grace may belong to a live request and are left alone.
-        """
-        row = self._ctx.store_row(store_id)
-        if row.store.connection_state is not ConnectionState.CONNECTED:
-            return 0
-        fixed = 0
-        cutoff = self._ctx.clock() - in_flight_grace_s
-        with self._lock:
-            ours = set(self._in_flight)
-        creating = [
-            r
-            for r in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
-            if r.key_id not in ours and (not in_flight_grace_s or r.creation_date <= cutoff)
-        ]
-        for record in creating:
-            _destroy(self._backend(row), record.arn)
-            with self._ctx.meta.write():
-                self._ctx.meta.delete_key(record.key_id)
-            log.info("recovery: rolled back interrupted CreateKey %s", record.key_id)
-            fixed += 1
-        if creating:
-            fixed += _destroy_unfinished(self._backend(row))
-        for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.DELETING):
-            self._finish_deletion(record)
-            fixed += 1
-        return fixed
+        return self._mutate(caller, "kms:CancelKeyDeletion", key_ref, change)
 
 
 def _destroy(backend: HsmBackend, label: str) -> int:
     return backend.destroy_key(label)
-
-
-def _destroy_unfinished(backend: HsmBackend) -> int:
-    """Destroy the key objects an interrupted key generation left without label, id or value.
-
-    SoftHSM2 writes a new object's file with default attributes first and applies the template
-    (label, CKA_ID) and the key value in later writes; a process killed in between leaves a
-    secret key with an empty label, an empty CKA_ID and a zero-length value, which recovery cannot
-    find by label. hsmbridge never creates such an object and it holds no key material, so
-    recovery of an interrupted CreateKey removes exactly that shape and nothing else.
-    """
-    doomed = [
-        info
-        for info in backend.list_keys()
-        if not info.label and not info.key_id and info.value_len == 0
-    ]
-    for info in doomed:
-        backend.destroy_key("", handle=info.handle)
-        log.warning("recovery: destroyed a half-created HSM key object (handle %d)", info.handle)
-    return len(doomed)
 
 
 def _destroy_quietly(backend: HsmBackend, label: str) -> None:

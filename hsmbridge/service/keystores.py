@@ -32,6 +32,7 @@ from hsmbridge.keystore.lifecycle import StoreOp, require
 from hsmbridge.keystore.trust import same_cluster_identity, verify_cluster_certificate
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore, Page
+from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,19 @@ class KeyStoreService:
             raise CloudHsmClusterNotFoundException(
                 f"AWS CloudHSM cluster {cluster_id} was not found in {where}. Check the cluster ID."
             )
-        verdict = quorum.check(op, cluster)
-        if verdict.reason is quorum.Reason.NOT_ACTIVE:
-            raise CloudHsmClusterNotActiveException(verdict.message)
-        if not verdict.ok:
-            raise CloudHsmClusterInvalidConfigurationException(verdict.message)
+        self._ctx.clusters.require_quorum(op, cluster)
         return cluster
 
     # -- Create -------------------------------------------------------------------------------
-    def create(self, name: str, cluster_id: str, trust_anchor: str, password: str) -> str:
+    def create(
+        self, caller: RequestContext, name: str, cluster_id: str, trust_anchor: str, password: str
+    ) -> str:
         """CreateCustomKeyStore. https://docs.aws.amazon.com/kms/latest/APIReference/API_CreateCustomKeyStore.html
 
         Raises CustomKeyStoreNameInUse, CloudHsmClusterNotFound/NotActive/InUse/
         InvalidConfiguration, IncorrectTrustAnchor, LimitExceeded.
         """
+        self._ctx.authorize(caller, "kms:CreateCustomKeyStore")
         _check_password(password)
         ctx = self._ctx
         with ctx.meta.write():
@@ -140,6 +140,7 @@ class KeyStoreService:
     # -- Describe -----------------------------------------------------------------------------
     def describe(
         self,
+        caller: RequestContext,
         store_id: str | None = None,
         name: str | None = None,
         limit: int | None = None,
@@ -147,6 +148,7 @@ class KeyStoreService:
     ) -> Page[CustomKeyStore]:
         """DescribeCustomKeyStores. https://docs.aws.amazon.com/kms/latest/APIReference/API_DescribeCustomKeyStores.html"""
         ctx = self._ctx
+        ctx.authorize(caller, "kms:DescribeCustomKeyStores")
         if store_id is not None and name is not None:
             raise ValidationException(
                 "Specify either CustomKeyStoreId or CustomKeyStoreName, not both."
@@ -169,13 +171,14 @@ class KeyStoreService:
         return Page(items, _encode_marker(items[-1].store_id) if more else None)
 
     # -- Connect ------------------------------------------------------------------------------
-    def connect(self, store_id: str) -> None:
+    def connect(self, caller: RequestContext, store_id: str) -> None:
         """ConnectCustomKeyStore: returns once the connection has *started* (spec §4.2).
 
         Raises CustomKeyStoreNotFound, CustomKeyStoreInvalidState (FAILED, DISCONNECTING),
         CloudHsmClusterNotActive. Everything else ends as FAILED + ConnectionErrorCode.
         """
         ctx = self._ctx
+        ctx.authorize(caller, "kms:ConnectCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             state = row.store.connection_state
@@ -231,7 +234,7 @@ class KeyStoreService:
             ctx.connections.attach(store_id, cluster_id, ctx.password_of(row))
         except LoginError as exc:
             log.warning("connect %s: login as kmsuser failed: %s", store_id, exc.reason.value)
-            return ConnectionErrorCode(exc.reason.value)
+            return exc.reason
         except HsmUnreachableError as exc:
             log.warning("connect %s: HSM unreachable: %s", store_id, exc)
             return ConnectionErrorCode.NETWORK_ERRORS
@@ -241,12 +244,13 @@ class KeyStoreService:
         return None
 
     # -- Disconnect ---------------------------------------------------------------------------
-    def disconnect(self, store_id: str) -> None:
+    def disconnect(self, caller: RequestContext, store_id: str) -> None:
         """DisconnectCustomKeyStore. https://docs.aws.amazon.com/kms/latest/APIReference/API_DisconnectCustomKeyStore.html
 
         Raises CustomKeyStoreNotFound, CustomKeyStoreInvalidState (DISCONNECTED, DISCONNECTING).
         """
         ctx = self._ctx
+        ctx.authorize(caller, "kms:DisconnectCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             require(StoreOp.DISCONNECT, store_id, row.store.connection_state)
@@ -259,6 +263,7 @@ class KeyStoreService:
     # -- Update -------------------------------------------------------------------------------
     def update(
         self,
+        caller: RequestContext,
         store_id: str,
         new_name: str | None = None,
         password: str | None = None,
@@ -269,6 +274,7 @@ class KeyStoreService:
         Raises CustomKeyStoreNotFound, CustomKeyStoreNameInUse, CustomKeyStoreInvalidState,
         CloudHsmClusterNotFound/NotRelated/NotActive/InvalidConfiguration.
         """
+        self._ctx.authorize(caller, "kms:UpdateCustomKeyStore")
         if password is not None:
             _check_password(password)
         ctx = self._ctx
@@ -308,12 +314,13 @@ class KeyStoreService:
         self._require_cluster_unused(new, ignore=store.store_id)
 
     # -- Delete -------------------------------------------------------------------------------
-    def delete(self, store_id: str) -> None:
+    def delete(self, caller: RequestContext, store_id: str) -> None:
         """DeleteCustomKeyStore. https://docs.aws.amazon.com/kms/latest/APIReference/API_DeleteCustomKeyStore.html
 
         Raises CustomKeyStoreNotFound, CustomKeyStoreInvalidState, CustomKeyStoreHasCMKs.
         """
         ctx = self._ctx
+        ctx.authorize(caller, "kms:DeleteCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             require(StoreOp.DELETE, store_id, row.store.connection_state)

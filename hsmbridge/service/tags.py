@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from hsmbridge.errors import InvalidMarkerException, TagException
 from hsmbridge.model import Page, Tag
+from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
 
@@ -42,11 +43,12 @@ class TagService:
         self._ctx = ctx
         self._lookup = lookup
 
-    def tag(self, key_ref: str, tags: tuple[Tag, ...]) -> None:
+    def tag(self, caller: RequestContext, key_ref: str, tags: tuple[Tag, ...]) -> None:
         """TagResource: overwrites values of existing keys. Raises TagException, KMSInvalidState."""
         validate_tags(tags)
         with self._ctx.meta.write():
             record = self._lookup.resolve(key_ref, allow_alias=False)
+            self._ctx.authorize(caller, "kms:TagResource", record.arn)
             require_not_pending(record)
             merged = {t.key: t for t in record.tags}
             merged.update({t.key: t for t in tags})
@@ -57,17 +59,21 @@ class TagService:
                 )
             self._ctx.meta.put_key(replace(record, tags=tuple(merged.values())))
 
-    def untag(self, key_ref: str, tag_keys: tuple[str, ...]) -> None:
+    def untag(self, caller: RequestContext, key_ref: str, tag_keys: tuple[str, ...]) -> None:
         """UntagResource: unknown tag keys are ignored, as in KMS."""
         with self._ctx.meta.write():
             record = self._lookup.resolve(key_ref, allow_alias=False)
+            self._ctx.authorize(caller, "kms:UntagResource", record.arn)
             require_not_pending(record)
             remaining = tuple(t for t in record.tags if t.key not in set(tag_keys))
             self._ctx.meta.put_key(replace(record, tags=remaining))
 
-    def list(self, key_ref: str, limit: int | None, marker: str | None) -> Page[Tag]:
+    def list(
+        self, caller: RequestContext, key_ref: str, limit: int | None, marker: str | None
+    ) -> Page[Tag]:
         """ListResourceTags (Limit 1-50, default 50); the marker is the last tag key returned."""
         record = self._lookup.resolve(key_ref, allow_alias=False)
+        self._ctx.authorize(caller, "kms:ListResourceTags", record.arn)
         ordered = sorted(record.tags, key=lambda t: t.key)
         if marker is not None:
             if marker not in {t.key for t in ordered}:

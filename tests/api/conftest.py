@@ -21,14 +21,17 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from hsmbridge.api.app import ApiEvent, RequestContext, create_asgi_app
-from hsmbridge.api.auth import SigV4Verifier, load_principals
+from hsmbridge.api.app import create_asgi_app
+from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.api.server import ThreadedServer
+from hsmbridge.audit.calls import ApiEvent
 from hsmbridge.errors import (
     DependencyTimeoutException,
     KeyUnavailableException,
     NotFoundException,
 )
+from hsmbridge.identity.credentials import load_principals
+from hsmbridge.request import RequestContext
 
 REGION = "us-east-1"
 ACCESS_KEY = "AKIAHSMBRIDGETEST001"
@@ -79,7 +82,7 @@ def _operations(stand: Stand) -> dict[str, Any]:
 
     def get_public_key(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         # Echoes who called, so tests can see the authenticated principal reach the handler.
-        return {"KeyId": ctx.principal.arn if ctx.principal else "anonymous"}
+        return {"KeyId": ctx.principal_arn or "anonymous"}
 
     return {
         "GenerateRandom": generate_random,

@@ -9,13 +9,14 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from hsmbridge.api.auth import Principal, SigV4Verifier, load_principals
+from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.errors import (
     ConfigError,
     IncompleteSignatureException,
     InvalidSignatureException,
     MissingAuthenticationTokenException,
 )
+from hsmbridge.identity.credentials import Principal, load_principals
 from tests.api.conftest import ACCESS_KEY, PRINCIPAL_ARN, REGION, SECRET_KEY, write_credentials
 
 

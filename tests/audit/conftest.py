@@ -13,6 +13,7 @@ import pytest
 
 from hsmbridge.cli.main import main
 from hsmbridge.service.keys import CreateKeyRequest
+from tests.callers import ADMIN
 from tests.conftest import SOFTHSM_MODULE
 from tests.harness import KmsEnv
 
@@ -36,7 +37,7 @@ def create_keys(env: KmsEnv, n: int) -> list[str]:
     """n keys in the env's store, through the service; returns their ARNs."""
     return [
         env.svc.keys.create(
-            CreateKeyRequest(custom_key_store_id=env.store_id, origin="AWS_CLOUDHSM")
+            ADMIN, CreateKeyRequest(custom_key_store_id=env.store_id, origin="AWS_CLOUDHSM")
         ).arn
         for _ in range(n)
     ]

@@ -18,6 +18,7 @@ from hsmbridge.audit import (
 from hsmbridge.audit.events import MemorySink
 from hsmbridge.model import KeyLifecycle
 from tests.audit.conftest import create_keys, drop_metadata_row, keygen
+from tests.callers import ADMIN
 from tests.harness import ACCOUNT, REGION
 
 pytestmark = pytest.mark.softhsm
@@ -55,11 +56,11 @@ def _orphan_two_ways(env) -> tuple[list[str], list[str]]:
     """Keys kept, and orphans: one metadata row dropped, one deletion done while disconnected."""
     keep_a, keep_b, dropped, doomed = create_keys(env, 4)
     drop_metadata_row(env, dropped)
-    env.svc.keys.schedule_deletion(doomed, 7)
-    env.svc.keystores.disconnect(env.store_id)
+    env.svc.keys.schedule_deletion(ADMIN, doomed, 7)
+    env.svc.keystores.disconnect(ADMIN, env.store_id)
     env.clock.advance(8 * DAY)
-    env.svc.keys.sweep_deletions()
-    env.svc.keystores.connect(env.store_id)
+    env.svc.deletions.sweep()
+    env.svc.keystores.connect(ADMIN, env.store_id)
     return [keep_a, keep_b], [dropped, doomed]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from hsmbridge.model import KeyLifecycle
 from tests.audit.conftest import create_keys, delete_object, drop_metadata_row, keygen
+from tests.callers import ADMIN
 from tests.harness import ACCOUNT, REGION
 
 pytestmark = pytest.mark.softhsm
@@ -94,10 +95,10 @@ def test_foreign_and_non_arn_labels_are_reported_low_not_judged(kms_env, audit):
 def test_deletion_completed_while_disconnected_leaves_a_reported_orphan(kms_env, audit):
     svc = kms_env.svc
     _keep, doomed = create_keys(kms_env, 2)
-    svc.keys.schedule_deletion(doomed, 7)
-    svc.keystores.disconnect(kms_env.store_id)
+    svc.keys.schedule_deletion(ADMIN, doomed, 7)
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
     kms_env.clock.advance(8 * DAY)
-    assert svc.keys.sweep_deletions() == 1
+    assert svc.deletions.sweep() == 1
     [tomb] = list(svc.ctx.meta.deleted_keys(kms_env.store_id))
     assert tomb.arn == doomed
     assert tomb.material_deleted is False

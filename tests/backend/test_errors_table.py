@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from pkcs11 import exceptions as p11e
 
@@ -19,24 +17,24 @@ from hsmbridge.backend.pkcs11_errors import (
     needs_relogin,
     translate,
 )
-from hsmbridge.config import load_profile
+from hsmbridge.config import builtin_profile, load_profile
+from hsmbridge.model import ConnectionErrorCode
 
-CONFIG = Path(__file__).resolve().parents[2] / "config"
-SOFTHSM = load_profile(CONFIG / "softhsm2.toml")
-CLOUDHSM = load_profile(CONFIG / "cloudhsm.toml")
+SOFTHSM = load_profile(builtin_profile("softhsm2"))
+CLOUDHSM = load_profile(builtin_profile("cloudhsm"))
 
 
 @pytest.mark.parametrize(
     ("exc", "reason"),
     [
-        (p11e.PinIncorrect, be.LoginFailure.INVALID_CREDENTIALS),
-        (p11e.PinLocked, be.LoginFailure.USER_LOCKED_OUT),
-        (p11e.UserAlreadyLoggedIn, be.LoginFailure.USER_LOGGED_IN),
-        (p11e.AnotherUserAlreadyLoggedIn, be.LoginFailure.USER_LOGGED_IN),
-        (p11e.UserPinNotInitialized, be.LoginFailure.USER_NOT_FOUND),
+        (p11e.PinIncorrect, ConnectionErrorCode.INVALID_CREDENTIALS),
+        (p11e.PinLocked, ConnectionErrorCode.USER_LOCKED_OUT),
+        (p11e.UserAlreadyLoggedIn, ConnectionErrorCode.USER_LOGGED_IN),
+        (p11e.AnotherUserAlreadyLoggedIn, ConnectionErrorCode.USER_LOGGED_IN),
+        (p11e.UserPinNotInitialized, ConnectionErrorCode.USER_NOT_FOUND),
     ],
 )
-def test_login_failures(exc: type[Exception], reason: be.LoginFailure) -> None:
+def test_login_failures(exc: type[Exception], reason: be.ConnectionErrorCode) -> None:
     err = translate(exc(), during_decrypt=False, profile=SOFTHSM)
     assert isinstance(err, be.LoginError)
     assert err.reason is reason

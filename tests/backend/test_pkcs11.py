@@ -13,13 +13,13 @@ from hsmbridge.backend.errors import (
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
-    LoginFailure,
     NonCompliantKeyError,
 )
 from hsmbridge.backend.interface import HsmKeyInfo
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
 from hsmbridge.backend.templates import violations
 from hsmbridge.config import ClusterBinding, IvPolicy
+from hsmbridge.model import ConnectionErrorCode
 from tests import pkcs11_tool
 
 pytestmark = pytest.mark.softhsm
@@ -82,7 +82,7 @@ def test_wrong_password_is_invalid_credentials(token) -> None:
     binding, pin = token
     with pytest.raises(LoginError) as caught:
         _connect(binding, pin + "-wrong")
-    assert caught.value.reason is LoginFailure.INVALID_CREDENTIALS
+    assert caught.value.reason is ConnectionErrorCode.INVALID_CREDENTIALS
     assert pin not in str(caught.value)
     _connect(binding, pin).close()  # the failed attempt left nothing behind
 
@@ -91,7 +91,7 @@ def test_wrong_password_while_logged_in_is_invalid_credentials(token, backend) -
     binding, _pin = token
     with pytest.raises(LoginError) as caught:
         _connect(binding, "not-the-password")
-    assert caught.value.reason is LoginFailure.INVALID_CREDENTIALS
+    assert caught.value.reason is ConnectionErrorCode.INVALID_CREDENTIALS
     assert backend.ping().ok  # and the existing login is untouched
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from hsmbridge.api.validation import output_validate
 from hsmbridge.cli.main import main
+from tests.callers import ADMIN
 from tests.harness import REPO, KmsEnv
 
 pytestmark = pytest.mark.softhsm
@@ -148,7 +149,7 @@ def test_errors_print_one_line_and_exit_non_zero(kms_env, capsys, tmp_path: Path
         assert "whatever1" not in err
         assert "another1" not in err
     # The service in this process is unaffected by the CLI's open/close of the same token.
-    assert env.svc.crypto.generate_random(8, sid)
+    assert env.svc.crypto.generate_random(ADMIN, 8, sid)
 
     code, _, err = run(capsys, "key", "list", "--config", str(tmp_path / "missing.toml"))
     assert code == 2
@@ -162,7 +163,7 @@ def test_errors_print_one_line_and_exit_non_zero(kms_env, capsys, tmp_path: Path
 
 def test_connect_that_ends_failed_exits_1(kms_env, capsys) -> None:
     env, sid = kms_env, kms_env.store_id
-    env.svc.keystores.disconnect(sid)
+    env.svc.keystores.disconnect(ADMIN, sid)
     env.close()
     os.environ["HSMBRIDGE_KEY_STORE_PASSWORD"] = "wrongpass1"
     try:

@@ -66,7 +66,7 @@ def test_key_store_lifecycle(fresh):
     fresh.connect()
     kms.schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=7)
     fresh.env.clock.advance(7 * DAY + 1)
-    assert fresh.runtime.service.keys.sweep_deletions() == 1
+    assert fresh.runtime.service.deletions.sweep() == 1
     fresh.disconnect()
     kms.delete_custom_key_store(CustomKeyStoreId=store_id)
     expect_error(
@@ -181,11 +181,11 @@ def test_sweeper_deletes_key_alias_and_material(fresh):
     assert len(backend.find_keys(key["Arn"])) == 1
 
     fresh.env.clock.advance(7 * DAY - 60)
-    assert service.keys.sweep_deletions() == 0  # the window is not over yet
+    assert service.deletions.sweep() == 0  # the window is not over yet
     assert _state(kms, key["KeyId"]) == "PendingDeletion"
 
     fresh.env.clock.advance(60 + 1)
-    assert service.keys.sweep_deletions() == 1
+    assert service.deletions.sweep() == 1
     expect_error("NotFoundException", lambda: kms.describe_key(KeyId=key["KeyId"]))
     expect_error("NotFoundException", lambda: kms.describe_key(KeyId="alias/e2e-doomed"))
     names = [a["AliasName"] for a in kms.list_aliases()["Aliases"]]
@@ -202,7 +202,7 @@ def test_sweeper_while_disconnected_orphans_the_material(fresh):
     kms.schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=7)
     fresh.disconnect()
     fresh.env.clock.advance(7 * DAY + 1)
-    assert service.keys.sweep_deletions() == 1
+    assert service.deletions.sweep() == 1
     expect_error("NotFoundException", lambda: kms.describe_key(KeyId=key["KeyId"]))
     deleted = [e for e in fresh.runtime.audit.events if e.event_name == "DeleteKey"]
     assert len(deleted) == 1

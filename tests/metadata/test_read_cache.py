@@ -1,9 +1,11 @@
 """The metadata read cache never serves a row older than the last commit: commits by this
 process, by another thread's connection and by another process are all seen on the next read."""
 
+import ast
 import multiprocessing
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -75,16 +77,48 @@ def test_a_transaction_reads_its_own_writes_and_a_rollback_leaves_the_cache_righ
     assert db.get_key(KEY) is None
 
 
-def test_unchanged_rows_are_served_without_reloading(tmp_path):
-    import sqlite3
-
-    conn = sqlite3.connect(tmp_path / "x.db")
-    cache: ReadCache[int] = ReadCache()
+def test_unchanged_rows_are_served_without_reloading():
+    token = [0]
+    cache: ReadCache[int] = ReadCache(lambda: token[0])
     loads = []
     for _ in range(5):
-        assert cache.get(conn, "k", lambda: loads.append(1) or 7) == 7
+        assert cache.get("k", lambda: loads.append(1) or 7) == 7
     assert len(loads) == 1
     cache.bump()
-    cache.get(conn, "k", lambda: loads.append(1) or 7)
+    cache.get("k", lambda: loads.append(1) or 7)
     assert len(loads) == 2
-    conn.close()
+
+
+def test_a_new_change_token_reloads_and_an_equal_one_does_not():
+    token = [0]
+    cache: ReadCache[int] = ReadCache(lambda: token[0])
+    loads = []
+    cache.get("k", lambda: loads.append(1) or 7)
+    token[0] = 1  # another connection committed
+    cache.get("k", lambda: loads.append(1) or 7)
+    cache.get("k", lambda: loads.append(1) or 7)
+    assert len(loads) == 2
+
+
+def test_another_thread_first_read_does_not_trust_entries_cached_before_it():
+    cache: ReadCache[int] = ReadCache(lambda: 0)  # the same token on every thread
+    loads = []
+    cache.get("k", lambda: loads.append(1) or 7)
+    worker = threading.Thread(target=lambda: cache.get("k", lambda: loads.append(1) or 7))
+    worker.start()
+    worker.join()
+    assert len(loads) == 2
+
+
+def test_the_cache_imports_no_database_driver():
+    import hsmbridge.metadata.read_cache as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "threading", "collections.abc", "typing"}, imported

@@ -141,7 +141,7 @@ def test_deletion_records_backing_keys_deletion_status(live, connected, status):
     if not connected:
         live.kms.disconnect_custom_key_store(CustomKeyStoreId=live.store_id)
     live.env.clock.advance(7 * 86_400 + 1)
-    assert live.runtime.service.keys.sweep_deletions() == 1
+    assert live.runtime.service.deletions.sweep() == 1
     [event] = [e for e in live.events() if e["eventName"] == "DeleteKey"]
     assert event["eventType"] == "AwsServiceEvent"
     assert event["requestId"] is None  # no API call: the service did it

@@ -8,7 +8,8 @@ be left once recovery ran and nothing is in flight.
 
 Two ways to read the HSM: `labels_via_pkcs11_tool` (another process, for servers running in a
 subprocess: the pytest process must not load that environment's SoftHSM) and `labels_of` (an
-in-process `HsmBackend`). The metadata is read through the production `SqliteMetadataStore`.
+in-process `HsmBackend`). The metadata is read through the production store the configuration
+names (`bootstrap.open_metadata_store`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsmbridge import bootstrap
 from hsmbridge.backend import HsmBackend
-from hsmbridge.metadata.sqlite import SqliteMetadataStore
+from hsmbridge.config import Settings
 from hsmbridge.metadata.store import DeletedKey, MetadataStore
 from hsmbridge.model import KeyLifecycle, KeyRecord
 
@@ -70,8 +72,8 @@ def check(
     return report
 
 
-def read_metadata(db: Path, store_id: str) -> tuple[list[KeyRecord], list[DeletedKey]]:
-    meta: MetadataStore = SqliteMetadataStore(db)
+def read_metadata(settings: Settings, store_id: str) -> tuple[list[KeyRecord], list[DeletedKey]]:
+    meta: MetadataStore = bootstrap.open_metadata_store(settings)
     try:
         return list(meta.keys_in_store(store_id)), list(meta.deleted_keys(store_id))
     finally:

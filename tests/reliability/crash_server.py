@@ -35,9 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hsmbridge import bootstrap
 from hsmbridge.api.compose import Runtime, create_app
 from hsmbridge.api.server import serve
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
+from hsmbridge.backend import HsmConnector
 from hsmbridge.config import load_settings
 from hsmbridge.model import ConnectionState
 
@@ -104,7 +105,7 @@ class CrashingBackend:
 
 
 class CrashingConnector:
-    def __init__(self, inner: Pkcs11Connector, points: KillPoints) -> None:
+    def __init__(self, inner: HsmConnector, points: KillPoints) -> None:
         self._inner = inner
         self._points = points
         self.backends: list[CrashingBackend] = []
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = load_settings(args.config)
     points = KillPoints(args.crash_at, args.crash_hit, args.marker)
-    connector = CrashingConnector(Pkcs11Connector(settings.clusters), points)
+    connector = CrashingConnector(bootstrap.default_connector(settings), points)
     wall0, mono0 = time.time(), time.monotonic()
     offset = args.clock_offset_days * DAY
 

@@ -26,7 +26,8 @@ import boto3
 import urllib3
 from botocore.config import Config
 
-from hsmbridge.metadata.sqlite import SqliteMetadataStore
+from hsmbridge import bootstrap
+from hsmbridge.config import load_settings
 from tests.reliability import consistency
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +56,6 @@ class InitEnv:
     def softhsm_conf(self) -> Path:
         return self.root / "softhsm2.conf"
 
-    @property
-    def db(self) -> Path:
-        return self.root / "metadata.sqlite3"
-
     def token_dirs(self) -> list[Path]:
         return [p for p in (self.root / "tokens").iterdir() if p.is_dir()]
 
@@ -81,7 +78,7 @@ class InitEnv:
         labels = consistency.labels_via_pkcs11_tool(
             self.softhsm_conf, self.token_label, self.password
         )
-        rows, tombs = consistency.read_metadata(self.db, self.store_id)
+        rows, tombs = consistency.read_metadata(load_settings(self.config), self.store_id)
         return consistency.check(labels, rows, tombs)
 
     def production_audit(self) -> dict[str, Any]:
@@ -112,7 +109,7 @@ def init_env(root: Path) -> InitEnv:
         for line in (root / "credentials").read_text().splitlines()
         if " = " in line
     )
-    meta = SqliteMetadataStore(root / "metadata.sqlite3")
+    meta = bootstrap.open_metadata_store(load_settings(config))
     try:
         (store,) = meta.list_key_stores(10, None)
     finally:

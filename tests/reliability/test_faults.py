@@ -21,11 +21,12 @@ from collections import Counter
 
 import pytest
 
-from hsmbridge.backend.pkcs11 import Pkcs11Connector
+from hsmbridge import bootstrap
 from hsmbridge.errors import KmsError
 from hsmbridge.model import KeyState
 from hsmbridge.service.keys import CreateKeyRequest
-from hsmbridge.service.kms import KmsService, open_service
+from hsmbridge.service.kms import KmsService
+from tests.callers import ADMIN
 from tests.harness import KmsEnv
 from tests.reliability import consistency
 from tests.reliability.faults import (
@@ -57,7 +58,7 @@ class Mix:
 
     def create(self) -> None:
         meta = self.svc.keys.create(
-            CreateKeyRequest(custom_key_store_id=self.store_id, origin="AWS_CLOUDHSM")
+            ADMIN, CreateKeyRequest(custom_key_store_id=self.store_id, origin="AWS_CLOUDHSM")
         )
         self.keys.append(meta.arn)
 
@@ -71,14 +72,14 @@ class Mix:
                 self.create()
             elif op == "Encrypt":
                 plaintext = os.urandom(self.rng.randint(1, 64))
-                out = self.svc.crypto.encrypt(self.rng.choice(self.keys), plaintext)
+                out = self.svc.crypto.encrypt(ADMIN, self.rng.choice(self.keys), plaintext)
                 self.sealed.append((out.key_arn, out.ciphertext_blob, plaintext))
             elif op == "Decrypt":
                 _, blob, plaintext = self.rng.choice(self.sealed)
-                assert self.svc.crypto.decrypt(blob).plaintext == plaintext
+                assert self.svc.crypto.decrypt(ADMIN, blob).plaintext == plaintext
             else:
                 key = self.rng.choice(self.keys)
-                dk = self.svc.crypto.generate_data_key(key, number_of_bytes=32)
+                dk = self.svc.crypto.generate_data_key(ADMIN, key, number_of_bytes=32)
                 self.sealed.append((dk.key_arn, dk.ciphertext_blob, dk.plaintext))
         except KmsError as exc:
             self.failed[(op, exc.code, exc.fault)] += 1
@@ -89,7 +90,7 @@ class Mix:
         checked = 0
         for arn, blob, plaintext in self.sealed:
             if arn not in gone:
-                assert self.svc.crypto.decrypt(blob).plaintext == plaintext
+                assert self.svc.crypto.decrypt(ADMIN, blob).plaintext == plaintext
                 checked += 1
         return checked
 
@@ -105,9 +106,9 @@ def _audit(svc: KmsService, store_id: str) -> consistency.Report:
 
 def _reconnect(svc: KmsService, store_id: str) -> None:
     """A fresh login, so the session pool is built through whatever library is installed now."""
-    svc.keystores.disconnect(store_id)
-    svc.keystores.connect(store_id)
-    store = svc.keystores.describe(store_id).items[0]
+    svc.keystores.disconnect(ADMIN, store_id)
+    svc.keystores.connect(ADMIN, store_id)
+    store = svc.keystores.describe(ADMIN, store_id).items[0]
     assert store.connection_state.value == "CONNECTED", store
 
 
@@ -133,7 +134,7 @@ def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
         mix.verify_all_decrypt()
         report = _audit(svc, store_id)
         generations = library.generation - generation
-        svc.keystores.disconnect(store_id)  # leave no proxied session behind
+        svc.keystores.disconnect(ADMIN, store_id)  # leave no proxied session behind
     summary = {
         "ok": dict(mix.ok),
         "failed": {f"{op}/{code}": n for (op, code, _), n in mix.failed.items()},
@@ -178,11 +179,11 @@ def test_each_recovery_path_ends_in_success(
         mix = Mix(svc, store_id, SEED)
         mix.create()
         plaintext = b"survives " + fault.encode()
-        blob = svc.crypto.encrypt(mix.keys[0], plaintext).ciphertext_blob
+        blob = svc.crypto.encrypt(ADMIN, mix.keys[0], plaintext).ciphertext_blob
         injector.enabled = True
         # DeviceError streak: 3 in a row, and the tenacity budget is 3 attempts per call.
         injector.queue = [cls] * times
-        assert svc.crypto.decrypt(blob).plaintext == plaintext
+        assert svc.crypto.decrypt(ADMIN, blob).plaintext == plaintext
         assert injector.injected[fault] == times
         injector.queue = [cls] * times
         mix.create()
@@ -190,7 +191,7 @@ def test_each_recovery_path_ends_in_success(
         if effect is not None:
             assert effect in caplog.text, [r.getMessage() for r in caplog.records]
         report = _audit(svc, store_id)
-        svc.keystores.disconnect(store_id)
+        svc.keystores.disconnect(ADMIN, store_id)
     report.assert_clean(f"after forced {fault}")
 
 
@@ -203,8 +204,10 @@ def test_backend_faults_surface_as_kms_errors_and_leave_nothing_half_done(
     kms_env.close()
     settings = kms_env.settings
     injector = Injector(SEED, 0.15, BACKEND_FAULTS)
-    connector = FaultyConnector(Pkcs11Connector(settings.clusters), injector)
-    svc = open_service(settings, connector, clock=kms_env.clock, audit=kms_env.audit)
+    connector = FaultyConnector(bootstrap.default_connector(settings), injector)
+    svc = bootstrap.open_service(
+        settings, connector=connector, clock=kms_env.clock, audit=kms_env.audit
+    )
     kms_env.service = svc  # closed by the fixture
     mix = Mix(svc, store_id, SEED + 1)
     injector.enabled = True
@@ -213,12 +216,12 @@ def test_backend_faults_surface_as_kms_errors_and_leave_nothing_half_done(
     # Deletions with faults: schedule, let the waiting period pass, sweep (faults postpone).
     doomed = mix.keys[: len(mix.keys) // 2]
     for arn in doomed:
-        svc.keys.schedule_deletion(arn, 7)
+        svc.keys.schedule_deletion(ADMIN, arn, 7)
     kms_env.clock.advance(8 * 86_400)
     for _ in range(10):
-        svc.keys.sweep_deletions()
+        svc.recovery.sweep_once()
     injector.enabled = False
-    svc.keys.sweep_deletions()
+    svc.recovery.sweep_once()
     summary = {
         "ok": dict(mix.ok),
         "failed": {f"{op}/{code}": n for (op, code, _), n in mix.failed.items()},
@@ -229,7 +232,7 @@ def test_backend_faults_surface_as_kms_errors_and_leave_nothing_half_done(
     assert mix.failed, "no fault reached the service"
     for arn in mix.keys:
         if arn not in doomed:
-            assert svc.keys.describe(arn).key_state is KeyState.ENABLED
+            assert svc.keys.describe(ADMIN, arn).key_state is KeyState.ENABLED
     assert mix.verify_all_decrypt(frozenset(doomed)) > 0
     report = _audit(svc, store_id)
     report.assert_clean("after backend faults")

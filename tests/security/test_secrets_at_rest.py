@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from hsmbridge.api.compose import create_app
-from hsmbridge.api.startup import check_secret_files
+from hsmbridge.bootstrap import check_secret_files
 from hsmbridge.cli.main import main as cli_main
 from hsmbridge.errors import ConfigError
 from hsmbridge.keystore.passwords import PasswordVault

@@ -14,8 +14,9 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.auth import SigV4Verifier, load_principals
+from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.api.server import ThreadedServer
+from hsmbridge.identity.credentials import load_principals
 from tests.api.conftest import (
     ACCESS_KEY,
     REGION,

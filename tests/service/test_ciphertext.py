@@ -11,6 +11,7 @@ import pytest
 
 from hsmbridge.errors import IncorrectKeyException, InvalidCiphertextException
 from hsmbridge.service.keys import CreateKeyRequest
+from tests.callers import ADMIN
 
 pytestmark = pytest.mark.softhsm
 
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.softhsm
 def test_tampering_is_invalid_ciphertext(kms_env) -> None:
     svc = kms_env.svc
     req = CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
-    key, other = svc.keys.create(req).key_id, svc.keys.create(req).key_id
-    blob = svc.crypto.encrypt(key, b"attack at dawn", context={"a": "bc"}).ciphertext_blob
-    assert svc.crypto.decrypt(blob, context={"a": "bc"}).plaintext == b"attack at dawn"
+    key, other = svc.keys.create(ADMIN, req).key_id, svc.keys.create(ADMIN, req).key_id
+    blob = svc.crypto.encrypt(ADMIN, key, b"attack at dawn", context={"a": "bc"}).ciphertext_blob
+    assert svc.crypto.decrypt(ADMIN, blob, context={"a": "bc"}).plaintext == b"attack at dawn"
 
     def flipped(i: int) -> bytes:
         out = bytearray(blob)
@@ -46,12 +47,12 @@ def test_tampering_is_invalid_ciphertext(kms_env) -> None:
     accepted = []
     for what, (data, context) in tampered.items():
         try:
-            svc.crypto.decrypt(data, context=context)
+            svc.crypto.decrypt(ADMIN, data, context=context)
         except InvalidCiphertextException:
             continue
         accepted.append(what)
     assert accepted == []
     with pytest.raises(IncorrectKeyException):
-        svc.crypto.decrypt(blob, key_ref=other, context={"a": "bc"})
+        svc.crypto.decrypt(ADMIN, blob, key_ref=other, context={"a": "bc"})
     # Nothing above disturbed the key or the login.
-    assert svc.crypto.decrypt(blob, context={"a": "bc"}).plaintext == b"attack at dawn"
+    assert svc.crypto.decrypt(ADMIN, blob, context={"a": "bc"}).plaintext == b"attack at dawn"

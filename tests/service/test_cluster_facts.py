@@ -8,6 +8,7 @@ from hsmbridge.keystore.inventory import ClusterInfo, HsmInfo
 from hsmbridge.model import KeyState
 from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.keys import CreateKeyRequest
+from tests.callers import ADMIN
 
 pytestmark = pytest.mark.softhsm
 
@@ -15,23 +16,25 @@ pytestmark = pytest.mark.softhsm
 def test_crypto_needs_an_active_hsm(kms_env):
     svc = kms_env.svc
     key = svc.keys.create(
-        CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
+        ADMIN, CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
     )
-    blob = svc.crypto.encrypt(key.key_id, b"before").ciphertext_blob
+    blob = svc.crypto.encrypt(ADMIN, key.key_id, b"before").ciphertext_blob
 
     kms_env.write_inventory(states=("DEGRADED", "DELETED"))
     svc.ctx.clusters.forget(kms_env.cluster_id)  # skip the short cache instead of sleeping
     with pytest.raises(KMSInvalidStateException, match="no ACTIVE HSM"):
-        svc.crypto.encrypt(key.key_id, b"during")
+        svc.crypto.encrypt(ADMIN, key.key_id, b"during")
     with pytest.raises(KMSInvalidStateException):
-        svc.crypto.decrypt(blob)
+        svc.crypto.decrypt(ADMIN, blob)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.crypto.generate_random(16, kms_env.store_id)
-    assert svc.keys.describe(key.key_id).key_state is KeyState.ENABLED  # state is not touched
+        svc.crypto.generate_random(ADMIN, 16, kms_env.store_id)
+    assert (
+        svc.keys.describe(ADMIN, key.key_id).key_state is KeyState.ENABLED
+    )  # state is not touched
 
     kms_env.write_inventory()
     svc.ctx.clusters.forget(kms_env.cluster_id)
-    assert svc.crypto.decrypt(blob).plaintext == b"before"
+    assert svc.crypto.decrypt(ADMIN, blob).plaintext == b"before"
 
 
 class _CountingInventory:

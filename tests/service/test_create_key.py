@@ -23,6 +23,7 @@ from hsmbridge.errors import (
 )
 from hsmbridge.model import KeyState, Tag
 from hsmbridge.service.keys import CreateKeyRequest
+from tests.callers import ADMIN
 from tests.harness import ACCOUNT, REGION
 from tests.service.checks import (
     assert_consistent,
@@ -55,7 +56,7 @@ def _assert_nothing_created(env) -> None:
 def test_seed_scenario_metadata_token_and_lookups(kms_env) -> None:
     env, svc = kms_env, kms_env.svc
     meta = svc.keys.create(
-        _request(env, description="seed key", tags=(Tag("Project", "hsmbridge"),))
+        ADMIN, _request(env, description="seed key", tags=(Tag("Project", "hsmbridge"),))
     )
     wire = codec.key_metadata(meta)
     assert set(wire) == SPEC_FIELDS
@@ -79,7 +80,7 @@ def test_seed_scenario_metadata_token_and_lookups(kms_env) -> None:
         "CustomKeyStoreId": env.store_id,
     }
     assert output_validate("CreateKey", {"KeyMetadata": wire}) == []
-    assert svc.tags.list(meta.key_id, None, None).items == (Tag("Project", "hsmbridge"),)
+    assert svc.tags.list(ADMIN, meta.key_id, None, None).items == (Tag("Project", "hsmbridge"),)
 
     # The token, through our backend: exactly one object, labelled with the ARN.
     [info] = backend(env).find_keys(arn)
@@ -99,10 +100,10 @@ def test_seed_scenario_metadata_token_and_lookups(kms_env) -> None:
     assert tool[arn]["access"] == {"sensitive", "always sensitive", "never extractable", "local"}
 
     # DescribeKey answers the same metadata by every identifier form.
-    svc.aliases.create("alias/seed", meta.key_id)
+    svc.aliases.create(ADMIN, "alias/seed", meta.key_id)
     alias_arn = f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/seed"
     for ref in (meta.key_id, arn, "alias/seed", alias_arn):
-        assert svc.keys.describe(ref) == meta, ref
+        assert svc.keys.describe(ADMIN, ref) == meta, ref
     assert output_validate("DescribeKey", {"KeyMetadata": wire}) == []
     # The CreateKey audit event names the backing key (CKA_ID) and the cluster.
     [event] = [e for e in env.audit.events if e.event_name == "CreateKey"]
@@ -112,12 +113,12 @@ def test_seed_scenario_metadata_token_and_lookups(kms_env) -> None:
 
 def test_list_keys_pages_with_limit_and_marker(kms_env) -> None:
     svc = kms_env.svc
-    made = {svc.keys.create(_request(kms_env)).key_id for _ in range(5)}
+    made = {svc.keys.create(ADMIN, _request(kms_env)).key_id for _ in range(5)}
     seen: list[str] = []
     marker = None
     sizes = []
     while True:
-        page = svc.keys.list(2, marker)
+        page = svc.keys.list(ADMIN, 2, marker)
         sizes.append(len(page.items))
         seen += [r.key_id for r in page.items]
         wire = codec.page(page, "Keys", "NextMarker", [codec.key_list_entry(r) for r in page.items])
@@ -131,21 +132,21 @@ def test_list_keys_pages_with_limit_and_marker(kms_env) -> None:
     assert len(seen) == len(set(seen))
     # Each listed key describes to the metadata CreateKey would have returned.
     for key_id in seen:
-        meta = svc.keys.describe(key_id)
+        meta = svc.keys.describe(ADMIN, key_id)
         assert (meta.key_state, meta.custom_key_store_id) == (KeyState.ENABLED, kms_env.store_id)
-    assert svc.keys.list(None, None).items == svc.keys.list(100, None).items
+    assert svc.keys.list(ADMIN, None, None).items == svc.keys.list(ADMIN, 100, None).items
     assert_consistent(kms_env)
 
 
 def test_unknown_and_disconnected_store_create_nothing(kms_env) -> None:
     svc = kms_env.svc
     with pytest.raises(CustomKeyStoreNotFoundException):
-        svc.keys.create(_request(kms_env, custom_key_store_id="cks-0123456789abcdef0"))
-    svc.keystores.disconnect(kms_env.store_id)
+        svc.keys.create(ADMIN, _request(kms_env, custom_key_store_id="cks-0123456789abcdef0"))
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
     with pytest.raises(CustomKeyStoreInvalidStateException, match="CONNECTED"):
-        svc.keys.create(_request(kms_env))
+        svc.keys.create(ADMIN, _request(kms_env))
     assert rows(kms_env) == []
-    svc.keystores.connect(kms_env.store_id)
+    svc.keystores.connect(ADMIN, kms_env.store_id)
     _assert_nothing_created(kms_env)
 
 
@@ -163,13 +164,13 @@ def test_quorum_violations_name_what_is_missing_and_create_nothing(kms_env) -> N
     for azs, states, words in QUORUM_VIOLATIONS:
         kms_env.write_inventory(azs=azs, states=states)
         with pytest.raises(CloudHsmClusterInvalidConfigurationException) as caught:
-            kms_env.svc.keys.create(_request(kms_env))
+            kms_env.svc.keys.create(ADMIN, _request(kms_env))
         for word in words:
             assert word in caught.value.message, (azs, states, caught.value.message)
         assert "CreateKey" in caught.value.message
         _assert_nothing_created(kms_env)
     kms_env.write_inventory()  # back to 2 ACTIVE HSMs in 2 AZs: creation works again
-    kms_env.svc.keys.create(_request(kms_env))
+    kms_env.svc.keys.create(ADMIN, _request(kms_env))
     assert_consistent(kms_env)
 
 
@@ -199,8 +200,10 @@ BAD_REQUESTS = [
 def test_bad_requests_raise_the_recommended_exception_and_create_nothing(kms_env) -> None:
     for overrides, expected in BAD_REQUESTS:
         with pytest.raises(expected) as caught:
-            kms_env.svc.keys.create(_request(kms_env, **overrides))
+            kms_env.svc.keys.create(ADMIN, _request(kms_env, **overrides))
         assert type(caught.value) is expected, overrides  # not merely a subclass of it
         assert not caught.value.fault, overrides  # all are the caller's fault (HTTP 400)
         _assert_nothing_created(kms_env)
-    assert kms_env.svc.keys.create(_request(kms_env, multi_region=False)).multi_region is False
+    assert (
+        kms_env.svc.keys.create(ADMIN, _request(kms_env, multi_region=False)).multi_region is False
+    )

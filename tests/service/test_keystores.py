@@ -44,7 +44,8 @@ from hsmbridge.keystore.demo import (
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore, KeyState
 from hsmbridge.service.keys import CreateKeyRequest
-from tests.harness import REGION, REPO, KmsEnv
+from tests.callers import ADMIN
+from tests.harness import REGION, SOFTHSM2_PROFILE, KmsEnv
 from tests.service.checks import assert_consistent
 
 pytestmark = pytest.mark.softhsm
@@ -52,17 +53,17 @@ C = ConnectionState
 
 
 def _state(env: KmsEnv, store_id: str | None = None) -> tuple[ConnectionState, object]:
-    store = env.svc.keystores.describe(store_id or env.store_id).items[0]
+    store = env.svc.keystores.describe(ADMIN, store_id or env.store_id).items[0]
     return store.connection_state, store.connection_error_code
 
 
 def _new_key(env: KmsEnv) -> str:
     req = CreateKeyRequest(custom_key_store_id=env.store_id, origin="AWS_CLOUDHSM")
-    return env.svc.keys.create(req).key_id
+    return env.svc.keys.create(ADMIN, req).key_id
 
 
 def _stores(env: KmsEnv) -> list[CustomKeyStore]:
-    return list(env.svc.keystores.describe().items)
+    return list(env.svc.keystores.describe(ADMIN).items)
 
 
 def _add_clusters(env: KmsEnv, *specs: DemoClusterSpec) -> None:
@@ -70,7 +71,7 @@ def _add_clusters(env: KmsEnv, *specs: DemoClusterSpec) -> None:
     doc = json.loads(env.inventory_path.read_text())
     doc["Clusters"] += describe_clusters_document(list(specs))["Clusters"]
     env.inventory_path.write_text(json.dumps(doc))
-    profile = REPO / "config" / "softhsm2.toml"
+    profile = SOFTHSM2_PROFILE
     with env.config_path.open("a") as fh:
         for spec in specs:
             fh.write(
@@ -122,44 +123,44 @@ def test_create_refusals_then_create_and_idempotent_retry(make_kms_env) -> None:
         elif inventory == "1AZ":
             env.write_inventory(azs=("us-east-1b", "us-east-1b"))
         with pytest.raises(expected) as caught:
-            ks.create(*args)
+            ks.create(ADMIN, *args)
         assert pw not in caught.value.message
         assert _stores(env) == [], expected  # nothing created
         env.write_inventory()
     assert "HSM" in str(caught.value.message)
 
-    store_id = ks.create("S", env.cluster_id, anchor, pw)
+    store_id = ks.create(ADMIN, "S", env.cluster_id, anchor, pw)
     assert ids.STORE_ID_RE.match(store_id)
     [store] = _stores(env)
     assert (store.store_id, store.name, store.connection_state) == (store_id, "S", C.DISCONNECTED)
     wire = codec.custom_key_store(store)
     assert "ConnectionErrorCode" not in wire
     assert output_validate("DescribeCustomKeyStores", codec.page(
-        env.svc.keystores.describe(), "CustomKeyStores", "NextMarker", [wire]
+        env.svc.keystores.describe(ADMIN), "CustomKeyStores", "NextMarker", [wire]
     )) == []  # fmt: skip
     # KMS: identical properties of a DISCONNECTED store → the same id, nothing new (spec §4.1).
-    assert ks.create("S", env.cluster_id, anchor + "\n", pw) == store_id
+    assert ks.create(ADMIN, "S", env.cluster_id, anchor + "\n", pw) == store_id
     with pytest.raises(CustomKeyStoreNameInUseException):
-        ks.create("S", env.cluster_id, anchor, pw + "x")
+        ks.create(ADMIN, "S", env.cluster_id, anchor, pw + "x")
     with pytest.raises(CloudHsmClusterInUseException):
-        ks.create("Other", env.cluster_id, anchor, pw)
+        ks.create(ADMIN, "Other", env.cluster_id, anchor, pw)
     assert [s.store_id for s in _stores(env)] == [store_id]
     # Once connected the store is no longer "identical and disconnected": the name is in use.
-    ks.connect(store_id)
+    ks.connect(ADMIN, store_id)
     with pytest.raises(CustomKeyStoreNameInUseException):
-        ks.create("S", env.cluster_id, anchor, pw)
+        ks.create(ADMIN, "S", env.cluster_id, anchor, pw)
 
 
 def test_limit_of_ten_stores_and_describe_paging(kms_env) -> None:
     ks = kms_env.svc.keystores
     fillers = _fill_with_rows(kms_env, 9)
     with pytest.raises(LimitExceededException):
-        ks.create("Eleventh", new_cluster_id(), kms_env.pki.ca_cert_pem, kms_env.password)
+        ks.create(ADMIN, "Eleventh", new_cluster_id(), kms_env.pki.ca_cert_pem, kms_env.password)
     assert len(_stores(kms_env)) == 10
     every = sorted([*fillers, kms_env.store_id])
     seen, marker, sizes = [], None, []
     while True:
-        page = ks.describe(limit=4, marker=marker)
+        page = ks.describe(ADMIN, limit=4, marker=marker)
         sizes.append(len(page.items))
         seen += [s.store_id for s in page.items]
         wire = codec.page(
@@ -173,16 +174,16 @@ def test_limit_of_ten_stores_and_describe_paging(kms_env) -> None:
         marker = page.next_marker
     assert sizes == [4, 4, 2]
     assert seen == every
-    assert ks.describe(store_id=fillers[3]).items[0].name == "filler-3"
-    assert ks.describe(name="filler-3").items[0].store_id == fillers[3]
+    assert ks.describe(ADMIN, store_id=fillers[3]).items[0].name == "filler-3"
+    assert ks.describe(ADMIN, name="filler-3").items[0].store_id == fillers[3]
     with pytest.raises(ValidationException):
-        ks.describe(store_id=fillers[3], name="filler-3")
+        ks.describe(ADMIN, store_id=fillers[3], name="filler-3")
     with pytest.raises(CustomKeyStoreNotFoundException):
-        ks.describe(store_id="cks-00000000000000000")
+        ks.describe(ADMIN, store_id="cks-00000000000000000")
     with pytest.raises(CustomKeyStoreNotFoundException):
-        ks.describe(name="nope")
+        ks.describe(ADMIN, name="nope")
     with pytest.raises(InvalidMarkerException):
-        ks.describe(marker="garbage")
+        ks.describe(ADMIN, marker="garbage")
 
 
 # --- ConnectCustomKeyStore --------------------------------------------------------------------
@@ -191,19 +192,19 @@ def test_limit_of_ten_stores_and_describe_paging(kms_env) -> None:
 def test_wrong_password_fails_with_invalid_credentials_until_fixed(kms_env) -> None:
     ks, sid = kms_env.svc.keystores, kms_env.store_id
     assert _state(kms_env) == (C.CONNECTED, None)
-    ks.disconnect(sid)
-    ks.update(sid, password="wrongpass1")
-    ks.connect(sid)
+    ks.disconnect(ADMIN, sid)
+    ks.update(ADMIN, sid, password="wrongpass1")
+    ks.connect(ADMIN, sid)
     assert _state(kms_env) == (C.FAILED, ConnectionErrorCode.INVALID_CREDENTIALS)
-    wire = codec.custom_key_store(ks.describe(sid).items[0])
+    wire = codec.custom_key_store(ks.describe(ADMIN, sid).items[0])
     assert wire["ConnectionErrorCode"] == "INVALID_CREDENTIALS"
     # A FAILED store must be disconnected before it is connected again (spec §3.2).
     with pytest.raises(CustomKeyStoreInvalidStateException, match="disconnected"):
-        ks.connect(sid)
-    ks.disconnect(sid)
+        ks.connect(ADMIN, sid)
+    ks.disconnect(ADMIN, sid)
     assert _state(kms_env) == (C.DISCONNECTED, None)  # the error code goes with FAILED
-    ks.update(sid, password=kms_env.password)
-    ks.connect(sid)
+    ks.update(ADMIN, sid, password=kms_env.password)
+    ks.connect(ADMIN, sid)
     assert _state(kms_env) == (C.CONNECTED, None)
     _new_key(kms_env)
 
@@ -215,7 +216,7 @@ def test_connect_error_codes_from_the_inventory(kms_env) -> None:
         ((), ConnectionErrorCode.INSUFFICIENT_CLOUDHSM_HSMS),
         ((("us-east-1a",), ("DEGRADED",)), ConnectionErrorCode.INSUFFICIENT_CLOUDHSM_HSMS),
     ]
-    ks.disconnect(sid)
+    ks.disconnect(ADMIN, sid)
     for inventory, code in cases:
         if isinstance(inventory, str):
             kms_env.inventory_path.write_text(inventory)
@@ -223,26 +224,26 @@ def test_connect_error_codes_from_the_inventory(kms_env) -> None:
             kms_env.write_inventory(azs=inventory[0], states=inventory[1])
         else:
             kms_env.write_inventory(azs=())
-        ks.connect(sid)
+        ks.connect(ADMIN, sid)
         assert _state(kms_env) == (C.FAILED, code)
         assert kms_env.svc.ctx.connections.peek(sid) is None  # no login left behind
-        ks.disconnect(sid)
+        ks.disconnect(ADMIN, sid)
     # One ACTIVE HSM is enough to connect (spec §3.7), though not to create keys.
     kms_env.write_inventory(azs=("us-east-1a", "us-east-1b"), states=("ACTIVE", "DEGRADED"))
-    ks.connect(sid)
+    ks.connect(ADMIN, sid)
     assert _state(kms_env) == (C.CONNECTED, None)
-    ks.disconnect(sid)
+    ks.disconnect(ADMIN, sid)
     # A cluster that is not ACTIVE is refused synchronously and the store stays DISCONNECTED.
     kms_env.write_inventory(cluster_state="UNINITIALIZED")
     with pytest.raises(CloudHsmClusterNotActiveException):
-        ks.connect(sid)
+        ks.connect(ADMIN, sid)
     assert _state(kms_env) == (C.DISCONNECTED, None)
 
 
 def test_unreachable_pkcs11_module_is_network_errors(kms_env, tmp_path: Path) -> None:
     ks, sid = kms_env.svc.keystores, kms_env.store_id
-    ks.disconnect(sid)
-    profile = (REPO / "config" / "softhsm2.toml").read_text()
+    ks.disconnect(ADMIN, sid)
+    profile = SOFTHSM2_PROFILE.read_text()
     missing = tmp_path / "no-such-pkcs11.so"
     bad = tmp_path / "broken-profile.toml"
     bad.write_text(
@@ -251,9 +252,9 @@ def test_unreachable_pkcs11_module_is_network_errors(kms_env, tmp_path: Path) ->
         )
     )
     config = kms_env.config_path.read_text()
-    kms_env.config_path.write_text(config.replace(str(REPO / "config" / "softhsm2.toml"), str(bad)))
+    kms_env.config_path.write_text(config.replace(str(SOFTHSM2_PROFILE), str(bad)))
     kms_env.restart()
-    kms_env.svc.keystores.connect(sid)
+    kms_env.svc.keystores.connect(ADMIN, sid)
     assert _state(kms_env) == (C.FAILED, ConnectionErrorCode.NETWORK_ERRORS)
 
 
@@ -261,7 +262,7 @@ def test_asynchronous_connect_goes_through_connecting(make_kms_env) -> None:
     env = make_kms_env(store=False)
     env.close()
     svc = env.open(synchronous_connect=False)
-    sid = svc.keystores.create("Async", env.cluster_id, env.pki.ca_cert_pem, env.password)
+    sid = svc.keystores.create(ADMIN, "Async", env.cluster_id, env.pki.ca_cert_pem, env.password)
     # Hold the background half at its first inventory read, so CONNECTING is observable.
     release, inner, calls = threading.Event(), svc.ctx.inventory, []
 
@@ -273,19 +274,19 @@ def test_asynchronous_connect_goes_through_connecting(make_kms_env) -> None:
             return inner.describe(cluster_id)
 
     svc.ctx.inventory = GatedInventory()
-    svc.keystores.connect(sid)  # returns while the login has not happened yet
+    svc.keystores.connect(ADMIN, sid)  # returns while the login has not happened yet
     assert _state(env, sid) == (C.CONNECTING, None)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.keys.create(CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM"))
+        svc.keys.create(ADMIN, CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM"))
     release.set()
     deadline = time.monotonic() + 10
     while _state(env, sid)[0] is C.CONNECTING and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _state(env, sid) == (C.CONNECTED, None)
     # The asynchronous failure path ends FAILED with the code, without raising to the caller.
-    svc.keystores.disconnect(sid)
-    svc.keystores.update(sid, password="wrongpass1")
-    svc.keystores.connect(sid)
+    svc.keystores.disconnect(ADMIN, sid)
+    svc.keystores.update(ADMIN, sid, password="wrongpass1")
+    svc.keystores.connect(ADMIN, sid)
     deadline = time.monotonic() + 10
     while _state(env, sid)[0] is C.CONNECTING and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -298,43 +299,43 @@ def test_asynchronous_connect_goes_through_connecting(make_kms_env) -> None:
 def test_disconnect_makes_keys_unavailable_and_management_still_works(kms_env) -> None:
     svc, sid = kms_env.svc, kms_env.store_id
     k_enabled, k_disabled, k_pending = (_new_key(kms_env) for _ in range(3))
-    svc.keys.disable(k_disabled)
-    svc.keys.schedule_deletion(k_pending, 7)
-    blob = svc.crypto.encrypt(k_enabled, b"secret").ciphertext_blob
-    svc.keystores.disconnect(sid)
+    svc.keys.disable(ADMIN, k_disabled)
+    svc.keys.schedule_deletion(ADMIN, k_pending, 7)
+    blob = svc.crypto.encrypt(ADMIN, k_enabled, b"secret").ciphertext_blob
+    svc.keystores.disconnect(ADMIN, sid)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.keystores.disconnect(sid)
-    states = {k: svc.keys.describe(k).key_state for k in (k_enabled, k_disabled, k_pending)}
+        svc.keystores.disconnect(ADMIN, sid)
+    states = {k: svc.keys.describe(ADMIN, k).key_state for k in (k_enabled, k_disabled, k_pending)}
     assert states == {
         k_enabled: KeyState.UNAVAILABLE,
         k_disabled: KeyState.UNAVAILABLE,
         k_pending: KeyState.PENDING_DELETION,  # stays, so deletion can still be cancelled
     }
-    assert not any(svc.keys.describe(k).enabled for k in states)
+    assert not any(svc.keys.describe(ADMIN, k).enabled for k in states)
     with pytest.raises(KMSInvalidStateException, match="unavailable"):
-        svc.crypto.encrypt(k_enabled, b"more")
+        svc.crypto.encrypt(ADMIN, k_enabled, b"more")
     with pytest.raises(KMSInvalidStateException, match="unavailable"):
-        svc.crypto.decrypt(blob)
+        svc.crypto.decrypt(ADMIN, blob)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.crypto.generate_random(16, sid)
+        svc.crypto.generate_random(ADMIN, 16, sid)
     # Enable/Disable are accepted while Unavailable and take effect at reconnect (spec §6.2 [12]).
-    svc.keys.disable(k_enabled)
-    svc.keys.enable(k_disabled)
-    assert svc.keys.describe(k_enabled).key_state is KeyState.UNAVAILABLE
+    svc.keys.disable(ADMIN, k_enabled)
+    svc.keys.enable(ADMIN, k_disabled)
+    assert svc.keys.describe(ADMIN, k_enabled).key_state is KeyState.UNAVAILABLE
     with pytest.raises(KMSInvalidStateException, match="pending deletion"):
-        svc.keys.enable(k_pending)
-    svc.keystores.connect(sid)
-    after = {k: svc.keys.describe(k).key_state for k in states}
+        svc.keys.enable(ADMIN, k_pending)
+    svc.keystores.connect(ADMIN, sid)
+    after = {k: svc.keys.describe(ADMIN, k).key_state for k in states}
     assert after == {
         k_enabled: KeyState.DISABLED,
         k_disabled: KeyState.ENABLED,
         k_pending: KeyState.PENDING_DELETION,
     }
     with pytest.raises(DisabledException):
-        svc.crypto.decrypt(blob)
-    assert svc.crypto.decrypt(svc.crypto.encrypt(k_disabled, b"hi").ciphertext_blob).plaintext == (
-        b"hi"
-    )
+        svc.crypto.decrypt(ADMIN, blob)
+    assert svc.crypto.decrypt(
+        ADMIN, svc.crypto.encrypt(ADMIN, k_disabled, b"hi").ciphertext_blob
+    ).plaintext == (b"hi")
     assert_consistent(kms_env)
 
 
@@ -343,18 +344,18 @@ def test_disconnect_makes_keys_unavailable_and_management_still_works(kms_env) -
 
 def test_update_rules(kms_env) -> None:
     ks, sid = kms_env.svc.keystores, kms_env.store_id
-    ks.update(sid, new_name="Renamed")  # name only: fine while CONNECTED
-    assert ks.describe(name="Renamed").items[0].store_id == sid
+    ks.update(ADMIN, sid, new_name="Renamed")  # name only: fine while CONNECTED
+    assert ks.describe(ADMIN, name="Renamed").items[0].store_id == sid
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        ks.update(sid, password="another-pass")
+        ks.update(ADMIN, sid, password="another-pass")
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        ks.update(sid, new_name="Again", cluster_id=kms_env.cluster_id)
-    assert ks.describe(sid).items[0].name == "Renamed"  # a refused update changes nothing
+        ks.update(ADMIN, sid, new_name="Again", cluster_id=kms_env.cluster_id)
+    assert ks.describe(ADMIN, sid).items[0].name == "Renamed"  # a refused update changes nothing
     _fill_with_rows(kms_env, 1)
     with pytest.raises(CustomKeyStoreNameInUseException):
-        ks.update(sid, new_name="filler-0")
+        ks.update(ADMIN, sid, new_name="filler-0")
     with pytest.raises(CustomKeyStoreNotFoundException):
-        ks.update("cks-00000000000000000", new_name="x")
+        ks.update(ADMIN, "cks-00000000000000000", new_name="x")
     key = _new_key(kms_env)
 
     # A restored cluster shares the certificate; an unrelated one has its own CA and certificate.
@@ -366,19 +367,19 @@ def test_update_rules(kms_env) -> None:
         DemoClusterSpec(restored_id, kms_env.pki.cluster_cert_pem, region=REGION),
     )
     ks = kms_env.svc.keystores
-    ks.disconnect(sid)
+    ks.disconnect(ADMIN, sid)
     with pytest.raises(CloudHsmClusterNotRelatedException):
-        ks.update(sid, cluster_id=unrelated_id)
+        ks.update(ADMIN, sid, cluster_id=unrelated_id)
     with pytest.raises(CloudHsmClusterNotFoundException):
-        ks.update(sid, cluster_id="cluster-unknownabcd")
-    assert ks.describe(sid).items[0].cluster_id == kms_env.cluster_id
-    ks.update(sid, cluster_id=restored_id)
-    assert ks.describe(sid).items[0].cluster_id == restored_id
-    ks.connect(sid)
+        ks.update(ADMIN, sid, cluster_id="cluster-unknownabcd")
+    assert ks.describe(ADMIN, sid).items[0].cluster_id == kms_env.cluster_id
+    ks.update(ADMIN, sid, cluster_id=restored_id)
+    assert ks.describe(ADMIN, sid).items[0].cluster_id == restored_id
+    ks.connect(ADMIN, sid)
     assert _state(kms_env) == (C.CONNECTED, None)
     # The restored cluster is the same token here, so the key's material is still usable.
-    assert kms_env.svc.crypto.generate_random(8, sid)
-    assert kms_env.svc.keys.describe(key).key_state is KeyState.ENABLED
+    assert kms_env.svc.crypto.generate_random(ADMIN, 8, sid)
+    assert kms_env.svc.keys.describe(ADMIN, key).key_state is KeyState.ENABLED
 
 
 # --- DeleteCustomKeyStore ---------------------------------------------------------------------
@@ -388,22 +389,24 @@ def test_delete_only_when_disconnected_and_empty(kms_env) -> None:
     svc, sid = kms_env.svc, kms_env.store_id
     key = _new_key(kms_env)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.keystores.delete(sid)
-    svc.keys.schedule_deletion(key, 7)
-    svc.keystores.disconnect(sid)
+        svc.keystores.delete(ADMIN, sid)
+    svc.keys.schedule_deletion(ADMIN, key, 7)
+    svc.keystores.disconnect(ADMIN, sid)
     with pytest.raises(CustomKeyStoreHasCMKsException):
-        svc.keystores.delete(sid)  # a key pending deletion still counts
-    svc.keystores.connect(sid)
+        svc.keystores.delete(ADMIN, sid)  # a key pending deletion still counts
+    svc.keystores.connect(ADMIN, sid)
     kms_env.clock.advance(7 * 86_400 + 1)
-    assert svc.keys.sweep_deletions() == 1
-    svc.keystores.disconnect(sid)
-    svc.keystores.delete(sid)
+    assert svc.deletions.sweep() == 1
+    svc.keystores.disconnect(ADMIN, sid)
+    svc.keystores.delete(ADMIN, sid)
     with pytest.raises(CustomKeyStoreNotFoundException):
-        svc.keystores.describe(sid)
+        svc.keystores.describe(ADMIN, sid)
     with pytest.raises(CustomKeyStoreNotFoundException):
-        svc.keystores.delete(sid)
+        svc.keystores.delete(ADMIN, sid)
     # Deleting the store leaves the cluster usable for a new store (spec §4.6).
-    new = svc.keystores.create("Again", kms_env.cluster_id, kms_env.pki.ca_cert_pem, "newpass12")
+    new = svc.keystores.create(
+        ADMIN, "Again", kms_env.cluster_id, kms_env.pki.ca_cert_pem, "newpass12"
+    )
     assert new != sid
 
 
@@ -417,18 +420,18 @@ def test_password_never_logged_stored_in_clear_returned_or_in_reprs(
     env = make_kms_env()
     svc, sid, secrets = env.svc, env.store_id, (env.password, "wrongpass1")
     key = _new_key(env)
-    svc.keystores.disconnect(sid)
-    svc.keystores.update(sid, password="wrongpass1")
-    svc.keystores.connect(sid)  # FAILED: INVALID_CREDENTIALS, logged as a warning
-    svc.keystores.disconnect(sid)
-    svc.keystores.update(sid, password=env.password)
-    svc.keystores.connect(sid)
+    svc.keystores.disconnect(ADMIN, sid)
+    svc.keystores.update(ADMIN, sid, password="wrongpass1")
+    svc.keystores.connect(ADMIN, sid)  # FAILED: INVALID_CREDENTIALS, logged as a warning
+    svc.keystores.disconnect(ADMIN, sid)
+    svc.keystores.update(ADMIN, sid, password=env.password)
+    svc.keystores.connect(ADMIN, sid)
     # The failed login was logged, so the records below include the path that handles it.
     assert any("login as kmsuser failed" in r.getMessage() for r in caplog.records)
     shown = [
         "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records),
-        json.dumps(codec.custom_key_store(svc.keystores.describe(sid).items[0])),
-        json.dumps(codec.key_metadata(svc.keys.describe(key))),
+        json.dumps(codec.custom_key_store(svc.keystores.describe(ADMIN, sid).items[0])),
+        json.dumps(codec.key_metadata(svc.keys.describe(ADMIN, key))),
         repr(svc.ctx),
         repr(svc.ctx.meta.get_key_store(sid)),
         repr(svc.keystores),

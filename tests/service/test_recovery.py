@@ -21,7 +21,8 @@ from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
 from hsmbridge.service.keys import CreateKeyRequest
-from hsmbridge.service.kms import IN_FLIGHT_GRACE_S
+from hsmbridge.service.recovery import IN_FLIGHT_GRACE_S
+from tests.callers import ADMIN
 from tests.harness import KmsEnv
 from tests.service.checks import assert_consistent, backend, hsm_labels, rows
 
@@ -56,7 +57,7 @@ class CrashingMeta:
 
 def _create(env: KmsEnv) -> str:
     req = CreateKeyRequest(custom_key_store_id=env.store_id, origin="AWS_CLOUDHSM")
-    return env.svc.keys.create(req).key_id
+    return env.svc.keys.create(ADMIN, req).key_id
 
 
 def _crash_in(env: KmsEnv, method: str, when: Any = None) -> CrashingMeta:
@@ -79,8 +80,8 @@ def test_crash_between_hsm_call_and_live_commit_is_rolled_back_at_start(kms_env)
     assert intent.lifecycle is KeyLifecycle.CREATING
     assert hsm_labels(kms_env)[intent.arn] == 1
     with pytest.raises(NotFoundException):
-        kms_env.svc.keys.describe(intent.key_id)  # an intent is never visible to clients
-    assert [r.key_id for r in kms_env.svc.keys.list(None, None).items] == [keep]
+        kms_env.svc.keys.describe(ADMIN, intent.key_id)  # an intent is never visible to clients
+    assert [r.key_id for r in kms_env.svc.keys.list(ADMIN, None, None).items] == [keep]
 
     kms_env.restart().start(sweep_interval_s=None)
     assert [r.key_id for r in rows(kms_env)] == [keep]
@@ -127,17 +128,17 @@ def test_crash_recovered_when_the_store_connects_instead_of_at_start(kms_env) ->
     with pytest.raises(SimulatedCrashError):
         _create(kms_env)
     svc = kms_env.restart()
-    svc.keystores.disconnect(kms_env.store_id)
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
     svc.start(sweep_interval_s=None)  # a DISCONNECTED store cannot be reconciled yet
     assert [r.lifecycle for r in rows(kms_env)] == [KeyLifecycle.CREATING]
     # Right after a connect, other worker processes may be serving the store: an intent younger
     # than the grace may belong to a live request, so the on_connected hook spares it...
-    svc.keystores.connect(kms_env.store_id)
+    svc.keystores.connect(ADMIN, kms_env.store_id)
     assert [r.lifecycle for r in rows(kms_env)] == [KeyLifecycle.CREATING]
-    svc.keystores.disconnect(kms_env.store_id)
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
     # ...and rolls it back once it is too old for that (the supervisor's sweep does the same).
     kms_env.clock.advance(IN_FLIGHT_GRACE_S + 1)
-    svc.keystores.connect(kms_env.store_id)
+    svc.keystores.connect(ADMIN, kms_env.store_id)
     assert rows(kms_env) == []
     assert_consistent(kms_env)
 
@@ -146,16 +147,16 @@ def test_crash_recovered_when_the_store_connects_instead_of_at_start(kms_env) ->
 def test_interrupted_deletion_is_finished_at_start(kms_env, crash_at: str) -> None:
     svc = kms_env.svc
     keep, doomed = _create(kms_env), _create(kms_env)
-    svc.aliases.create("alias/doomed", doomed)
-    doomed_arn = svc.keys.describe(doomed).arn
-    svc.keys.schedule_deletion(doomed, 7)
+    svc.aliases.create(ADMIN, "alias/doomed", doomed)
+    doomed_arn = svc.keys.describe(ADMIN, doomed).arn
+    svc.keys.schedule_deletion(ADMIN, doomed, 7)
     kms_env.clock.advance(7 * DAY + 1)
     if crash_at == "after_deleting_commit":
         _crash_in(kms_env, "get_key_store")  # _finish_deletion's first read after the flip
     else:
         _crash_in(kms_env, "record_deleted_key")  # material destroyed, row still DELETING
     with pytest.raises(SimulatedCrashError):
-        svc.keys.sweep_deletions()
+        svc.deletions.sweep()
     states = {r.key_id: r.lifecycle for r in rows(kms_env)}
     assert states == {keep: KeyLifecycle.LIVE, doomed: KeyLifecycle.DELETING}
     assert hsm_labels(kms_env)[doomed_arn] == (1 if crash_at == "after_deleting_commit" else 0)
@@ -177,20 +178,20 @@ def test_interrupted_deletion_is_finished_at_start(kms_env, crash_at: str) -> No
 def test_sweeper_deletes_metadata_aliases_and_material_when_due(kms_env) -> None:
     svc = kms_env.svc
     keep, doomed = _create(kms_env), _create(kms_env)
-    svc.aliases.create("alias/doomed", doomed)
-    arn = svc.keys.describe(doomed).arn
-    scheduled = svc.keys.schedule_deletion(doomed, 7)
+    svc.aliases.create(ADMIN, "alias/doomed", doomed)
+    arn = svc.keys.describe(ADMIN, doomed).arn
+    scheduled = svc.keys.schedule_deletion(ADMIN, doomed, 7)
     assert scheduled.deletion_date == kms_env.clock.now + 7 * DAY
     kms_env.clock.advance(7 * DAY - 1)
-    assert svc.keys.sweep_deletions() == 0  # not yet due
+    assert svc.deletions.sweep() == 0  # not yet due
     assert backend(kms_env).find_keys(arn)
     kms_env.clock.advance(2)
-    assert svc.keys.sweep_deletions() == 1
+    assert svc.deletions.sweep() == 1
     assert svc.ctx.meta.get_key(doomed) is None
     assert svc.ctx.meta.get_alias("alias/doomed") is None
     assert backend(kms_env).find_keys(arn) == []
     with pytest.raises(NotFoundException):
-        svc.keys.describe(doomed)
+        svc.keys.describe(ADMIN, doomed)
     [event] = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
     assert event.key_arn == arn
     assert event.custom_key_store_id == kms_env.store_id
@@ -200,7 +201,7 @@ def test_sweeper_deletes_metadata_aliases_and_material_when_due(kms_env) -> None
     assert event.additional["backingKeysDeletionStatus"] == [
         {"backingKeyId": doomed, "deletionStatus": "SUCCESS", "objectsDestroyed": 1}
     ]
-    assert svc.keys.sweep_deletions() == 0  # nothing twice
+    assert svc.deletions.sweep() == 0  # nothing twice
     assert [r.key_id for r in rows(kms_env)] == [keep]
     assert_consistent(kms_env)
 
@@ -208,12 +209,12 @@ def test_sweeper_deletes_metadata_aliases_and_material_when_due(kms_env) -> None
 def test_sweeper_while_disconnected_orphans_material_and_records_failure(kms_env) -> None:
     svc = kms_env.svc
     doomed = _create(kms_env)
-    svc.aliases.create("alias/doomed", doomed)
-    arn = svc.keys.describe(doomed).arn
-    svc.keys.schedule_deletion(doomed, 7)
-    svc.keystores.disconnect(kms_env.store_id)
+    svc.aliases.create(ADMIN, "alias/doomed", doomed)
+    arn = svc.keys.describe(ADMIN, doomed).arn
+    svc.keys.schedule_deletion(ADMIN, doomed, 7)
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
     kms_env.clock.advance(7 * DAY + 1)
-    assert svc.keys.sweep_deletions() == 1
+    assert svc.deletions.sweep() == 1
     assert svc.ctx.meta.get_key(doomed) is None
     assert svc.ctx.meta.get_alias("alias/doomed") is None
     [event] = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]
@@ -222,11 +223,11 @@ def test_sweeper_while_disconnected_orphans_material_and_records_failure(kms_env
     [tomb] = list(svc.ctx.meta.deleted_keys(kms_env.store_id))
     assert (tomb.key_id, tomb.arn, tomb.material_deleted) == (doomed, arn, False)
     # KMS leaves the material orphaned in the cluster (spec §6.4 step 3); so do we.
-    svc.keystores.connect(kms_env.store_id)
+    svc.keystores.connect(ADMIN, kms_env.store_id)
     assert [k.label for k in backend(kms_env).find_keys(arn)] == [arn]
     # With the store empty of KMS keys it can be deleted, orphan or not (spec §4.6).
-    svc.keystores.disconnect(kms_env.store_id)
-    svc.keystores.delete(kms_env.store_id)
+    svc.keystores.disconnect(ADMIN, kms_env.store_id)
+    svc.keystores.delete(ADMIN, kms_env.store_id)
 
 
 def test_connect_and_disconnect_interrupted_by_a_crash_are_finished_at_start(
@@ -236,13 +237,13 @@ def test_connect_and_disconnect_interrupted_by_a_crash_are_finished_at_start(
     c = ConnectionState
     for frozen, final in ((c.CONNECTING, c.CONNECTED), (c.DISCONNECTING, c.DISCONNECTED)):
         env = make_kms_env()
-        env.svc.keystores.disconnect(env.store_id)
+        env.svc.keystores.disconnect(ADMIN, env.store_id)
         ctx = env.svc.ctx
         row = ctx.store_row(env.store_id)
         with ctx.meta.write():  # the state a crash mid-transition leaves in the DB
             ctx.meta.put_key_store(replace(row, store=replace(row.store, connection_state=frozen)))
         env.restart().start(sweep_interval_s=None)
-        assert env.svc.keystores.describe(env.store_id).items[0].connection_state is final
+        assert env.svc.keystores.describe(ADMIN, env.store_id).items[0].connection_state is final
         if final is ConnectionState.CONNECTED:
             _create(env)
             assert_consistent(env)
@@ -278,11 +279,11 @@ def test_a_deletion_finished_twice_is_recorded_once_and_never_resurrected(kms_en
     # key; the one that comes second holds a stale copy of the row.
     svc = kms_env.svc
     key_id = _create(kms_env)
-    svc.keys.schedule_deletion(key_id, 7)
+    svc.keys.schedule_deletion(ADMIN, key_id, 7)
     kms_env.clock.advance(7 * 86_400 + 1)
     [stale] = svc.ctx.meta.keys_due_for_deletion(kms_env.clock())
-    assert svc.keys.sweep_deletions() == 1
-    svc.keys._finish_deletion(stale)  # the second finisher, with its stale copy
+    assert svc.deletions.sweep() == 1
+    svc.deletions.finish(stale)  # the second finisher, with its stale copy
     assert svc.ctx.meta.get_key(key_id) is None
     assert [t.key_id for t in svc.ctx.meta.deleted_keys()] == [key_id]
     deletes = [e for e in kms_env.audit.events if e.event_name == "DeleteKey"]

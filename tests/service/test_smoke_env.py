@@ -2,14 +2,15 @@
 
 from hsmbridge.model import ConnectionState, KeyState
 from hsmbridge.service.keys import CreateKeyRequest
+from tests.callers import ADMIN
 
 
 def test_seed_scenario_smoke(kms_env):
     svc = kms_env.svc
-    store = svc.keystores.describe(kms_env.store_id).items[0]
+    store = svc.keystores.describe(ADMIN, kms_env.store_id).items[0]
     assert store.connection_state is ConnectionState.CONNECTED
     meta = svc.keys.create(
-        CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
+        ADMIN, CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
     )
     assert meta.key_state is KeyState.ENABLED
     backend = svc.ctx.connections.peek(kms_env.store_id)

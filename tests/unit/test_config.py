@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.config import IvPolicy, LoginFormat, load_profile, load_settings
+import hsmbridge
+from hsmbridge import bootstrap
+from hsmbridge.config import (
+    IvPolicy,
+    LoginFormat,
+    builtin_profile,
+    builtin_profile_names,
+    load_profile,
+    load_settings,
+)
 from hsmbridge.errors import ConfigError, KMSInternalException
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
@@ -21,11 +30,10 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.keystore.inventory import StaticInventory
-from hsmbridge.service.kms import open_service
+from tests.callers import ADMIN
 from tests.fakes import FakeConnector
 
-REPO = Path(__file__).resolve().parent.parent.parent
-SOFTHSM_PROFILE = REPO / "config" / "softhsm2.toml"
+SOFTHSM_PROFILE = builtin_profile("softhsm2")
 SERVICE = '[service]\nregion = "eu-west-2"\naccount_id = "111122223333"\n'
 INVENTORY = '[inventory]\nprovider = "static"\npath = "clusters.json"\n'
 
@@ -60,7 +68,7 @@ def test_good_config_resolves_relative_paths_and_profiles(tmp_path: Path) -> Non
     assert binding.profile.iv_policy is IvPolicy.CALLER
     assert binding.profile.token_label == "t"
     assert s.custom_key_store_limit == 10
-    cloudhsm = load_profile(REPO / "config" / "cloudhsm.toml")
+    cloudhsm = load_profile(builtin_profile("cloudhsm"))
     assert cloudhsm.login_pin("pw12345") == "kmsuser:pw12345"
     assert cloudhsm.iv_policy is IvPolicy.HSM_ZERO_BUFFER
 
@@ -178,16 +186,106 @@ def test_create_store_over_malformed_inventory_creates_nothing(tmp_path: Path) -
         describe_clusters_document([DemoClusterSpec(cluster_id, pki.cluster_cert_pem)])
     )
     settings = load_settings(config)
-    service = open_service(settings, FakeConnector({cluster_id: "kmsuser-pass"}))
+    service = bootstrap.open_service(
+        settings, connector=FakeConnector({cluster_id: "kmsuser-pass"})
+    )
     try:
         for bad in ("{not json", good.replace('"Hsms"', '"Hsmz"').replace('"State"', '"Sate"')):
             inventory.write_text(bad)
             # A KMS error (so HTTP clients get a clear message) that still names the file.
             with pytest.raises(KMSInternalException, match=r"clusters\.json"):
-                service.keystores.create("S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
-            assert service.keystores.describe().items == ()
+                service.keystores.create(ADMIN, "S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
+            assert service.keystores.describe(ADMIN).items == ()
         inventory.write_text(good)  # fixed file: the same call now succeeds
-        store_id = service.keystores.create("S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
-        assert [s.store_id for s in service.keystores.describe().items] == [store_id]
+        store_id = service.keystores.create(ADMIN, "S", cluster_id, pki.ca_cert_pem, "kmsuser-pass")
+        assert [s.store_id for s in service.keystores.describe(ADMIN).items] == [store_id]
     finally:
         service.close()
+
+
+# --- HSM profiles ship in the package ---------------------------------------------------------
+
+
+def test_builtin_profiles_are_package_data() -> None:
+    assert builtin_profile_names() == ["cloudhsm", "softhsm2"]
+    package_dir = Path(hsmbridge.__file__).resolve().parent
+    for name in builtin_profile_names():
+        profile = builtin_profile(name)
+        assert Path(str(profile)).resolve().parent == package_dir / "profiles"
+        assert load_profile(profile).name == name
+
+
+def test_unknown_profile_name_lists_the_builtin_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, SERVICE + INVENTORY + cluster_entry("thales"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    for word in (str(path), "[[clusters]] #1", "'profile'", "thales", "cloudhsm, softhsm2"):
+        assert word in message, message
+
+
+# --- the metadata store is chosen by configuration -------------------------------------------
+
+
+def test_metadata_defaults_to_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, SERVICE + '[paths]\ndata_dir = "data"\n' + INVENTORY))
+    assert s.metadata_db == tmp_path / "data" / "metadata.sqlite3"
+    assert s.metadata_url == f"sqlite:///{tmp_path}/data/metadata.sqlite3"
+    assert s.metadata_url.startswith("sqlite:////")  # absolute: the four-slash form
+
+
+def test_paths_metadata_db_still_names_the_sqlite_file(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, SERVICE + '[paths]\nmetadata_db = "m/kms.db"\n' + INVENTORY))
+    assert s.metadata_db == tmp_path / "m" / "kms.db"
+    assert s.metadata_url == f"sqlite:///{tmp_path}/m/kms.db"
+
+
+def test_metadata_url_relative_path_resolves_against_the_data_dir(tmp_path: Path) -> None:
+    text = SERVICE + '[paths]\ndata_dir = "data"\n[metadata]\nurl = "sqlite:///db/kms.sqlite3"\n'
+    s = load_settings(write(tmp_path, text + INVENTORY))
+    assert s.metadata_db == tmp_path / "data" / "db" / "kms.sqlite3"
+    assert s.metadata_url == f"sqlite:///{tmp_path}/data/db/kms.sqlite3"
+
+
+def test_metadata_url_absolute_path(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere" / "kms.sqlite3"
+    text = SERVICE + f'[paths]\ndata_dir = "data"\n[metadata]\nurl = "sqlite:///{elsewhere}"\n'
+    s = load_settings(write(tmp_path, text + INVENTORY))
+    assert s.metadata_db == elsewhere
+    assert s.metadata_url == f"sqlite:///{elsewhere}"
+
+
+# ([metadata] table, words the ConfigError must contain besides the file's path)
+BAD_METADATA = [
+    ('url = "postgresql://kms@db.internal/kms"',
+     ["[metadata]", "'url'", "'postgresql'", "supported schemes: sqlite"]),
+    ('url = "metadata.sqlite3"', ["[metadata]", "'url'", "not a URL"]),
+    ('url = "sqlite://db.internal/kms.sqlite3"', ["[metadata]", "'url'", "no host"]),
+    ('url = "sqlite:///"', ["[metadata]", "'url'", "file path"]),
+    ('url = "sqlite:///kms.sqlite3?mode=ro"', ["[metadata]", "'url'", "no query"]),
+    ("url = 5", ["[metadata]", "'url' must be a str"]),
+    ('engine = "sqlite"', ["[metadata]", "missing required setting 'url'"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("table", "words"), BAD_METADATA)
+def test_bad_metadata_url_names_file_and_setting(
+    tmp_path: Path, table: str, words: list[str]
+) -> None:
+    path = write(tmp_path, SERVICE + INVENTORY + "[metadata]\n" + table + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, message
+
+
+def test_metadata_url_and_paths_metadata_db_together_are_refused(tmp_path: Path) -> None:
+    text = SERVICE + '[paths]\nmetadata_db = "a.db"\n[metadata]\nurl = "sqlite:///b.db"\n'
+    path = write(tmp_path, text + INVENTORY)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    for word in (str(path), "[metadata]", "'url'", "[paths] 'metadata_db'"):
+        assert word in message, message

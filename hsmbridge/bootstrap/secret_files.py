@@ -1,9 +1,9 @@
-"""Start-up refusal of secrets other users could read, for `create_app` and the CLI.
+"""Start-up refusal of secrets other users could read, for every process that opens the service.
 
 Owns: `check_secret_files(settings)`. Every file that holds a secret or protects one must be
 readable by its owner only: the master key (it decrypts every kmsuser password), the credentials
-file (SigV4 secret keys), the metadata database and its WAL/SHM sidecars (sealed passwords, key
-policies), and the demo files `hsmbridge init` writes next to them (`kmsuser.password`,
+file (SigV4 secret keys), the SQLite metadata database and its WAL/SHM sidecars (sealed passwords,
+key policies), and the demo files `hsmbridge init` writes next to them (`kmsuser.password`,
 `softhsm-so.pin`). A file with any group or other permission bit is refused with a ConfigError
 naming the file, its mode and the chmod to run. Files that do not exist yet are fine: each is
 created 0600 by the component that owns it. The check runs before the metadata store opens,
@@ -26,14 +26,17 @@ DEMO_SECRET_FILES: Final = ("kmsuser.password", "softhsm-so.pin")
 
 def secret_files(settings: Settings) -> list[tuple[str, Path]]:
     """(what, path) for every secret-bearing file this configuration names."""
-    db = settings.metadata_db
     files = [
         ("master key file", settings.master_key_file),
         ("credentials file", settings.credentials_file),
-        ("metadata database", db),
-        ("metadata database WAL", db.with_name(db.name + "-wal")),
-        ("metadata database shared memory", db.with_name(db.name + "-shm")),
     ]
+    db = settings.metadata_db
+    if db is not None:  # a database server's files are its own to protect
+        files += [
+            ("metadata database", db),
+            ("metadata database WAL", db.with_name(db.name + "-wal")),
+            ("metadata database shared memory", db.with_name(db.name + "-shm")),
+        ]
     files += [(f"secret file {name}", settings.data_dir / name) for name in DEMO_SECRET_FILES]
     return files
 

@@ -1,0 +1,60 @@
+"""The `KmsService` over everything the configuration names: the one way to open the service.
+
+Owns: `open_service(settings, ...)`: start-up checks and host preparation (`prepare`), then the
+metadata store, cluster inventory, password vault and HSM connections wired into one
+`ServiceContext`, and the `KmsService` over it. Nothing is started: the caller decides about
+start-up recovery and the deletion sweeper (`KmsService.start`). Each dependency can be injected
+(a connector, a clock, an audit sink, a metadata store), so tests, the CLI, the HTTP server and
+the benchmarks build the same service from the same code.
+Must not import uvicorn or pkcs11 directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hsmbridge.audit.events import AuditSink, NullSink
+from hsmbridge.backend import HsmConnector
+from hsmbridge.bootstrap.connector import default_connector
+from hsmbridge.bootstrap.host import prepare
+from hsmbridge.bootstrap.metadata import open_metadata_store
+from hsmbridge.config import Settings
+from hsmbridge.keystore.inventory import inventory_from_settings
+from hsmbridge.keystore.passwords import PasswordVault
+from hsmbridge.metadata.store import MetadataStore
+from hsmbridge.service.connections import StoreConnections
+from hsmbridge.service.context import Clock, ServiceContext
+from hsmbridge.service.kms import KmsService
+
+
+def open_service(
+    settings: Settings,
+    *,
+    connector: HsmConnector | None = None,
+    clock: Clock = time.time,
+    audit: AuditSink | None = None,
+    meta: MetadataStore | None = None,
+    synchronous_connect: bool = False,
+) -> KmsService:
+    """Build a KmsService; the caller closes it. `audit=None` records nothing (a NullSink):
+    entry points that keep the audit trail open it with `open_audit_log` and pass it here.
+
+    Raises ConfigError before touching anything if a secret file is group- or world-accessible.
+    """
+    prepare(settings)
+    store = meta or open_metadata_store(settings)
+    try:
+        ctx = ServiceContext(
+            settings=settings,
+            meta=store,
+            inventory=inventory_from_settings(settings.inventory),
+            vault=PasswordVault(settings.master_key_file),
+            connections=StoreConnections(connector or default_connector(settings)),
+            clock=clock,
+            audit=audit or NullSink(),
+        )
+        return KmsService(ctx, synchronous_connect=synchronous_connect)
+    except BaseException:
+        if meta is None:  # ours to close; an injected store stays the caller's
+            store.close()
+        raise

@@ -1,0 +1,1 @@
+"""Identities: who may call hsmbridge (principals, their access keys, later IAM and STS)."""

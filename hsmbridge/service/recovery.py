@@ -1,0 +1,136 @@
+"""Crash recovery: finish or roll back whatever an interrupted process left, and keep doing so.
+
+Owns: `Recovery`. At start-up (`recover_all`) it finishes interrupted connects and disconnects,
+rolls back every CreateKey intent (nothing else is serving yet) and finishes interrupted and due
+deletions. After a connect (`after_connect`) and on every sweep (`sweep_once`, run periodically by
+the one process that owns maintenance) it does the same for intents old enough that no live
+request can own them, and retries failed CreateKey clean-ups. Rolling back a CreateKey destroys
+the HSM key labelled with its ARN and removes the intent row; SoftHSM2 can also leave a nameless,
+empty key object when killed mid-generation, which recovery removes too.
+Must not import api or cli.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hsmbridge.backend import HsmBackend
+from hsmbridge.model import ConnectionState, KeyLifecycle
+from hsmbridge.service.context import ServiceContext
+from hsmbridge.service.deletion import KeyDeletion
+from hsmbridge.service.hsm import HsmGateway
+from hsmbridge.service.keys import KeyService
+from hsmbridge.service.keystores import KeyStoreService
+
+log = logging.getLogger(__name__)
+
+# A CreateKey holds its intent for one HSM key generation (milliseconds; seconds when an HSM is
+# throttling and retried): intents younger than this may still belong to a live request.
+IN_FLIGHT_GRACE_S = 60.0
+STALE_INTENT_S = 300.0
+
+
+class Recovery:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        hsm: HsmGateway,
+        keys: KeyService,
+        keystores: KeyStoreService,
+        deletions: KeyDeletion,
+    ) -> None:
+        self._ctx = ctx
+        self._hsm = hsm
+        self._keys = keys
+        self._keystores = keystores
+        self._deletions = deletions
+
+    def recover_all(self) -> None:
+        """At start-up, before this process (or any worker) serves a request."""
+        self._keystores.resume_connected()
+        for store_id in self._connected_stores():
+            self._recover_quietly(store_id)
+        self._deletions.sweep()
+
+    def after_connect(self, store_id: str) -> None:
+        # Other processes may already be serving this store: spare intents a live request owns.
+        self._recover_quietly(store_id, IN_FLIGHT_GRACE_S)
+
+    def sweep_once(self) -> None:
+        """One maintenance pass: failed clean-ups, due deletions, and intents too old to belong to
+        a live request (a worker that died mid-CreateKey), without waiting for a restart."""
+        self._keys.retry_abandoned()
+        self._deletions.sweep()
+        for store_id in self._connected_stores():
+            self._recover_quietly(store_id, STALE_INTENT_S)
+
+    def recover_store(self, store_id: str, *, in_flight_grace_s: float = 0.0) -> int:
+        """Roll back interrupted creations and finish interrupted deletions of a connected store.
+
+        With no other process serving (start-up), every CREATING intent is interrupted. Otherwise
+        (`in_flight_grace_s` > 0: after a connect, or the periodic sweep of a multi-process
+        server) intents younger than the grace may belong to a live request and are left alone.
+        """
+        row = self._ctx.store_row(store_id)
+        if row.store.connection_state is not ConnectionState.CONNECTED:
+            return 0
+        fixed = 0
+        cutoff = self._ctx.clock() - in_flight_grace_s
+        ours = self._keys.in_flight()
+        creating = [
+            r
+            for r in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.CREATING)
+            if r.key_id not in ours and (not in_flight_grace_s or r.creation_date <= cutoff)
+        ]
+        for record in creating:
+            backend = self._hsm.login(row)
+            with self._hsm.translated(record.arn):
+                backend.destroy_key(record.arn)
+            with self._ctx.meta.write():
+                self._ctx.meta.delete_key(record.key_id)
+            log.info("recovery: rolled back interrupted CreateKey %s", record.key_id)
+            fixed += 1
+        if creating:
+            backend = self._hsm.login(row)
+            with self._hsm.translated():
+                fixed += _destroy_unfinished(backend)
+        for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.DELETING):
+            self._deletions.finish(record)
+            fixed += 1
+        return fixed
+
+    def _connected_stores(self) -> list[str]:
+        return [
+            row.store.store_id
+            for row in self._ctx.meta.list_key_stores(10_000, None)
+            if row.store.connection_state is ConnectionState.CONNECTED
+        ]
+
+    def _recover_quietly(self, store_id: str, grace_s: float = 0.0) -> None:
+        try:
+            fixed = self.recover_store(store_id, in_flight_grace_s=grace_s)
+        except Exception:  # recovery is retried at the next connect, sweep or start
+            log.exception("recovery of custom key store %s failed; will retry", store_id)
+            return
+        if fixed:
+            log.info("recovery fixed %d interrupted key operation(s) in %s", fixed, store_id)
+
+
+def _destroy_unfinished(backend: HsmBackend) -> int:
+    """Destroy the key objects an interrupted key generation left without label, id or value.
+
+    SoftHSM2 writes a new object's file with default attributes first and applies the template
+    (label, CKA_ID) and the key value in later writes; a process killed in between leaves a
+    secret key with an empty label, an empty CKA_ID and a zero-length value, which recovery cannot
+    find by label. hsmbridge never creates such an object and it holds no key material, so
+    recovery of an interrupted CreateKey removes exactly that shape and nothing else.
+    """
+    doomed = [
+        info
+        for info in backend.list_keys()
+        if not info.label and not info.key_id and info.value_len == 0
+    ]
+    for info in doomed:
+        backend.destroy_key("", handle=info.handle)
+        log.warning("recovery: destroyed a half-created HSM key object (handle %d)", info.handle)
+    return len(doomed)
