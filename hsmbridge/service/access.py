@@ -24,7 +24,7 @@ class AccessControl:
             return
         # NOTE: differs from KMS, which serves every account; one hsmbridge endpoint holds the
         # keys of the one account in its configuration, so other accounts' principals are denied.
-        target = f" on resource {resource}" if resource else ""
+        target = f" on resource: {resource}" if resource else ""
         raise AccessDeniedException(
             f"User: {caller.principal_arn} is not authorized to perform: {action}{target}: "
             f"this endpoint serves account {self._account_id} only."
