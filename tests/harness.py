@@ -134,6 +134,23 @@ def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
         f'[service]\nregion = "{REGION}"\naccount_id = "{ACCOUNT}"\n\n'
         '[inventory]\nprovider = "static"\npath = "clusters.json"\n\n'
         f'[[clusters]]\ncluster_id = "{cluster_id}"\n'
-        f'profile = "{SOFTHSM2_PROFILE}"\ntoken_label = "{token_label}"\n'
+        f'profile = "{_profile_file(root, binding)}"\ntoken_label = "{token_label}"\n'
     )
     return env
+
+
+def _profile_file(root: Path, binding: ClusterBinding) -> Path:
+    """The stock SoftHSM2 profile, or a copy naming the binding's module when a test loads the
+    module from another path (a private copy is a separate library in this process)."""
+    stock = SOFTHSM2_PROFILE
+    text = stock.read_text()
+    module = binding.profile.module_path
+    if f'module_path = "{module}"' in text:
+        return stock
+    private = root / "softhsm2-profile.toml"
+    lines = [
+        f'module_path = "{module}"' if line.startswith("module_path") else line
+        for line in text.splitlines()
+    ]
+    private.write_text("\n".join(lines) + "\n")
+    return private

@@ -35,7 +35,13 @@ from hsmbridge.audit import (
     run_audit,
 )
 from hsmbridge.audit.events import AuditSink, JsonLinesSink
-from hsmbridge.backend import BackendError, HsmBackend
+from hsmbridge.backend import (
+    DeviceLostError,
+    HsmBackend,
+    HsmUnreachableError,
+    LoginError,
+    TransientHsmError,
+)
 from hsmbridge.backend.templates import violations
 from hsmbridge.cli import audit_view as view
 from hsmbridge.config import Settings, load_settings
@@ -45,6 +51,15 @@ from hsmbridge.model import ConnectionState
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 PASSWORD_ENV = "HSMBRIDGE_KMSUSER_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+# What exit 3 means for an audit: the HSM (or the KMS endpoint) cannot be reached, is too busy or
+# went away, or refused the kmsuser login.
+_UNREACHABLE = (
+    HsmUnreachableError,
+    DeviceLostError,
+    TransientHsmError,
+    LoginError,
+    KmsSourceUnreachableError,
+)
 
 EPILOG = f"""\
 sources: with --keystore the HSM is opened with the store's stored kmsuser password and compared
@@ -57,7 +72,8 @@ misplaced_material medium; foreign_label, not_kms_arn, id_mismatch low; in_fligh
 
 exit codes: 0 clean (no finding at or above --fail-on); 1 findings at or above --fail-on (find: not
 exactly one compliant key; delete-orphans: orphans listed in a dry run, or a deletion failed);
-2 usage or configuration error; 3 HSM or KMS endpoint unreachable (or login refused)."""
+2 usage or configuration error; 3 HSM or KMS endpoint unreachable (or login refused); 4 internal
+error."""
 
 
 def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -155,8 +171,10 @@ def run(args: argparse.Namespace) -> int:
                 return _delete_orphans(target, report, args.yes, fmt)
             view.print_report(report, fmt)
             return EXIT_FINDINGS if report.at_or_above(fail_on) else EXIT_OK
-    except (BackendError, KmsSourceUnreachableError) as exc:
-        # BackendError messages name labels, tokens and reasons, never the PIN.
+    except _UNREACHABLE as exc:
+        # BackendError messages name labels, tokens and reasons, never the PIN. Other backend
+        # errors (an unmapped return code, a rejected template) are not "unreachable": they
+        # reach main's handler and exit 4 as internal errors.
         print(f"error: unreachable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
 

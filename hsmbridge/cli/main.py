@@ -3,8 +3,10 @@
 Owns: the subcommand table and error reporting (each command opens its service through
 `hsmbridge.bootstrap`). Exit codes:
 0 ok; 1 findings or an operation that ended FAILED; 2 usage, configuration or request error;
-3 HSM or cluster unreachable. A KMS error prints one line `ExceptionName: message`; anything else
-prints a generic line, with the traceback only under `-v`.
+3 HSM or cluster unreachable (or the kmsuser login refused); 4 internal error. A KMS error prints
+one line `ExceptionName: message`; an unexpected exception (a bug) prints one
+`KMSInternalException: ...` line and exits 4, never 3, with the traceback logged at debug level
+(shown under `-v`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ import sys
 from collections.abc import Sequence
 
 from hsmbridge import __version__
+from hsmbridge.backend import BackendError
 from hsmbridge.cli import kms_commands
-from hsmbridge.errors import ConfigError, HsmbridgeError, KmsError
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-_UNREACHABLE = frozenset(
-    {"KeyUnavailableException", "DependencyTimeoutException", "KMSInternalException"}
+from hsmbridge.errors import (
+    ConfigError,
+    DependencyTimeoutException,
+    HsmbridgeError,
+    KeyUnavailableException,
+    KmsError,
+    KMSInternalException,
 )
+from hsmbridge.service.hsm_errors import to_kms_error
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
+# The KMS errors that mean "the HSM or the cluster could not be reached": the retryable faults
+# `service.hsm_errors.to_kms_error` makes of an unreachable, busy or lost HSM and of a refused
+# kmsuser login, and the one `service.clusters` makes of an unreadable cloudhsmv2 inventory.
+# KMSInternalException is not among them: it is a bug or a broken installation (exit 4).
+# CloudHsmClusterNotFound/NotActive are answers from a reachable inventory about the request (2).
+_UNREACHABLE: tuple[type[KmsError], ...] = (KeyUnavailableException, DependencyTimeoutException)
 
 log = logging.getLogger("hsmbridge")
 
@@ -31,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         prog="hsmbridge",
         description="AWS KMS CloudHSM custom key stores on any PKCS#11 HSM.",
-        epilog="exit codes: 0 ok, 1 findings/failed, 2 usage or config error, 3 HSM unreachable",
+        epilog="exit codes: 0 ok, 1 findings/failed, 2 usage or config error, 3 HSM unreachable, "
+        "4 internal error",
     )
     parser.add_argument("--version", action="version", version=f"hsmbridge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
@@ -90,23 +105,35 @@ def _run(args: argparse.Namespace) -> int:
             return run_kms_command(args)
         result: int = args.handler(args)
         return result
-    except KmsError as exc:
-        print(f"{exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_UNREACHABLE if exc.code in _UNREACHABLE else EXIT_USAGE
+    except (KmsError, BackendError) as exc:
+        # A backend error no service method translated is reported as the KMS error it stands for.
+        kms = exc if isinstance(exc, KmsError) else to_kms_error(exc)
+        print(f"{kms.code}: {kms.message}", file=sys.stderr)
+        return _kms_exit_code(kms)
     except (ConfigError, HsmbridgeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
-    except Exception:
-        if args.verbose:
-            log.exception("unexpected error")
+    except Exception as exc:
+        # A bug (or a broken installation), not an unreachable HSM: exit 4, not 3. The message
+        # names the exception class only: an unexpected exception's text may quote any value.
+        log.debug("unexpected error", exc_info=True)
         print(
-            "error: an unexpected internal error occurred (run with -v for details)",
+            f"{KMSInternalException.code}: unexpected {type(exc).__name__} inside hsmbridge "
+            "(run with -v for the traceback)",
             file=sys.stderr,
         )
+        return EXIT_INTERNAL
+
+
+def _kms_exit_code(exc: KmsError) -> int:
+    if isinstance(exc, _UNREACHABLE):
         return EXIT_UNREACHABLE
+    if isinstance(exc.__cause__, ConfigError):
+        return EXIT_USAGE  # e.g. an unreadable static cluster inventory: fix the configuration
+    return EXIT_INTERNAL if exc.fault else EXIT_USAGE
 
 
 def entry() -> None:

@@ -39,6 +39,7 @@ SECRET_KEY = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seQ"
 PRINCIPAL_ARN = "arn:aws:iam::111122223333:user/alice"
 MAX_REQUEST_BYTES = 4096
 LEAK_SENTINEL = "TOPSECRET-TRACEBACK-DETAIL"
+HANDLER_DELAY_S = 0.05  # GetKeyRotationStatus's stand-in sleeps this long
 
 
 @dataclass
@@ -80,6 +81,12 @@ def _operations(stand: Stand) -> dict[str, Any]:
         stand.count("GetKeyPolicy")
         raise KeyUnavailableException("The key is not yet available on enough HSMs.")
 
+    def get_key_rotation_status(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        # Takes a known time, so an event's duration can be checked against it.
+        stand.count("GetKeyRotationStatus")
+        time.sleep(HANDLER_DELAY_S)
+        return {"KeyRotationEnabled": False}
+
     def get_public_key(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         # Echoes who called, so tests can see the authenticated principal reach the handler.
         return {"KeyId": ctx.principal_arn or "anonymous"}
@@ -92,6 +99,7 @@ def _operations(stand: Stand) -> dict[str, Any]:
         "Decrypt": decrypt,
         "GetKeyPolicy": get_key_policy,
         "GetPublicKey": get_public_key,
+        "GetKeyRotationStatus": get_key_rotation_status,
     }
 
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import base64
+import json
+import time
 
 import pytest
 from botocore.exceptions import ClientError
 
 from hsmbridge.api.validation import output_validate
-from tests.api.conftest import LEAK_SENTINEL, PRINCIPAL_ARN, make_client, wait_for
+from tests.api.conftest import (
+    HANDLER_DELAY_S,
+    LEAK_SENTINEL,
+    PRINCIPAL_ARN,
+    make_client,
+    send,
+    signed,
+    wait_for,
+)
 
 
 def _error(info: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, str]:
@@ -177,18 +187,36 @@ def test_success_event(kms, stand):
     event = next(e for e in stand.events if e.request_id == request_id)
     assert (event.status, event.error_code, event.operation) == (200, None, "ListKeys")
     assert event.params_redacted == {"Limit": 5}
-    assert event.duration_ms >= 0
+
+
+def test_event_duration_covers_the_handler_in_milliseconds(kms, stand):
+    # Both bounds are causal, so no machine is too slow for them: the handler sleeps
+    # HANDLER_DELAY_S inside the measured span, and the span ends before the event is emitted.
+    began = time.perf_counter()
+    result = kms.get_key_rotation_status(KeyId="k")
+    request_id = result["ResponseMetadata"]["RequestId"]
+    wait_for(lambda: any(e.request_id == request_id for e in stand.events))
+    bound_ms = (time.perf_counter() - began) * 1000.0
+    event = next(e for e in stand.events if e.request_id == request_id)
+    assert HANDLER_DELAY_S * 1000.0 <= event.duration_ms <= bound_ms
 
 
 @pytest.mark.parametrize(
-    ("operation", "response"),
+    ("operation", "params"),
     [
-        ("GenerateRandom", {"Plaintext": b"\x00\x01"}),
-        ("ListKeys", {"Keys": [], "Truncated": False}),
+        ("GenerateRandom", {"NumberOfBytes": 2}),
+        ("ListKeys", {}),
+        ("GetPublicKey", {"KeyId": "k"}),
+        ("GetKeyRotationStatus", {"KeyId": "k"}),
     ],
 )
-def test_stand_in_outputs_match_model(operation, response):
-    assert output_validate(operation, response) == []
+def test_stand_in_outputs_match_model(server, operation, params):
+    # What the server put on the wire for each stand-in that succeeds, not a hand-written copy.
+    resp = send(
+        signed(server.endpoint_url, f"TrentService.{operation}", json.dumps(params).encode())
+    )
+    assert resp.status == 200, resp.body
+    assert output_validate(operation, resp.json) == []
 
 
 def test_output_validate_catches_wrong_types():

@@ -63,11 +63,23 @@ def test_unsigned_app_and_ops_endpoints():
 
 
 def test_graceful_stop_finishes_in_flight_request():
-    srv = ThreadedServer(_app(delay=0.5)).start()
+    entered, release = threading.Event(), threading.Event()
+
+    def list_keys(ctx, params):
+        entered.set()
+        release.wait(10)
+        return {"Keys": [], "Truncated": False}
+
+    app = create_asgi_app(
+        operations={"ListKeys": list_keys}, verifier=None, region="us-east-1",
+        max_request_bytes=1024,
+    )  # fmt: skip
+    srv = ThreadedServer(app).start()
+    port = srv.port
     result: dict[str, object] = {}
 
     def call():
-        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/", body=b"{}", headers=HEADERS)
         resp = conn.getresponse()
         result["status"], result["body"] = resp.status, resp.read()
@@ -75,14 +87,31 @@ def test_graceful_stop_finishes_in_flight_request():
 
     worker = threading.Thread(target=call)
     worker.start()
-    time.sleep(0.2)  # the request is now inside the handler
-    srv.stop()
-    worker.join(5)
+    assert entered.wait(10), "the request never reached the handler"
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()  # stop() waits for the in-flight request, which waits for `release`
+    _wait_until_refused(port)  # the listener is closed while the request is still in flight
+    assert worker.is_alive(), result
+    assert stopper.is_alive()
+    release.set()
+    worker.join(10)
+    stopper.join(10)
+    assert not stopper.is_alive()
     assert result == {"status": 200, "body": b'{"Keys":[],"Truncated":false}'}
-    probe = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=2)
-    with pytest.raises(ConnectionRefusedError):
-        probe.connect()
-    probe.close()
+
+
+def _wait_until_refused(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            probe.connect()
+        except ConnectionRefusedError:
+            return
+        finally:
+            probe.close()
+        assert time.monotonic() < deadline, "the server still accepts connections"
+        time.sleep(0.01)
 
 
 def test_handler_table_must_name_kms_operations():

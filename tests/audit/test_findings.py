@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import uuid
 from dataclasses import replace
 
 import pytest
 
+from hsmbridge.keystore.demo import (
+    DemoClusterSpec,
+    describe_clusters_document,
+    make_demo_pki,
+    new_cluster_id,
+)
 from hsmbridge.model import KeyLifecycle
-from tests.audit.conftest import create_keys, delete_object, drop_metadata_row, keygen
+from hsmbridge.service.keys import CreateKeyRequest
+from tests.audit.conftest import create_keys, delete_object, drop_metadata_row, keygen, pkcs11_tool
 from tests.callers import ADMIN
-from tests.harness import ACCOUNT, REGION
+from tests.harness import ACCOUNT, REGION, SOFTHSM2_PROFILE, KmsEnv
 
 pytestmark = pytest.mark.softhsm
 DAY = 86_400.0
+PROFILE = SOFTHSM2_PROFILE
 
 
 def test_clean_store_exits_0_with_no_findings(kms_env, audit):
@@ -71,6 +80,87 @@ def test_second_extractable_key_with_the_same_label_is_duplicate_and_non_complia
     assert "SENSITIVE is False" in bad["detail"]
     # Only the object pkcs11-tool made breaks the rules; hsmbridge's own key is compliant.
     assert bad["handle"] in {f["handle"] for f in dups}
+
+
+def test_cka_id_changed_with_pkcs11_tool_is_id_mismatch_low(kms_env, audit):
+    """hsmbridge's own key, its CKA_ID rewritten by pkcs11-tool: the label still names the KMS
+    key, so the key is found, compliant and not missing; only the CKA_ID is reported."""
+    [arn] = create_keys(kms_env, 1)
+    key_id = arn.rsplit("/", 1)[1]
+    other = str(uuid.uuid4())
+    pkcs11_tool(kms_env, "--type", "secrkey", "--label", arn, "--set-id", other.encode().hex())
+    [found] = audit(kms_env, sub=("find", arn)).json["keys"]
+    assert (found["label"], found["key_id"], found["violations"]) == (arn, other, [])
+
+    result = audit(kms_env)
+    assert result.code == 0, result.json  # low is below the default --fail-on medium
+    [finding] = result.json["findings"]
+    assert (finding["kind"], finding["severity"]) == ("id_mismatch", "low")
+    assert (finding["arn"], finding["key_id"], finding["handle"]) == (arn, key_id, found["handle"])
+    assert other in finding["detail"]
+    assert "not the key id in the label" in finding["detail"]
+    assert audit(kms_env, "--fail-on", "low").code == 1
+
+
+def _add_second_store(env: KmsEnv, softhsm_token) -> str:
+    """A second cluster (its own SoftHSM token) and custom key store in the env's configuration
+    and metadata, as one hsmbridge serving two stores has; returns the new store's id."""
+    binding, password = softhsm_token()
+    second = new_cluster_id()
+    pki = make_demo_pki(second)
+    env.config_path.write_text(
+        env.config_path.read_text()
+        + f'\n[[clusters]]\ncluster_id = "{second}"\nprofile = "{PROFILE}"\n'
+        f'token_label = "{binding.profile.token_label}"\n'
+    )
+    clusters = [
+        DemoClusterSpec(env.cluster_id, env.pki.cluster_cert_pem, region=REGION),
+        DemoClusterSpec(second, pki.cluster_cert_pem, region=REGION),
+    ]
+    env.inventory_path.write_text(json.dumps(describe_clusters_document(clusters)))
+    svc = env.restart()
+    store_id = svc.keystores.create(ADMIN, "SecondStore", second, pki.ca_cert_pem, password)
+    svc.keystores.connect(ADMIN, store_id)
+    return store_id
+
+
+def test_material_of_another_stores_live_key_is_misplaced_medium(
+    kms_env, softhsm_token, audit, run_cli
+):
+    """Material on this store's token, labelled (and identified) exactly like a live key of the
+    other custom key store, as a key generated in the wrong cluster would be."""
+    [own] = create_keys(kms_env, 1)
+    other_store = _add_second_store(kms_env, softhsm_token)
+    svc = kms_env.svc
+    theirs = svc.keys.create(
+        ADMIN, CreateKeyRequest(custom_key_store_id=other_store, origin="AWS_CLOUDHSM")
+    )
+    here = svc.ctx.connections.get(kms_env.store_id, kms_env.cluster_id, lambda: kms_env.password)
+    misplaced = here.generate_key(theirs.arn, theirs.key_id.encode("ascii"))
+
+    result = audit(kms_env)
+    assert result.code == 1, result.err  # medium is at the default --fail-on
+    [finding] = result.json["findings"]
+    assert (finding["kind"], finding["severity"]) == ("misplaced_material", "medium")
+    assert (finding["arn"], finding["label"], finding["key_id"]) == (
+        theirs.arn,
+        theirs.arn,
+        theirs.key_id,
+    )
+    assert finding["handle"] == misplaced.handle
+    assert f"live KMS key of custom key store {other_store}" in finding["detail"]
+    assert audit(kms_env, "--fail-on", "high").code == 0
+
+    # The other store's own audit is clean: its material is where it belongs.
+    theirs_audit = run_cli(
+        "audit", "--config", str(kms_env.config_path), "--keystore", other_store, "--output", "json"
+    )
+    assert theirs_audit.code == 0, theirs_audit.json
+    assert theirs_audit.json["findings"] == []
+    # Misplaced is not orphaned: delete-orphans destroys nothing here.
+    cleanup = audit(kms_env, "--yes", sub=("delete-orphans",))
+    assert (cleanup.code, cleanup.json["orphans"]) == (0, [])
+    assert sorted(i.label for i in here.list_keys()) == sorted([own, theirs.arn])
 
 
 def test_foreign_and_non_arn_labels_are_reported_low_not_judged(kms_env, audit):

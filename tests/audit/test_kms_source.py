@@ -142,6 +142,20 @@ def test_wrong_password_is_unreachable_exit_3_without_echoing_it(
     assert wrong not in result.out + result.err
 
 
+def test_wrong_password_file_is_login_refused_exit_3(kms_env, endpoint, run_cli, tmp_path):
+    create_keys(kms_env, 1)
+    right, wrong = tmp_path / "right.pw", tmp_path / "wrong.pw"
+    right.write_text(kms_env.password + "\n")
+    wrong.write_text("not-the-kmsuser-password-43\n")
+    control = run_cli(*_standalone(kms_env, endpoint, "--password-file", str(right)))
+    assert control.code == 0, control.err  # same endpoint, same token: only the file differs
+    result = run_cli(*_standalone(kms_env, endpoint, "--password-file", str(wrong)))
+    assert result.code == 3, result.err
+    assert result.out == ""
+    assert "unreachable: LoginError" in result.err
+    assert "not-the-kmsuser-password-43" not in result.err
+
+
 def test_unreachable_kms_endpoint_exits_3(kms_env, audit, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no retry backoff in the test
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)

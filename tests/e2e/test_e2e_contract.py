@@ -116,8 +116,16 @@ def toured(shared, observations):
 def test_store_lifecycle_tour(fresh):
     """Create/Connect happened through boto3 in the fixture; Disconnect/Delete need a store of
     their own, because the shared one holds every other test's keys."""
+    kms = fresh.kms
     fresh.disconnect()
-    fresh.kms.delete_custom_key_store(CustomKeyStoreId=fresh.store_id)
+    assert fresh.store_state() == "DISCONNECTED"
+    deleted = kms.delete_custom_key_store(CustomKeyStoreId=fresh.store_id)
+    assert deleted["ResponseMetadata"]["HTTPStatusCode"] == 200
+    # Gone for good: neither listed nor describable by id.
+    listed = kms.describe_custom_key_stores()["CustomKeyStores"]
+    assert fresh.store_id not in {s["CustomKeyStoreId"] for s in listed}
+    with pytest.raises(kms.exceptions.CustomKeyStoreNotFoundException):
+        kms.describe_custom_key_stores(CustomKeyStoreId=fresh.store_id)
 
 
 def test_every_success_body_validates_against_the_output_shape(shared, toured):

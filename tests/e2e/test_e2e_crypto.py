@@ -27,8 +27,9 @@ def test_encrypt_decrypt_roundtrip(kms, key):
     assert back["KeyId"] == key["Arn"]
     assert back["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
     # Every identifier form that names the right key is accepted.
-    kms.create_alias(AliasName=f"alias/e2e-dec-{key['KeyId'][:8]}", TargetKeyId=key["KeyId"])
-    for ref in (key["KeyId"], key["Arn"], f"alias/e2e-dec-{key['KeyId'][:8]}"):
+    alias = f"alias/e2e-dec-{key['KeyId']}"  # the whole key id: unique on the shared server
+    kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+    for ref in (key["KeyId"], key["Arn"], alias):
         got = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], KeyId=ref)
         assert got["Plaintext"] == plaintext
 

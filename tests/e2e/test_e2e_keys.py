@@ -5,6 +5,8 @@ hsmbridge does not implement."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.e2e.e2e_support import expect_error
@@ -12,6 +14,11 @@ from tests.e2e.e2e_support import expect_error
 pytestmark = pytest.mark.softhsm
 
 UNKNOWN_KEY = "1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def _alias(prefix: str) -> str:
+    """An alias name no other test (or earlier run) on the session-wide server uses."""
+    return f"alias/{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 def test_create_key_metadata(shared):
@@ -60,15 +67,16 @@ def test_create_key_errors(shared, kms):
 
 
 def test_describe_key_by_every_identifier(kms, key):
-    kms.create_alias(AliasName="alias/e2e-describe", TargetKeyId=key["KeyId"])
-    alias_arn = "arn:aws:kms:us-east-1:111122223333:alias/e2e-describe"
-    for ref in (key["KeyId"], key["Arn"], "alias/e2e-describe", alias_arn):
+    alias = _alias("e2e-describe")
+    kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
+    alias_arn = f"arn:aws:kms:us-east-1:111122223333:{alias}"
+    for ref in (key["KeyId"], key["Arn"], alias, alias_arn):
         assert kms.describe_key(KeyId=ref)["KeyMetadata"]["KeyId"] == key["KeyId"], ref
 
 
 def test_describe_key_errors(kms, lax):
     expect_error("NotFoundException", lambda: kms.describe_key(KeyId=UNKNOWN_KEY))
-    expect_error("NotFoundException", lambda: kms.describe_key(KeyId="alias/e2e-no-such"))
+    expect_error("NotFoundException", lambda: kms.describe_key(KeyId=_alias("e2e-no-such")))
     expect_error("InvalidArnException", lambda: kms.describe_key(KeyId="arn:aws:kms:broken"))
     # Another account's key is not served by this endpoint.
     other = f"arn:aws:kms:us-east-1:999988887777:key/{UNKNOWN_KEY}"
@@ -103,8 +111,9 @@ def test_enable_disable(kms, key):
     expect_error("NotFoundException", lambda: kms.enable_key(KeyId=UNKNOWN_KEY))
     expect_error("NotFoundException", lambda: kms.disable_key(KeyId=UNKNOWN_KEY))
     # Management operations do not accept aliases (spec §1).
-    kms.create_alias(AliasName="alias/e2e-enable", TargetKeyId=kid)
-    expect_error("NotFoundException", lambda: kms.disable_key(KeyId="alias/e2e-enable"))
+    alias = _alias("e2e-enable")
+    kms.create_alias(AliasName=alias, TargetKeyId=kid)
+    expect_error("NotFoundException", lambda: kms.disable_key(KeyId=alias))
 
 
 def test_schedule_and_cancel_deletion(shared, kms, key):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -46,21 +45,17 @@ def demo_document(demo_cluster_id, demo_pki):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint():
     """A real moto HTTP server on 127.0.0.1 (the cloudhsmv2 wire protocol, not an in-process
     patch), shared by one test module."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a free port itself and we read it back, so no other process can
+    # take the port between choosing and binding it.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server._server.server_port  # moto exposes no public accessor for the bound port
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sqlite3
 import stat
 import subprocess
@@ -47,10 +48,27 @@ def _as_protocol(store: SqliteMetadataStore) -> MetadataStore:
     return store  # mypy checks that SqliteMetadataStore structurally matches the Protocol
 
 
+def _protocol_methods() -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(MetadataStore).items()
+        if inspect.isfunction(member) and not name.startswith("_")
+    }
+
+
 def test_implements_the_protocol(store):
     typed = _as_protocol(store)
-    for name in ("write", "put_key", "keys_due_for_deletion", "deleted_keys", "close"):
-        assert callable(getattr(typed, name))
+    methods = _protocol_methods()
+    assert {"write", "put_key", "keys_due_for_deletion", "deleted_keys", "close"} <= set(methods)
+    mismatched = {}
+    for name, wanted in methods.items():
+        got = inspect.signature(getattr(typed, name))  # bound: `self` is gone
+        params = [(p.name, p.kind, p.default) for p in wanted.parameters.values()][1:]
+        if [(p.name, p.kind, p.default) for p in got.parameters.values()] != params:
+            mismatched[name] = (str(wanted), str(got))
+    # Every Protocol method, with the same parameter names, kinds and defaults (callers pass
+    # several of them by keyword), whatever mypy was told about this module.
+    assert mismatched == {}
 
 
 def test_files_are_private(store, db_path, key_store_row):

@@ -7,7 +7,6 @@ import pytest
 
 from hsmbridge.api.health import MAX_TTL_S, HealthChecker
 from hsmbridge.backend import HsmHealth
-from hsmbridge.backend.pkcs11 import BackendStats
 
 pytestmark = pytest.mark.softhsm
 
@@ -74,16 +73,30 @@ def test_cluster_below_two_active_hsms_in_two_azs_is_degraded(live):
     assert "quorum" in store["detail"]
 
 
-def test_backend_recovery_since_last_check_is_degraded(live):
+def _close_next_worker_session(backend) -> None:
+    """C_CloseSession, behind the pool's back, on the idle worker session the next HSM call will
+    be handed (the pool hands out the one released last): that call then gets a real
+    SessionHandleInvalid from SoftHSM, and the backend must evict the session and open another."""
+    pool = backend.inner._pool
+    with pool._cond:
+        worker = pool._idle[-1]
+    worker.raw.close()
+
+
+def test_backend_recovery_since_last_check_is_degraded(make_live):
+    # A slow ping (a busy machine) is DEGRADED too, and is checked first: not what this is about.
+    live = make_live(health_slow_ms=60_000.0)
     backend = _backend(live)
     assert live.health()[0] == 200
-    backend.stats = BackendStats(
-        sessions_open=2, handle_cache_hits=0, handle_cache_misses=0, retries=99
-    )
+    retries = backend.stats.retries
+    _close_next_worker_session(backend)
     live.health_clock.advance(MAX_TTL_S)
     status, doc = live.health()
-    assert status == 503
-    assert "re-established" in doc["stores"][live.store_id]["detail"]
+    store = doc["stores"][live.store_id]
+    assert (status, store["status"]) == (503, "DEGRADED"), store
+    assert store["detail"] == "HSM sessions or login re-established 1x since last check"
+    assert store["pingLatencyMs"] is not None  # the ping itself succeeded, on a new session
+    assert backend.stats.retries == retries + 1
     live.health_clock.advance(MAX_TTL_S)  # no further retries: healthy again
     assert live.health()[0] == 200
 

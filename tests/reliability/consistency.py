@@ -6,16 +6,15 @@ ARN, and every HSM key belongs to a LIVE key, except the documented disconnected
 must be recorded as tombstones with material_deleted=False. No intent row (CREATING, DELETING) may
 be left once recovery ran and nothing is in flight.
 
-Two ways to read the HSM: `labels_via_pkcs11_tool` (another process, for servers running in a
-subprocess: the pytest process must not load that environment's SoftHSM) and `labels_of` (an
-in-process `HsmBackend`). The metadata is read through the production store the configuration
-names (`bootstrap.open_metadata_store`).
+Two ways to read the HSM: `labels_via_pkcs11_tool` (OpenSC in another process: the independent
+witness, and the only way for servers running in a subprocess, whose SoftHSM the pytest process
+must not load) and `labels_of` (an in-process `HsmBackend`, i.e. the code under test). The
+metadata is read through the production store the configuration names
+(`bootstrap.open_metadata_store`).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,8 +25,7 @@ from hsmbridge.backend import HsmBackend
 from hsmbridge.config import Settings
 from hsmbridge.metadata.store import DeletedKey, MetadataStore
 from hsmbridge.model import KeyLifecycle, KeyRecord
-
-SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+from tests import pkcs11_tool
 
 
 @dataclass
@@ -84,21 +82,10 @@ def labels_of(backend: HsmBackend) -> list[str]:
     return [info.label for info in backend.list_keys()]
 
 
-def labels_via_pkcs11_tool(softhsm_conf: Path, token_label: str, pin: str) -> list[str]:
-    """Secret-key labels on the token, read by OpenSC's pkcs11-tool in its own process."""
-    env = {**os.environ, "SOFTHSM2_CONF": str(softhsm_conf)}
-    argv = ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", token_label]
-    argv += ["--login", "--pin", pin, "--list-objects", "--type", "secrkey"]
-    out = subprocess.run(
-        argv,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [
-        line.split(":", 1)[1].strip()
-        for line in out.splitlines()
-        if line.strip().startswith("label:")
-    ]
+def labels_via_pkcs11_tool(softhsm_conf: Path | None, token_label: str, pin: str) -> list[str]:
+    """Secret-key labels on the token, read by OpenSC's pkcs11-tool in its own process: one entry
+    per object, so a label two objects carry appears twice ("" for an object without a label).
+
+    `softhsm_conf` None: the SoftHSM2 configuration of this process's environment."""
+    objects = pkcs11_tool.secret_key_objects(token_label, pin, softhsm_conf=softhsm_conf)
+    return [o.label or "" for o in objects]

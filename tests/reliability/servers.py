@@ -3,8 +3,8 @@
 `InitEnv` is one `python -m hsmbridge init --data-dir D` environment: its own SoftHSM2 token
 directory (D/tokens), separate from the pytest process's SoftHSM, which therefore never loads it.
 `ServerProcess` runs either `python -m hsmbridge serve` or the test launcher `crash_server.py` in
-its own process group on a free loopback port, so teardown can always SIGKILL the whole group;
-every wait is bounded.
+its own process group on a loopback port reserved for it (`reserve_port`), so teardown can
+always SIGKILL the whole group; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -36,10 +36,19 @@ READY_TIMEOUT_S = 30.0
 _HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=1.0, read=10.0))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def reserve_port() -> socket.socket:
+    """A free loopback port, held until the server process listens on it.
+
+    Binding port 0, closing and passing the number on leaves a window in which anyone on the
+    machine may take the port. Instead the socket stays bound (never listening) with
+    SO_REUSEADDR: Linux then skips the port for every other bind to port 0 and every outgoing
+    connection, while the server, which also sets SO_REUSEADDR (asyncio's create_server and
+    uvicorn's bind_socket do), may still bind and listen on it. Close it once the server listens.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 @dataclass
@@ -129,7 +138,8 @@ class ServerProcess:
     """One server process in its own session (process group); `kill()` is SIGKILL to the group."""
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.port = free_port()
+        self._reservation: socket.socket | None = reserve_port()
+        self.port = int(self._reservation.getsockname()[1])
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -172,14 +182,21 @@ class ServerProcess:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    self._release_port()  # the server listens: the port is its own now
                     return self
             except OSError:
                 time.sleep(0.03)
         self.kill()
         raise AssertionError(f"server not ready within {timeout} s:\n{self.log()}")
 
+    def _release_port(self) -> None:
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+
     def kill(self) -> None:
         """SIGKILL the process group; idempotent."""
+        self._release_port()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -190,6 +207,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM (graceful shutdown), SIGKILL if it does not exit in time; returns the code."""
+        self._release_port()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

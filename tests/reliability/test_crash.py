@@ -9,20 +9,31 @@ end, plain `python -m hsmbridge serve`. Each restart runs start-up recovery; the
 be consistent: no intent rows, every LIVE key's material present exactly once, no orphan or
 duplicate labels except recorded disconnected-deletion orphans.
 
+Keys are never lost: every key whose CreateKey answered and that the test never scheduled for
+deletion must, after every restart it is sampled in and for all of them at the end, be Enabled and
+decrypt what it encrypted. NotFound or another state is tolerated only for keys the test scheduled.
+
+A SIGKILL can land between the response's header write and its body write, so a client may see a
+200 whose body is missing: that is a cut-off like a reset connection, recognised as such
+(`CutOffError`) and tolerated only while the server is being killed. Any other failure of a
+client thread (a `ClientError` in a targeted cycle, an assertion, an exception) fails the test
+with its message.
+
 Cost: HSMBRIDGE_CRASH_CYCLES (default 100) cycles take ~2.6 min on 2 vCPUs (~1.5 s a cycle:
 0.6 s server start-up, the check, up to 1.5 s of load). HSMBRIDGE_CRASH_SEED replays the choice of
-kill points, hit counts and delays (request interleavings under load stay nondeterministic).
+kill points, hit counts and delays (request interleavings under load stay nondeterministic); every
+failure message carries the seed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +61,22 @@ DESTROY_POINTS = ("before_hsm_destroy", "after_hsm_destroy")
 STORE_POINTS = ("in_connect", "in_disconnect")
 # Errors a request may legitimately get while racing the sweeper or a key we scheduled earlier.
 EXPECTED_CODES = {"KMSInvalidStateException", "NotFoundException", "DisabledException"}
+# How long a client that saw its connection cut may wait for the test to say it killed the server.
+KILL_NOTICE_S = 30.0
+
+
+class CutOffError(Exception):
+    """A response that ended early: the server was killed between writing headers and body."""
+
+
+def _field(response: dict[str, Any], name: str) -> Any:
+    if name not in response:
+        raise CutOffError(f"response without {name}: {response!r}")
+    return response[name]
+
+
+# What a request cut off by SIGKILL looks like to the client.
+CONNECTION_LOST = (BotoCoreError, CutOffError)
 
 
 @dataclass
@@ -58,14 +85,17 @@ class Run:
     logs: Path
     rng: random.Random
     offset_days: float = 0.0
-    keys: list[str] = field(default_factory=list)  # ARNs the test believes are Enabled
+    keys: list[str] = field(default_factory=list)  # recent Enabled ARNs the load draws from
+    created: set[str] = field(default_factory=set)  # every ARN whose CreateKey answered
     doomed: set[str] = field(default_factory=set)  # ARNs scheduled for deletion
     sealed: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    witness: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # first blob per key
     hits: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)
     decrypt_checks: int = 0
+    final_checks: int = 0
     servers: list[ServerProcess] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,6 +109,20 @@ class Run:
         self.servers.append(srv)
         return srv.wait_ready()
 
+    def add_key(self, arn: str) -> None:
+        with self.lock:
+            self.created.add(arn)
+            self.keys.append(arn)
+
+    def add_sealed(self, arn: str, blob: bytes, plaintext: bytes) -> None:
+        with self.lock:
+            self.sealed.append((arn, blob, plaintext))
+            self.witness.setdefault(arn, (blob, plaintext))
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.unexpected.append(f"{what} (seed {SEED})")
+
     def advance_clock(self, wall_seconds: float) -> None:
         # The next launcher's clock starts past everything this one scheduled (7-day windows):
         # the virtual clock never goes backwards across restarts.
@@ -87,6 +131,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    print(f"crash test seed: HSMBRIDGE_CRASH_SEED={SEED}")
     root = tmp_path_factory.mktemp("crash")
     env = init_env(root / "env")
     logs = root / "logs"
@@ -98,7 +143,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 
 def _create(kms: Any, env: InitEnv) -> str:
-    meta = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=env.store_id)["KeyMetadata"]
+    answer = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=env.store_id)
+    meta = _field(answer, "KeyMetadata")
     return str(meta["Arn"])
 
 
@@ -127,16 +173,29 @@ def _wait_marker(marker: Path, srv: ServerProcess) -> str:
     raise AssertionError(f"kill point not reached in {MARKER_TIMEOUT_S} s:\n{srv.log()}")
 
 
-def _in_background(fn: Any, *args: Any, **kwargs: Any) -> threading.Thread:
-    """Requests cut off by the kill end with a connection error; that is the point."""
+def _in_background(r: Run, fn: Any, *args: Any) -> threading.Thread:
+    """Requests cut off by the kill end with a connection error; that is the point. Anything else
+    (a 4xx or 5xx answer, an exception) is a failure the test reports."""
 
     def body() -> None:
-        with contextlib.suppress(BotoCoreError, ClientError):
-            fn(*args, **kwargs)
+        try:
+            fn(*args)
+        except CONNECTION_LOST:
+            pass
+        except Exception as exc:  # every other outcome is reported, never swallowed
+            r.fail(f"background {getattr(fn, '__name__', fn)}: {exc!r}")
 
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread
+
+
+def _join(r: Run, threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            r.fail(f"client thread {thread.name} still running {timeout} s after the kill")
 
 
 def _verify_after_restart(r: Run, srv: ServerProcess, context: str) -> None:
@@ -145,14 +204,24 @@ def _verify_after_restart(r: Run, srv: ServerProcess, context: str) -> None:
     kms = r.env.client(srv.url)
     _ensure_connected(kms, r.env)
     for arn, blob, plaintext in r.rng.sample(r.sealed, min(3, len(r.sealed))):
-        try:
-            state = kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"]
-        except kms.exceptions.NotFoundException:
-            continue  # scheduled by a load client and deleted by the sweeper since
-        if state != "Enabled":
-            continue
-        assert kms.decrypt(CiphertextBlob=blob, KeyId=arn)["Plaintext"] == plaintext, context
-        r.decrypt_checks += 1
+        if _key_lives(kms, arn, arn in r.doomed, context):
+            assert kms.decrypt(CiphertextBlob=blob, KeyId=arn)["Plaintext"] == plaintext, context
+            r.decrypt_checks += 1
+
+
+def _key_lives(kms: Any, arn: str, doomed: bool, context: str) -> bool:
+    """True when the key is Enabled. A key the test never scheduled for deletion must be."""
+    try:
+        state = kms.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"]
+    except kms.exceptions.NotFoundException:
+        assert doomed, f"{context}: key lost (NotFound, never scheduled for deletion): {arn}"
+        return False
+    assert doomed or state == "Enabled", f"{context}: never-scheduled key is {state}: {arn}"
+    return bool(state == "Enabled")
+
+
+def _create_recorded(r: Run, kms: Any) -> None:
+    r.add_key(_create(kms, r.env))
 
 
 def _targeted(r: Run, point: str) -> None:
@@ -163,47 +232,60 @@ def _targeted(r: Run, point: str) -> None:
     started = time.monotonic()
     _verify_after_restart(r, srv, f"after restart before {point} (seed {SEED})")
     kms = r.env.client(srv.url, read_timeout=MARKER_TIMEOUT_S + 5)
+    store = {"CustomKeyStoreId": r.env.store_id}
     if point in CREATE_POINTS:
-        threads = [_in_background(_create, kms, r.env) for _ in range(hit)]
+        threads = [_in_background(r, _create_recorded, r, kms) for _ in range(hit)]
     elif point in DESTROY_POINTS:
         doomed = [_create(kms, r.env) for _ in range(hit)]
         for arn in doomed:
+            with r.lock:
+                r.created.add(arn)
+                r.doomed.add(arn)
             kms.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7)
         threads = []
     elif point == "in_connect":
-        kms.disconnect_custom_key_store(CustomKeyStoreId=r.env.store_id)
-        threads = [_in_background(kms.connect_custom_key_store, CustomKeyStoreId=r.env.store_id)]
+        kms.disconnect_custom_key_store(**store)
+        threads = [_in_background(r, lambda: kms.connect_custom_key_store(**store))]
     else:
-        threads = [_in_background(kms.disconnect_custom_key_store, CustomKeyStoreId=r.env.store_id)]
+        threads = [_in_background(r, lambda: kms.disconnect_custom_key_store(**store))]
     r.hits[_wait_marker(marker, srv)] += 1
     srv.kill()
-    for thread in threads:
-        thread.join(timeout=10)
+    _join(r, threads, timeout=15)
     r.advance_clock(time.monotonic() - started)
 
 
 def _load_client(r: Run, url: str, stop: threading.Event) -> None:
+    """Mixed traffic until the kill. A thread that dies reports why instead of vanishing."""
+    try:
+        _load_loop(r, url, stop)
+    except CONNECTION_LOST as exc:
+        # The server was killed under us; if the test does not say so soon, it was not.
+        if not stop.wait(KILL_NOTICE_S):
+            r.fail(f"load client lost its connection while the server was up: {exc!r}")
+    except BaseException:
+        r.fail("load client died:\n" + traceback.format_exc())
+
+
+def _load_loop(r: Run, url: str, stop: threading.Event) -> None:
     kms = r.env.client(url, read_timeout=10)
     while not stop.is_set():
         op = r.rng.random()
+        with r.lock:
+            key = r.rng.choice(r.keys) if r.keys else None
         try:
-            with r.lock:
-                key = r.rng.choice(r.keys) if r.keys else None
             if key is None or op < 0.35:
-                arn = _create(kms, r.env)
-                with r.lock:
-                    r.keys.append(arn)
+                r.add_key(_create(kms, r.env))
             elif op < 0.75:
                 plaintext = os.urandom(32)
-                blob = kms.encrypt(KeyId=key, Plaintext=plaintext)["CiphertextBlob"]
-                with r.lock:
-                    r.sealed.append((key, blob, plaintext))
+                blob = _field(kms.encrypt(KeyId=key, Plaintext=plaintext), "CiphertextBlob")
+                r.add_sealed(key, blob, plaintext)
             elif op < 0.85:
                 with r.lock:
                     sealed = r.rng.choice(r.sealed) if r.sealed else None
                 if sealed is not None:
                     key, blob, plaintext = sealed
-                    assert kms.decrypt(CiphertextBlob=blob, KeyId=key)["Plaintext"] == plaintext
+                    answer = kms.decrypt(CiphertextBlob=blob, KeyId=key)
+                    assert _field(answer, "Plaintext") == plaintext, f"decrypt mismatch: {key}"
             else:
                 with r.lock:
                     if key in r.keys:
@@ -217,9 +299,7 @@ def _load_client(r: Run, url: str, stop: threading.Event) -> None:
                 # A deleted key's ciphertexts no longer decrypt: KMS says InvalidCiphertext.
                 gone = code == "InvalidCiphertextException" and key in r.doomed
                 if code not in EXPECTED_CODES and not gone and not stop.is_set():
-                    r.unexpected.append(f"{code}: {exc}")
-        except BotoCoreError:
-            return  # the server was killed under us
+                    r.unexpected.append(f"{code}: {exc} (seed {SEED})")
 
 
 def _random_kill(r: Run) -> None:
@@ -238,8 +318,7 @@ def _random_kill(r: Run) -> None:
     time.sleep(r.rng.uniform(0.05, 1.5))
     srv.kill()
     stop.set()
-    for thread in threads:
-        thread.join(timeout=15)
+    _join(r, threads, timeout=15)
     r.advance_clock(time.monotonic() - started)
 
 
@@ -263,11 +342,14 @@ def test_kill_restart_cycles_leave_no_orphans_and_lose_no_keys(run: Run) -> None
             _targeted(run, kind)
         if kind == "in_disconnect" or cycle % SERVE_EVERY == SERVE_EVERY - 1:
             _plain_restart(run, f"plain restart after cycle {cycle} ({kind}, seed {SEED})")
-        # Keep the token small: find-by-label is a linear scan (field notes §0.4).
+        # The load draws from recent keys only; `created` and `witness` keep every key for the
+        # final check.
         with run.lock:
             del run.keys[:-20]
             del run.sealed[:-50]
+        assert not run.unexpected, run.unexpected[:5]
     _plain_restart(run, f"final restart (seed {SEED})")
+    _every_key_survived(run)
     # The operators' own audit must agree with ours (recorded orphans are not findings).
     audit = run.env.production_audit()
     assert audit["findings"] == [], audit
@@ -287,10 +369,31 @@ def test_kill_restart_cycles_leave_no_orphans_and_lose_no_keys(run: Run) -> None
                 "kill_points_hit": run.hits,
                 "client_error_codes": run.codes,
                 "decrypt_checks": run.decrypt_checks,
+                "keys_checked_at_end": run.final_checks,
+                "keys_created": len(run.created),
                 "seconds": round(time.monotonic() - begun, 1),
             }
         )
     )
+
+
+def _every_key_survived(r: Run) -> None:
+    """Every key whose CreateKey answered and that was never scheduled is Enabled and decrypts
+    what it encrypted (or, if it never encrypted anything, encrypts and decrypts now)."""
+    srv = r.start(plain=True)
+    kms = r.env.client(srv.url)
+    context = f"final check (seed {SEED})"
+    for arn in sorted(r.created):
+        if not _key_lives(kms, arn, arn in r.doomed, context):
+            continue
+        blob, plaintext = r.witness.get(arn) or (b"", b"")
+        if not blob:
+            plaintext = os.urandom(16)
+            blob = kms.encrypt(KeyId=arn, Plaintext=plaintext)["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=blob, KeyId=arn)["Plaintext"] == plaintext, arn
+        r.final_checks += 1
+    assert srv.stop() in (0, -signal.SIGTERM), srv.log()
+    assert r.final_checks > 0, context
 
 
 def _wait_deletion_status(audit_log: Path, arn: str) -> Any:

@@ -9,7 +9,9 @@
   real call, so the service sees "the HSM did it but the answer was lost" on every method.
 
 After each run, with injection off: every ciphertext that was returned decrypts, and the label
-audit is clean: no intent rows, no LIVE key without material, no orphan or duplicate labels.
+audit is clean: no intent rows, no LIVE key without material, no orphan or duplicate labels. The
+audit reads the token with pkcs11-tool (another process, not the backend under test) and checks
+that our backend lists the same labels.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
 from hsmbridge import bootstrap
+from hsmbridge.backend import HsmKeyInfo
+from hsmbridge.backend.sessions import load_library
+from hsmbridge.config import ClusterBinding
 from hsmbridge.errors import KmsError
 from hsmbridge.model import KeyState
 from hsmbridge.service.keys import CreateKeyRequest
 from hsmbridge.service.kms import KmsService
+from tests import pkcs11_tool
 from tests.callers import ADMIN
+from tests.conftest import SOFTHSM_MODULE
 from tests.harness import KmsEnv
 from tests.reliability import consistency
 from tests.reliability.faults import (
@@ -36,8 +46,35 @@ from tests.reliability.faults import (
     Injector,
     install_library_faults,
 )
+from tests.service import checks
 
 pytestmark = pytest.mark.softhsm
+
+
+@pytest.fixture(scope="module")
+def private_module(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A copy of the SoftHSM2 module for this file's environments. Loaded under its own path it
+    is a separate library in this process, with its own C_Initialize state, so the
+    re-initialisations these faults cause never reach the library that other tests' backends
+    (the session-wide e2e server among them) share."""
+    path = tmp_path_factory.mktemp("faults-module") / "libsofthsm2-faults.so"
+    shutil.copy(SOFTHSM_MODULE, path)
+    return str(path)
+
+
+@pytest.fixture
+def softhsm_token(
+    softhsm_token: Callable[..., tuple[ClusterBinding, str]], private_module: str
+) -> Callable[..., tuple[ClusterBinding, str]]:
+    """The shared token factory, with every binding on the private copy of the module."""
+
+    def make(label: str | None = None) -> tuple[ClusterBinding, str]:
+        binding, pin = softhsm_token(label)
+        profile = replace(binding.profile, module_path=private_module)
+        return replace(binding, profile=profile), pin
+
+    return make
+
 
 SEED = int(os.environ.get("HSMBRIDGE_FAULT_SEED", "20240611"))
 OPS = int(os.environ.get("HSMBRIDGE_FAULT_OPS", "300"))
@@ -95,13 +132,19 @@ class Mix:
         return checked
 
 
-def _audit(svc: KmsService, store_id: str) -> consistency.Report:
+def _audit(env: KmsEnv) -> consistency.Report:
+    """Label audit of the env's store (injection off). The HSM side is read by pkcs11-tool, a
+    separate process with its own PKCS#11 stack (the backend under test may be the one at fault);
+    our backend must list exactly the same labels, duplicates included."""
+    svc, store_id = env.svc, env.store_id
+    assert store_id is not None
+    witness = consistency.labels_via_pkcs11_tool(None, env.token_label, env.password)
     backend = svc.ctx.connections.peek(store_id)
     assert backend is not None
+    ours = consistency.labels_of(backend)
+    assert Counter(ours) == Counter(witness), "our backend and pkcs11-tool disagree"
     records = svc.ctx.meta.keys_in_store(store_id)
-    return consistency.check(
-        consistency.labels_of(backend), records, svc.ctx.meta.deleted_keys(store_id)
-    )
+    return consistency.check(witness, records, svc.ctx.meta.deleted_keys(store_id))
 
 
 def _reconnect(svc: KmsService, store_id: str) -> None:
@@ -119,6 +162,9 @@ def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
     assert store_id is not None
     injector = Injector(SEED, 0.08, PKCS11_FAULTS)
     module = kms_env.settings.clusters[kms_env.cluster_id].profile.module_path
+    assert module != SOFTHSM_MODULE
+    shared = load_library(SOFTHSM_MODULE)
+    shared_generation = shared.generation
     caplog.set_level(logging.INFO, logger="hsmbridge")
     with install_library_faults(module, kms_env.token_label, injector) as library:
         _reconnect(svc, store_id)
@@ -132,7 +178,7 @@ def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
         assert backend is not None
         stats = backend.stats  # type: ignore[attr-defined]
         mix.verify_all_decrypt()
-        report = _audit(svc, store_id)
+        report = _audit(kms_env)
         generations = library.generation - generation
         svc.keystores.disconnect(ADMIN, store_id)  # leave no proxied session behind
     summary = {
@@ -149,6 +195,8 @@ def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
     assert sum(mix.ok.values()) >= 0.9 * OPS, summary
     assert stats.retries > 0
     assert generations > 0, "TokenNotPresent/DeviceError never re-initialised the library"
+    # ...and only this file's private copy of it: other tests' backends keep their sessions.
+    assert shared.generation == shared_generation, "faults re-initialised the shared library"
     assert "re-logged in" in caplog.text, "UserNotLoggedIn never led to a re-login"
     report.assert_clean("after PKCS#11 faults")
     assert report.live == len(mix.keys)
@@ -190,7 +238,7 @@ def test_each_recovery_path_ends_in_success(
         injector.enabled = False
         if effect is not None:
             assert effect in caplog.text, [r.getMessage() for r in caplog.records]
-        report = _audit(svc, store_id)
+        report = _audit(kms_env)
         svc.keystores.disconnect(ADMIN, store_id)
     report.assert_clean(f"after forced {fault}")
 
@@ -234,6 +282,54 @@ def test_backend_faults_surface_as_kms_errors_and_leave_nothing_half_done(
         if arn not in doomed:
             assert svc.keys.describe(ADMIN, arn).key_state is KeyState.ENABLED
     assert mix.verify_all_decrypt(frozenset(doomed)) > 0
-    report = _audit(svc, store_id)
+    report = _audit(kms_env)
     report.assert_clean("after backend faults")
     assert report.live == len(mix.keys) - len(doomed)
+
+
+def test_the_audit_witness_sees_a_duplicate_our_backend_hides(
+    kms_env: KmsEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The label audit must not depend on the backend it audits: a second object carrying a live
+    key's ARN (made by pkcs11-tool, as an operator would) is a duplicate even when our backend's
+    enumeration folds it away (a fault in the code under test)."""
+    svc, store_id = kms_env.svc, kms_env.store_id
+    assert store_id is not None
+    mix = Mix(svc, store_id, SEED)
+    mix.create()
+    mix.create()
+    [arn, other] = mix.keys
+    _audit(kms_env).assert_clean("before the duplicate")
+    pkcs11_tool.run(
+        kms_env.token_label, kms_env.password,
+        "--keygen", "--key-type", "AES:32", "--label", arn, "--sensitive",
+    )  # fmt: skip
+    witness = pkcs11_tool.secret_key_objects(kms_env.token_label, kms_env.password)
+    assert sorted(str(o.label) for o in witness) == sorted([arn, arn, other])
+    with pytest.raises(AssertionError, match="duplicate labels"):
+        pkcs11_tool.secret_keys(kms_env.token_label, kms_env.password)
+
+    # Our backend, correct: both views see it, the audit reports it.
+    report = consistency.check(
+        consistency.labels_via_pkcs11_tool(None, kms_env.token_label, kms_env.password),
+        svc.ctx.meta.keys_in_store(store_id),
+        svc.ctx.meta.deleted_keys(store_id),
+    )
+    assert report.problems == [f"duplicate label x2: {arn}"]
+    with pytest.raises(AssertionError, match="pkcs11-tool: LIVE keys by object count"):
+        checks.assert_consistent(kms_env)
+
+    # Our backend, broken: it lists each label once. The witness still sees two objects.
+    backend = svc.ctx.connections.peek(store_id)
+    assert backend is not None
+    real_list_keys = backend.list_keys
+
+    def folded() -> Iterator[HsmKeyInfo]:
+        return iter({info.label: info for info in real_list_keys()}.values())
+
+    monkeypatch.setattr(backend, "list_keys", folded)
+    assert Counter(consistency.labels_of(backend))[arn] == 1
+    with pytest.raises(AssertionError, match="our backend and pkcs11-tool disagree"):
+        _audit(kms_env)
+    with pytest.raises(AssertionError, match="pkcs11-tool: LIVE keys by object count"):
+        checks.assert_consistent(kms_env)

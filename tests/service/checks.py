@@ -2,7 +2,8 @@
 
 Everything here reads real state: the metadata rows of every lifecycle through the SQLite store,
 the token through our backend's batched scan, and, independently, through OpenSC's pkcs11-tool in
-another process (so a bug in our attribute reader cannot hide a bug in our key template).
+another process (so a bug in our attribute reader or object enumeration cannot hide a bug in our
+key template or a duplicate label).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from hsmbridge.backend import HsmBackend
 from hsmbridge.model import KeyLifecycle, KeyRecord
 from tests import pkcs11_tool
 from tests.harness import KmsEnv
-
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
 def backend(env: KmsEnv) -> HsmBackend:
@@ -33,18 +32,35 @@ def rows(env: KmsEnv) -> list[KeyRecord]:
 
 
 def hsm_labels(env: KmsEnv) -> Counter[str]:
+    """Secret-key labels on the env's token as our backend enumerates them, with counts."""
     return Counter(k.label for k in backend(env).list_keys())
 
 
+def pkcs11_tool_labels(env: KmsEnv) -> Counter[str]:
+    """Secret-key labels on the env's token as pkcs11-tool (another process) lists them."""
+    return pkcs11_tool.secret_key_labels(env.token_label, env.password)
+
+
+def assert_labels_match_metadata(labels: Counter[str], live: set[str], witness: str) -> None:
+    """Every LIVE ARN labels exactly one HSM key; every HSM key is a LIVE key's."""
+    counts = {arn: labels[arn] for arn in live}
+    assert counts == dict.fromkeys(live, 1), f"{witness}: LIVE keys by object count: {counts}"
+    assert set(labels) <= live, f"{witness}: orphan material: {set(labels) - live}"
+
+
 def assert_consistent(env: KmsEnv) -> None:
-    """No key material without a LIVE record, no LIVE record without exactly one HSM key."""
-    live = {r.arn for r in rows(env) if r.lifecycle is KeyLifecycle.LIVE}
-    labels = hsm_labels(env)
-    assert {arn: labels[arn] for arn in live} == dict.fromkeys(live, 1)
-    assert set(labels) <= live, f"orphan material: {set(labels) - live}"
-    assert all(r.lifecycle is KeyLifecycle.LIVE for r in rows(env))
+    """No key material without a LIVE record, no LIVE record without exactly one HSM key, no
+    intent row left; checked against the token as our backend sees it and as pkcs11-tool does."""
+    records = rows(env)
+    live = {r.arn for r in records if r.lifecycle is KeyLifecycle.LIVE}
+    ours, witness = hsm_labels(env), pkcs11_tool_labels(env)
+    assert_labels_match_metadata(witness, live, "pkcs11-tool")
+    assert_labels_match_metadata(ours, live, "our backend")
+    assert ours == witness, "our backend and pkcs11-tool disagree about the token"
+    assert all(r.lifecycle is KeyLifecycle.LIVE for r in records)
 
 
 def pkcs11_tool_secret_keys(env: KmsEnv) -> dict[str, dict[str, object]]:
-    """`pkcs11-tool --list-objects --type secrkey` on the env's token, parsed by label."""
+    """`pkcs11-tool --list-objects --type secrkey` on the env's token, by label (fails the test
+    if a label repeats: see `pkcs11_tool.secret_key_objects` for the list)."""
     return pkcs11_tool.secret_keys(env.token_label, env.password)

@@ -84,7 +84,7 @@ def test_access_control_names_principal_action_and_resource() -> None:
         control.authorize(OUTSIDER, "kms:Encrypt", arn)
     assert caught.value.code == "AccessDeniedException"
     assert caught.value.message.startswith(
-        f"User: {OUTSIDER_ARN} is not authorized to perform: kms:Encrypt on resource {arn}"
+        f"User: {OUTSIDER_ARN} is not authorized to perform: kms:Encrypt on resource: {arn}"
     )
     with pytest.raises(AccessDeniedException, match="kms:ListKeys: "):
         control.authorize(OUTSIDER, "kms:ListKeys")  # account-level: no resource named
