@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.audit.conftest import create_keys
+from tests.callers import ADMIN
 from tests.cli.process import hsmbridge_env, run_hsmbridge
 from tests.conftest import SOFTHSM_MODULE
 from tests.harness import SOFTHSM2_PROFILE, KmsEnv
