@@ -134,7 +134,7 @@ def cmd_raw(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open_service(config: Path) -> tuple[Any, str]:
-    from hsmbridge.audit.events import NullSink
+    from hsmbridge.trail.events import NullSink
 
     settings, _profile, _pin = _settings(config)
     # NullSink: the in-process numbers are the service layer's; the HTTP server keeps its

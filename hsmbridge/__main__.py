@@ -1,5 +1,5 @@
 """`python -m hsmbridge`: the same entry point as the `hsmbridge` console script."""
 
-from hsmbridge.cli.main import entry
+from hsmbridge.main import entry
 
 entry()

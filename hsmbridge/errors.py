@@ -2,7 +2,7 @@
 
 Owns: the `KmsError` base and its subclasses. `code` is the exact `__type` a KMS client parses and
 `fault` copies the botocore model's fault flag (server-side errors are retried by SDKs).
-Must not import: anything HTTP, anything PKCS#11, anything else from hsmbridge. `api/errors.py`
+Must not import: anything HTTP, anything PKCS#11, anything else from hsmbridge. `protocol/errors.py`
 alone turns these into HTTP responses.
 """
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsmbridge import bootstrap
-from hsmbridge.audit.events import MemorySink
 from hsmbridge.config import ClusterBinding, Settings, builtin_profile, load_settings
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
@@ -23,6 +22,7 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.service.kms import KmsService
+from hsmbridge.trail.events import MemorySink
 
 REPO = Path(__file__).resolve().parent.parent
 SOFTHSM2_PROFILE = builtin_profile("softhsm2")  # the package's copy, as an installed one reads

@@ -20,9 +20,9 @@ import pytest
 import urllib3
 from botocore.config import Config
 
-from hsmbridge.api.compose import Runtime, create_app
-from hsmbridge.api.server import ThreadedServer
-from hsmbridge.audit.sinks import BufferedJsonLinesSink
+from hsmbridge.http.compose import Runtime, create_app
+from hsmbridge.http.server import ThreadedServer
+from hsmbridge.trail.sinks import BufferedJsonLinesSink
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY, FakeClock, KmsEnv
 
 HTTP = urllib3.PoolManager()

@@ -6,7 +6,7 @@ The importable API for audit scripts:
     for finding in report.at_or_above(Severity.MEDIUM): ...
     delete_orphans(backend, source, scope, report.of_kind(FindingKind.ORPHANED_MATERIAL), sink)
 
-Must not import service, api or cli (the CLI composes these pieces).
+Must not import service, protocol, http or cli (the CLI composes these pieces).
 """
 
 from hsmbridge.audit.cleanup import (

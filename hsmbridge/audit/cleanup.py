@@ -5,7 +5,7 @@ each re-checked right before its destruction (the label still names an in-scope 
 object with that handle still carries the label, and the metadata side still has no KMS key with
 that id in any store), and records one `AuditEvent` per destruction attempt. Foreign labels,
 non-compliant keys of live KMS keys, misplaced and in-flight material are never touched.
-Must not import service, api or cli.
+Must not import service, protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hsmbridge.audit.events import AuditEvent, AuditSink
 from hsmbridge.audit.findings import AuditReport, AuditScope, Finding, FindingKind
 from hsmbridge.audit.reconcile import label_key_id
 from hsmbridge.audit.sources import MetadataSource
 from hsmbridge.backend.errors import BackendError
 from hsmbridge.backend.interface import HsmBackend
+from hsmbridge.trail.events import AuditEvent, AuditSink
 
 EVENT_NAME = "DeleteOrphanedKeyMaterial"
 

@@ -2,7 +2,8 @@
 
 Owns: `Severity` (ordered, info < low < medium < high < critical), `FindingKind` with the
 severity each kind carries (`SEVERITY_OF`, the one place that choice is made), the frozen `Finding`
-record and `AuditReport`. Pure data; must not import backend, metadata, service, api or cli.
+record and `AuditReport`. Pure data; must not import backend, metadata, service, protocol, http
+or cli.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns: `KmsApiSource`, which lists a custom key store's keys the way spec §6.5 says KMS allows it:
 ListKeys (paginated), then DescribeKey on each key, keeping those whose CustomKeyStoreId (or,
 without a store id, CloudHsmClusterId) matches. KMS has no server-side filter, so this costs one
-DescribeKey per key in the account and region. Must not import service, api or cli.
+DescribeKey per key in the account and region. Must not import service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Owns: `find_material()` (the HSM key(s) labelled with one KMS key ARN, like
 `cloudhsm-cli key list --filter attr.label=<ARN> --verbose`) and `material_dict()`, the printable
-form of an `HsmKeyInfo` with its invariant violations. Must not import service, api or cli.
+form of an `HsmKeyInfo` with its invariant violations. Must not import service, protocol, http
+or cli.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ attributes); the metadata side is one `MetadataSource.store_keys()` listing plus
 Every object is then classified in memory, so the cost is linear in objects + keys; a per-key
 lookup is made only for labels of keys the store does not hold (orphan candidates). Attribute
 rules come from `hsmbridge.backend.templates.violations`, never restated here.
-Must not import service, api or cli.
+Must not import service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -4,18 +4,18 @@ Owns: the `MetadataSource` Protocol (the store's keys, a fresh single-key lookup
 deletion tombstones) and its implementation over hsmbridge's own metadata store. The adapter for
 any KMS endpoint (boto3) lives in `hsmbridge.audit.kms_source`.
 
-Must not import hsmbridge.metadata (audit and metadata are independent siblings in the layers
-contract): `StoreMetadataSource` names the few store methods it reads in its own Protocol, which
-`hsmbridge.metadata.store.MetadataStore` satisfies structurally. Nor service, api or cli.
+`StoreMetadataSource` reads the `MetadataStore` interface (it writes nothing there). Must not
+import service, protocol, http or cli.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import KeyLifecycle, KeyRecord
 
 
@@ -63,27 +63,6 @@ class MetadataSource(Protocol):
         ...
 
 
-class TombstoneRow(Protocol):
-    """A deletion record as `hsmbridge.metadata.store.DeletedKey` holds it (a dataclass)."""
-
-    @property
-    def key_id(self) -> str: ...
-    @property
-    def arn(self) -> str: ...
-    @property
-    def deleted_at(self) -> float: ...
-    @property
-    def material_deleted(self) -> bool: ...
-
-
-class KeyRecords(Protocol):
-    """The part of `MetadataStore` an audit reads (it writes nothing there)."""
-
-    def keys_in_store(self, store_id: str) -> list[KeyRecord]: ...
-    def get_key(self, key_id: str) -> KeyRecord | None: ...
-    def deleted_keys(self, store_id: str | None = None) -> Iterator[TombstoneRow]: ...
-
-
 _STATUS = {
     KeyLifecycle.LIVE: KeyStatus.LIVE,
     KeyLifecycle.CREATING: KeyStatus.CREATING,
@@ -107,7 +86,7 @@ class StoreMetadataSource:
 
     name = "metadata"
 
-    def __init__(self, meta: KeyRecords, store_id: str) -> None:
+    def __init__(self, meta: MetadataStore, store_id: str) -> None:
         self._meta = meta
         self._store_id = store_id
 

@@ -3,7 +3,7 @@
 Owns nothing but wiring. It reads only a `Settings` and builds everything below the edges: the
 start-up checks (`prepare`: secret-file permissions, HSM environment, data directory), the
 metadata store the configuration names, the audit trail file, the HSM connector and the service.
-The HTTP server (`api.compose`), the CLI, the benchmarks and the test fixtures all open their
+The HTTP server (`http.compose`), the CLI, the benchmarks and the test fixtures all open their
 service here and nowhere else; the edges add only what is theirs (metrics, SigV4, the ASGI app).
 
     service = open_service(settings, audit=open_audit_log(settings), synchronous_connect=True)

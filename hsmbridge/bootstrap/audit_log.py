@@ -9,10 +9,10 @@ Must not import uvicorn or pkcs11.
 
 from __future__ import annotations
 
-from hsmbridge.audit.events import JsonLinesSink
-from hsmbridge.audit.sinks import BufferedJsonLinesSink
 from hsmbridge.bootstrap.host import prepare
 from hsmbridge.config import Settings
+from hsmbridge.trail.events import JsonLinesSink
+from hsmbridge.trail.sinks import BufferedJsonLinesSink
 
 
 def open_audit_log(settings: Settings) -> JsonLinesSink:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-from hsmbridge.audit.events import AuditSink, NullSink
 from hsmbridge.backend import HsmConnector
 from hsmbridge.bootstrap.connector import default_connector
 from hsmbridge.bootstrap.host import prepare
@@ -25,6 +24,7 @@ from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.service.connections import StoreConnections
 from hsmbridge.service.context import Clock, ServiceContext
 from hsmbridge.service.kms import KmsService
+from hsmbridge.trail.events import AuditSink, NullSink
 
 
 def open_service(

@@ -34,7 +34,6 @@ from hsmbridge.audit import (
     plan_orphan_deletion,
     run_audit,
 )
-from hsmbridge.audit.events import AuditSink, JsonLinesSink
 from hsmbridge.backend import (
     DeviceLostError,
     HsmBackend,
@@ -48,6 +47,7 @@ from hsmbridge.config import Settings, load_settings
 from hsmbridge.errors import ConfigError
 from hsmbridge.ids import is_key_id
 from hsmbridge.model import ConnectionState
+from hsmbridge.trail.events import AuditSink, JsonLinesSink
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 PASSWORD_ENV = "HSMBRIDGE_KMSUSER_PASSWORD"  # noqa: S105 - the variable's name, not a secret

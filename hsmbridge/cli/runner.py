@@ -14,21 +14,21 @@ import time
 from typing import Any
 
 from hsmbridge import bootstrap
-from hsmbridge.api.errors import status_for
-from hsmbridge.api.operations import build_operations, dispatch
-from hsmbridge.api.validation import redact_params
-from hsmbridge.audit.calls import api_event, audit_event
-from hsmbridge.audit.context import RequestScope, request_scope
-from hsmbridge.audit.events import AuditSink, JsonLinesSink
-from hsmbridge.audit.sinks import RequestAwareSink
 from hsmbridge.cli.kms_commands import Command, build_request
 from hsmbridge.cli.output import print_json
 from hsmbridge.config import Settings, load_settings
 from hsmbridge.errors import KmsError, KMSInternalException
 from hsmbridge.identity.credentials import cli_principal
 from hsmbridge.model import ConnectionState
+from hsmbridge.protocol.errors import status_for
+from hsmbridge.protocol.operations import build_operations, dispatch
+from hsmbridge.protocol.validation import redact_params
 from hsmbridge.request import CLI_USER_AGENT, RequestContext
 from hsmbridge.service.kms import KmsService
+from hsmbridge.trail.calls import api_event, audit_event
+from hsmbridge.trail.context import RequestScope, request_scope
+from hsmbridge.trail.events import AuditSink, JsonLinesSink
+from hsmbridge.trail.sinks import RequestAwareSink
 
 EXIT_OK, EXIT_FAILED = 0, 1
 

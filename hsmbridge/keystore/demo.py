@@ -7,7 +7,7 @@ the exact JSON shape `aws cloudhsmv2 describe-clusters` prints, for `StaticInven
 WARNING: the CA private key is returned unencrypted. It exists so an operator can sign more demo
 certificates; it is never a production trust anchor.
 
-Must not import: hsmbridge.metadata, backend, service, api or cli.
+Must not import: hsmbridge.metadata, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ implementations: `StaticInventory` (a describe-clusters JSON file, for SoftHSM a
 picks one from `InventorySettings`. Both read the same document shape (spec §10), so one parser
 serves both.
 
-Must not import: hsmbridge.metadata, backend, service, api or cli (keystore sits beside metadata
-and below service). Only `hsmbridge.errors` and `hsmbridge.config` from the core.
+Must not import: hsmbridge.metadata, backend, service, protocol, http or cli (keystore sits
+beside metadata and below service). Only `hsmbridge.errors` and `hsmbridge.config` from the core.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ AAD: b"hsmbridge/kmsuser-password" || version || store id (UTF-8).
 WARNING: a password, or the master key, must never reach an exception message, a log line or a
 repr. Messages here name only the key file and the store id.
 
-Must not import: hsmbridge.metadata, backend, service, api or cli.
+Must not import: hsmbridge.metadata, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ CloudHsmClusterNotActiveException and `INVALID_CONFIGURATION` / `INSUFFICIENT_HS
 CloudHsmClusterInvalidConfigurationException (or, for an asynchronous connect,
 ConnectionErrorCode.INSUFFICIENT_CLOUDHSM_HSMS).
 
-Must not import: hsmbridge.metadata, backend, service, api or cli; no I/O of any kind.
+Must not import: hsmbridge.metadata, backend, service, protocol, http or cli; no I/O of any kind.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ what to fix.
 NOTE: how KMS checks the anchor is unverified [U]; we require a current CA certificate that
 directly signed the cluster certificate, which is what CloudHSM's InitializeCluster produces.
 
-Must not import: hsmbridge.metadata, backend, service, api or cli.
+Must not import: hsmbridge.metadata, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

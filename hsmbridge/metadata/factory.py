@@ -4,7 +4,7 @@ Owns: `open_metadata_store(url)` and the table of engines. The URL grammar (and 
 unsupported scheme at configuration load) lives in `hsmbridge.config`; the set of schemes it
 accepts and the engines here are the same set, checked by the unit tests. Nothing above this
 module names an engine: the service receives a `MetadataStore`.
-Must not import keystore, backend, service, api or cli.
+Must not import keystore, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

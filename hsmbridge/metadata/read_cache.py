@@ -9,7 +9,7 @@ cost about half of an in-process Encrypt. Entries are tagged with a generation t
 A reader takes the generation *before* it reads the database, so a commit racing with the read
 leaves the entry already stale. Reads inside a write transaction bypass the cache (the engine's
 job: it knows when it is inside one).
-Must not import any database driver, keystore, backend, service, api or cli.
+Must not import any database driver, keystore, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Mapping between metadata rows and hsmbridge's records (enums as their string values, tags
-as a JSON column). Pure; must not import keystore, backend, service, api or cli.
+as a JSON column). Pure; must not import keystore, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns: the DDL, the append-only `MIGRATIONS` list (`SCHEMA_VERSION` = its length), connection
 pragmas (WAL, synchronous=FULL, foreign keys, busy timeout) and the 0600 file rules.
-Must not import: hsmbridge.keystore, backend, service, api or cli.
+Must not import: hsmbridge.keystore, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

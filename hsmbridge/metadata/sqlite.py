@@ -12,7 +12,7 @@ front (`BEGIN IMMEDIATE`), so a check-then-act inside it is serialised against e
 and process; readers are never blocked (WAL). A nested `write()` joins the outer transaction
 through a SAVEPOINT, so an exception inside it undoes only its own changes.
 
-Must not import: hsmbridge.keystore, backend, service, api or cli.
+Must not import: hsmbridge.keystore, backend, service, protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Owns: `AccessControl.authorize`, the one decision every service operation asks f
 whichever edge (HTTP, CLI, console) the request came through. Today's rule is the account
 boundary: a principal of another account than the endpoint's is denied. Key policies, IAM
 policies and grants are evaluated here when they are added, so no operation needs to change.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

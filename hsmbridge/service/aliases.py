@@ -1,7 +1,7 @@
 """Aliases: CreateAlias, UpdateAlias, DeleteAlias, ListAliases (spec §8.1).
 
 Owns: alias name rules (prefix `alias/`, 1-256 characters, `alias/aws/` reserved, 50 per key),
-which key states allow aliasing, and alias listing. Must not import api or cli.
+which key states allow aliasing, and alias listing. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

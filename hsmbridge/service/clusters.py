@@ -6,7 +6,7 @@ operations (create/connect/update a store, CreateKey) read the inventory fresh, 
 answer decides what is created. Cryptographic operations need only "does the cluster still have an
 ACTIVE HSM" (spec §3.7) on every request, so that answer is cached for a couple of seconds instead
 of re-reading a file or calling DescribeClusters per request.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ truth about whether a store is CONNECTED; this registry follows it lazily. A pro
 store CONNECTED but holds no login (the CLI connected it, or this server restarted) logs in on first
 use; a process holding a login for a store that is no longer CONNECTED closes it. PKCS#11 logins are
 per process (field notes §2.2), so every process keeps its own registry.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns: `ServiceContext` (settings, metadata store, cluster inventory, password vault, live HSM
 logins, clock, audit sink, access control) and the small helpers that read through it: loading a
 store or raising the KMS error for a missing one, the kmsuser password of a store, and asking
-access control whether a caller may act. Must not import api or cli.
+access control whether a caller may act. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hsmbridge.audit import context as audit_context
-from hsmbridge.audit.events import AuditSink, NullSink
 from hsmbridge.config import Settings
 from hsmbridge.errors import CustomKeyStoreNotFoundException, KMSInternalException
 from hsmbridge.keystore.inventory import ClusterInventory
@@ -23,6 +21,8 @@ from hsmbridge.request import RequestContext
 from hsmbridge.service.access import AccessControl
 from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.connections import StoreConnections
+from hsmbridge.trail import context as audit_context
+from hsmbridge.trail.events import AuditSink, NullSink
 
 Clock = Callable[[], float]
 

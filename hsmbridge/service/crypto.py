@@ -3,7 +3,7 @@ GenerateRandom (spec §7).
 
 Owns: key-state checks for cryptography (spec §6.2), the algorithm and size rules, DryRun, and
 turning HSM AES-GCM results into versioned ciphertext blobs via `envelope`. Plaintext and data
-keys never leave this module except in the response. Must not import api or cli.
+keys never leave this module except in the response. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

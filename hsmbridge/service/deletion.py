@@ -5,7 +5,7 @@ deletes one. The row is flipped to DELETING before the material is destroyed, so
 between is finished by recovery. A store that is not CONNECTED cannot reach its HSM: the key is
 deleted anyway and its material left as a recorded orphan (a tombstone with
 material_deleted=False and a DeleteKey event with FAILURE), as KMS does (spec §6.4).
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from hsmbridge.audit.events import SERVICE_EVENT, AuditEvent
 from hsmbridge.backend import BackendError
 from hsmbridge.errors import KmsError
 from hsmbridge.metadata.store import DeletedKey
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord, KeyState
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.hsm import HsmGateway
+from hsmbridge.trail.events import SERVICE_EVENT, AuditEvent
 
 log = logging.getLogger(__name__)
 

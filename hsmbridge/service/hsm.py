@@ -5,7 +5,7 @@ its backend calls inside `translated()`, so the rules live in one place: a key's
 CONNECTED (else the key is Unavailable: KMSInvalidStateException), the live login of the store
 is reused or made on first use with the store's sealed kmsuser password, and a `BackendError` is
 translated once into the KMS error the operation's model lists (`hsm_errors.to_kms_error`).
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns: `to_kms_error()`. Retryable conditions (HSM busy, session lost, device gone, HSM
 unreachable) become fault errors (5xx) so SDKs retry them; everything the caller must change
-becomes a 400. Must not import api or cli.
+becomes a 400. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

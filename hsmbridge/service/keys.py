@@ -6,7 +6,7 @@ and flips it to LIVE after, so `recovery.Recovery` can roll back whatever a cras
 the label in the HSM: there is never key material without a record nor a record without
 material. A failed CreateKey whose clean-up failed too is retried by `retry_abandoned()`.
 Deletion at the end of the waiting period is `deletion.KeyDeletion`'s.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from hsmbridge import ids
-from hsmbridge.audit.events import AuditEvent
 from hsmbridge.backend import BackendError, HsmBackend
 from hsmbridge.errors import (
     CloudHsmClusterInvalidConfigurationException,
@@ -50,6 +49,7 @@ from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.hsm import HsmGateway
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
 from hsmbridge.service.tags import validate_tags
+from hsmbridge.trail.events import AuditEvent
 
 log = logging.getLogger(__name__)
 DAY = 86_400.0

@@ -2,7 +2,7 @@
 
 Owns: the KMS semantics of the key store lifecycle: preconditions, the order of checks, the
 asynchronous connect (CONNECTING → CONNECTED or FAILED with a ConnectionErrorCode), and turning
-cluster and HSM facts into the exceptions KMS uses. Must not import api or cli.
+cluster and HSM facts into the exceptions KMS uses. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -3,17 +3,17 @@
 Owns: the rules of spec §1 for which identifier forms each operation accepts, the account/region
 check on ARNs, the derived `Unavailable` state (spec §6.1: keys of a store that is not CONNECTED
 are Unavailable, except PendingDeletion), and the KeyMetadata shape of spec §5.4.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
 
 from hsmbridge import ids
-from hsmbridge.audit import context as audit_context
 from hsmbridge.errors import KMSInvalidStateException, NotFoundException
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyMetadata, KeyRecord, KeyState
 from hsmbridge.service.context import ServiceContext
+from hsmbridge.trail import context as audit_context
 
 
 def require_not_pending(record: KeyRecord) -> KeyRecord:

@@ -2,7 +2,7 @@
 
 Owns: the `default` policy name rule and storing validated documents. Evaluation of policies is
 not done yet: every authenticated principal of the key's account is allowed.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the one process that owns maintenance) it does the same for intents old enough t
 request can own them, and retries failed CreateKey clean-ups. Rolling back a CreateKey destroys
 the HSM key labelled with its ARN and removes the intent row; SoftHSM2 can also leave a nameless,
 empty key object when killed mid-generation, which recovery removes too.
-Must not import api or cli.
+Must not import protocol, http or cli.
 """
 
 from __future__ import annotations

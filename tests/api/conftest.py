@@ -21,17 +21,17 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.auth import SigV4Verifier
-from hsmbridge.api.server import ThreadedServer
-from hsmbridge.audit.calls import ApiEvent
 from hsmbridge.errors import (
     DependencyTimeoutException,
     KeyUnavailableException,
     NotFoundException,
 )
+from hsmbridge.http.app import create_asgi_app
+from hsmbridge.http.server import ThreadedServer
+from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.identity.credentials import load_principals
 from hsmbridge.request import RequestContext
+from hsmbridge.trail.calls import ApiEvent
 
 REGION = "us-east-1"
 ACCESS_KEY = "AKIAHSMBRIDGETEST001"

@@ -9,13 +9,13 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from hsmbridge.api.auth import SigV4Verifier
 from hsmbridge.errors import (
     ConfigError,
     IncompleteSignatureException,
     InvalidSignatureException,
     MissingAuthenticationTokenException,
 )
+from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.identity.credentials import Principal, load_principals
 from tests.api.conftest import ACCESS_KEY, PRINCIPAL_ARN, REGION, SECRET_KEY, write_credentials
 

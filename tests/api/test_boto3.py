@@ -9,7 +9,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-from hsmbridge.api.validation import output_validate
+from hsmbridge.protocol.validation import output_validate
 from tests.api.conftest import (
     HANDLER_DELAY_S,
     LEAK_SENTINEL,

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.server import ThreadedServer
+from hsmbridge.http.app import create_asgi_app
+from hsmbridge.http.server import ThreadedServer
 
 HEADERS = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.ListKeys"}
 

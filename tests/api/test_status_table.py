@@ -18,8 +18,8 @@ from botocore.retries.standard import (
 )
 
 from hsmbridge import errors
-from hsmbridge.api.errors import STATUS_BY_CODE, status_for
-from hsmbridge.api.validation import kms_model
+from hsmbridge.protocol.errors import STATUS_BY_CODE, status_for
+from hsmbridge.protocol.validation import kms_model
 from tests.api.conftest import make_client
 
 ALL_KMS_ERRORS = sorted(

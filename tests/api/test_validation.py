@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from hsmbridge.api.validation import redacted_members, validate_input
 from hsmbridge.errors import (
     SerializationException,
     UnknownOperationException,
     ValidationException,
 )
+from hsmbridge.protocol.validation import redacted_members, validate_input
 
 
 def test_blobs_decoded_and_unknown_members_dropped():

@@ -1,6 +1,6 @@
 """Helpers for the key-label audit tests: keys made through the service, HSM objects changed
 behind hsmbridge's back with `pkcs11-tool` (a separate process, as an operator would), and the CLI
-run in-process through `hsmbridge.cli.main.main`."""
+run in-process through `hsmbridge.main.main`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from hsmbridge.cli.main import main
+from hsmbridge.main import main
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
 from tests.conftest import SOFTHSM_MODULE

@@ -15,8 +15,8 @@ from hsmbridge.audit import (
     delete_orphans,
     run_audit,
 )
-from hsmbridge.audit.events import MemorySink
 from hsmbridge.model import KeyLifecycle
+from hsmbridge.trail.events import MemorySink
 from tests.audit.conftest import create_keys, drop_metadata_row, keygen
 from tests.callers import ADMIN
 from tests.harness import ACCOUNT, REGION
@@ -35,7 +35,7 @@ def _cleanup_events(env) -> list[tuple[str, str, dict]]:
 
     Reads both the snake_case record and the CloudTrail-style camelCase one (eventName,
     additionalEventData) the audit log is moving to, so this test pins the content, not the
-    field spelling, which audit/events.py owns."""
+    field spelling, which trail/events.py owns."""
     found = []
     for line in env.settings.audit_log.read_text().splitlines():
         e = json.loads(line)

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hsmbridge.api.compose import create_app
-from hsmbridge.api.server import ThreadedServer
+from hsmbridge.http.compose import create_app
+from hsmbridge.http.server import ThreadedServer
 from tests.audit.conftest import create_keys, delete_object, drop_metadata_row, keygen
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.api.validation import output_validate
-from hsmbridge.cli.main import main
+from hsmbridge.main import main
+from hsmbridge.protocol.validation import output_validate
 from tests.callers import ADMIN
 from tests.harness import REPO, KmsEnv
 

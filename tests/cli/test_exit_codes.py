@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.cli.main import main
+from hsmbridge.main import main
 from tests.cli.process import run_hsmbridge
 from tests.conftest import SOFTHSM_MODULE
 from tests.harness import ACCESS_KEY, SECRET_KEY, SOFTHSM2_PROFILE, KmsEnv

@@ -24,10 +24,10 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from hsmbridge.api.compose import Runtime, create_app
-from hsmbridge.api.server import ThreadedServer
-from hsmbridge.audit.events import MemorySink
 from hsmbridge.config import load_settings
+from hsmbridge.http.compose import Runtime, create_app
+from hsmbridge.http.server import ThreadedServer
+from hsmbridge.trail.events import MemorySink
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY, KmsEnv
 
 CONNECT_TIMEOUT_S = 15.0

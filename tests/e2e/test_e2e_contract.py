@@ -17,8 +17,8 @@ import uuid
 import botocore.session
 import pytest
 
-from hsmbridge.api.operations import build_operations
-from hsmbridge.api.validation import kms_model, output_validate
+from hsmbridge.protocol.operations import build_operations
+from hsmbridge.protocol.validation import kms_model, output_validate
 
 pytestmark = pytest.mark.softhsm
 

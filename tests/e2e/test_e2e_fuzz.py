@@ -31,8 +31,8 @@ from botocore.model import Shape
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hsmbridge.api.operations import build_operations
-from hsmbridge.api.validation import kms_model, output_validate
+from hsmbridge.protocol.operations import build_operations
+from hsmbridge.protocol.validation import kms_model, output_validate
 from tests.e2e.e2e_support import send_raw
 from tests.e2e.test_e2e_contract import COMMON_ERRORS, DIVERGENCES
 

@@ -5,7 +5,7 @@
   request, reads the answer and, while the connection is still open, finds the server-side socket
   of that connection in /proc/net/tcp and the process holding it in /proc/<pid>/fd. Workers share
   the listening socket, but an accepted connection belongs to the one worker that accepted it.
-* What the server logged: `ServerLog` parses the text log format of `hsmbridge.api.logs`.
+* What the server logged: `ServerLog` parses the text log format of `hsmbridge.http.logs`.
 * A CreateKey interrupted between the HSM call and the commit (`plant_interrupted_create`): the
   intent row written through the production metadata store, the key material made by
   pkcs11-tool in its own process (the pytest process never loads the environment's SoftHSM).

@@ -11,8 +11,8 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-from hsmbridge.audit.events import AuditEvent
-from hsmbridge.audit.sinks import BufferedJsonLinesSink
+from hsmbridge.trail.events import AuditEvent
+from hsmbridge.trail.sinks import BufferedJsonLinesSink
 from tests.harness import ACCOUNT
 
 pytestmark = pytest.mark.softhsm

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hsmbridge.api.health import MAX_TTL_S, HealthChecker
 from hsmbridge.backend import HsmHealth
+from hsmbridge.http.health import MAX_TTL_S, HealthChecker
 
 pytestmark = pytest.mark.softhsm
 

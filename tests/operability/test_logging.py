@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from hsmbridge.api.logs import JsonFormatter, RequestIdFilter, configure_logging
-from hsmbridge.audit.context import RequestScope, request_scope
+from hsmbridge.http.logs import JsonFormatter, RequestIdFilter, configure_logging
+from hsmbridge.trail.context import RequestScope, request_scope
 
 
 def test_records_from_the_worker_thread_carry_the_request_id(live, caplog):

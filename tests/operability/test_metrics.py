@@ -6,7 +6,7 @@ import pytest
 from botocore.exceptions import ClientError
 from prometheus_client.parser import text_string_to_metric_families
 
-from hsmbridge.api.metrics import Metrics
+from hsmbridge.http.metrics import Metrics
 
 pytestmark = pytest.mark.softhsm
 

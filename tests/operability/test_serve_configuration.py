@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.api import workers as workers_module
+from hsmbridge.http import workers as workers_module
 from tests.operability.processes import (
     BANNER,
     audit_events,

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from hsmbridge import bootstrap
-from hsmbridge.api.compose import Runtime, create_app
-from hsmbridge.api.server import serve
 from hsmbridge.backend import HsmConnector
 from hsmbridge.config import load_settings
+from hsmbridge.http.compose import Runtime, create_app
+from hsmbridge.http.server import serve
 from hsmbridge.model import ConnectionState
 
 DAY = 86_400.0

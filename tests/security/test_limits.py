@@ -10,8 +10,8 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.server import ThreadedServer, _HeaderDeadline
+from hsmbridge.http.app import create_asgi_app
+from hsmbridge.http.server import ThreadedServer, _HeaderDeadline
 
 HEAD = (
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"

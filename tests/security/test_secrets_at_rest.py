@@ -8,11 +8,11 @@ import stat
 
 import pytest
 
-from hsmbridge.api.compose import create_app
 from hsmbridge.bootstrap import check_secret_files
-from hsmbridge.cli.main import main as cli_main
 from hsmbridge.errors import ConfigError
+from hsmbridge.http.compose import create_app
 from hsmbridge.keystore.passwords import PasswordVault
+from hsmbridge.main import main as cli_main
 
 pytestmark = pytest.mark.softhsm
 

@@ -20,7 +20,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from hsmbridge.api.logs import JsonFormatter, RequestIdFilter
+from hsmbridge.http.logs import JsonFormatter, RequestIdFilter
 from tests.conftest import SO_PIN, SOFTHSM_MODULE
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY
 from tests.live import HTTP, Live, start_live

@@ -13,9 +13,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from hsmbridge.api.app import create_asgi_app
-from hsmbridge.api.auth import SigV4Verifier
-from hsmbridge.api.server import ThreadedServer
+from hsmbridge.http.app import create_asgi_app
+from hsmbridge.http.server import ThreadedServer
+from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.identity.credentials import load_principals
 from tests.api.conftest import (
     ACCESS_KEY,

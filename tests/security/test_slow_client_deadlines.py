@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import uvicorn
 
-from hsmbridge.api import server, workers
-from hsmbridge.api.app import KmsApi
-from hsmbridge.cli.main import main
+from hsmbridge.http import server, workers
+from hsmbridge.http.app import KmsApi
+from hsmbridge.main import main
 from tests.harness import KmsEnv
 
 pytestmark = pytest.mark.softhsm

@@ -15,7 +15,7 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from hsmbridge.api.validation import operation_names
+from hsmbridge.protocol.validation import operation_names
 
 pytestmark = pytest.mark.softhsm
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from hsmbridge.api import codec
-from hsmbridge.api.validation import output_validate
 from hsmbridge.errors import (
     CloudHsmClusterInvalidConfigurationException,
     CustomKeyStoreInvalidStateException,
@@ -22,6 +20,8 @@ from hsmbridge.errors import (
     ValidationException,
 )
 from hsmbridge.model import KeyState, Tag
+from hsmbridge.protocol import codec
+from hsmbridge.protocol.validation import output_validate
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
 from tests.harness import ACCOUNT, REGION

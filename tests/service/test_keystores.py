@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from hsmbridge import ids
-from hsmbridge.api import codec
-from hsmbridge.api.validation import output_validate
 from hsmbridge.errors import (
     CloudHsmClusterInUseException,
     CloudHsmClusterInvalidConfigurationException,
@@ -43,6 +41,8 @@ from hsmbridge.keystore.demo import (
 )
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore, KeyState
+from hsmbridge.protocol import codec
+from hsmbridge.protocol.validation import output_validate
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
 from tests.harness import REGION, SOFTHSM2_PROFILE, KmsEnv

@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hsmbridge.api import codec
-from hsmbridge.api.app import Handler
 from hsmbridge.errors import UnsupportedOperationException
+from hsmbridge.protocol import codec
 from hsmbridge.request import RequestContext
 from hsmbridge.service.keys import CreateKeyRequest
 from hsmbridge.service.kms import KmsService
 
 P = dict[str, Any]
 C = RequestContext
+# Synchronous on purpose: handlers talk to an HSM and may block; the HTTP edge runs them in
+# worker threads.
+Handler = Callable[[RequestContext, P], P]
 
 
 def _keystore_handlers(s: KmsService) -> dict[str, Handler]:
@@ -273,7 +275,7 @@ def dispatch(
     operations: Mapping[str, Handler], caller: RequestContext, name: str, params: Mapping[str, Any]
 ) -> P:
     """Validate `params` as the HTTP edge would and run one operation as `caller` (the CLI)."""
-    from hsmbridge.api.validation import validate_input
+    from hsmbridge.protocol.validation import validate_input
 
     typed = validate_input(name, dict(params))
     return operations[name](caller, typed)

@@ -1,6 +1,6 @@
 """Structured logging: the request id on every record emitted while a request is served.
 
-Owns: `RequestIdFilter` (sets `record.request_id` from the request scope in `audit.context`; "-"
+Owns: `RequestIdFilter` (sets `record.request_id` from the request scope in `trail.context`; "-"
 outside a request), `JsonFormatter` (one JSON object per line: time, level, logger, message,
 request id, thread, and the exception type with its traceback), and `configure_logging()`, which
 the CLI calls once. The request scope is a contextvar that the app copies into the worker thread,
@@ -15,8 +15,8 @@ import logging
 import sys
 from typing import Final
 
-from hsmbridge.audit import context
-from hsmbridge.audit.events import iso_time
+from hsmbridge.trail import context
+from hsmbridge.trail.events import iso_time
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

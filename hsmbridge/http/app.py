@@ -1,14 +1,14 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol.
 
-Owns: `create_asgi_app`, `Handler` and the request pipeline
+Owns: `create_asgi_app` and the request pipeline
 (route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
 thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
-`api.errors`. Each request runs inside an `audit.context.RequestScope` (copied into the worker
+`protocol.errors`. Each request runs inside an `trail.context.RequestScope` (copied into the worker
 thread) so the service can name the key and store it touched and the backend wrapper can add HSM
 latency; `ApiEvent` carries those facts to the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
-root, so this module does not import the service layer either. Only `hsmbridge.api` may import
-uvicorn, and this module does not need it (`api.server` runs it).
+root, so this module does not import the service layer either. Only `hsmbridge.http` may import
+uvicorn, and this module does not need it (`http.server` runs it).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from hsmbridge.api.auth import SigV4Verifier
-from hsmbridge.api.errors import CONTENT_TYPE, encode_json, error_response, json_headers
-from hsmbridge.api.validation import operation_names, redact_params, validate_input
-from hsmbridge.audit.calls import ApiEvent, api_event
-from hsmbridge.audit.context import RequestScope, annotate_store, request_scope
 from hsmbridge.errors import (
     DependencyTimeoutException,
     SerializationException,
@@ -36,8 +31,14 @@ from hsmbridge.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.identity.credentials import Principal
+from hsmbridge.protocol.errors import CONTENT_TYPE, encode_json, error_response, json_headers
+from hsmbridge.protocol.operations import Handler
+from hsmbridge.protocol.validation import operation_names, redact_params, validate_input
 from hsmbridge.request import RequestContext
+from hsmbridge.trail.calls import ApiEvent, api_event
+from hsmbridge.trail.context import RequestScope, annotate_store, request_scope
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for 
 # otherwise hold a connection (and count against limit_concurrency) for as long as it likes.
 BODY_TIMEOUT_S: Final = 10.0
 _CLOSE: Final = (b"connection", b"close")
-
-
-# Synchronous on purpose: handlers talk to an HSM and may block, so they run in worker threads.
-Handler = Callable[[RequestContext, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(slots=True)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hsmbridge.cli.audit_cmd import add_parser as add_audit
     from hsmbridge.cli.init_cmd import add_parser as add_init
-    from hsmbridge.cli.serve_cmd import add_parser as add_serve
+    from hsmbridge.http.serve_cmd import add_parser as add_serve
 
     add_init(top)
     add_serve(top)

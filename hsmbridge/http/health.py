@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from hsmbridge.audit.events import iso_time
 from hsmbridge.backend import HsmBackend
 from hsmbridge.errors import KmsError
 from hsmbridge.keystore import quorum
@@ -31,6 +30,7 @@ from hsmbridge.keystore.inventory import InventoryUnavailableError
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState
 from hsmbridge.service.kms import KmsService
+from hsmbridge.trail.events import iso_time
 
 ACTIVE: Final = "ACTIVE"
 DEGRADED: Final = "DEGRADED"

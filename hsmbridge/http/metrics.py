@@ -26,10 +26,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from hsmbridge.audit import context
 from hsmbridge.backend import BackendError, HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
 from hsmbridge.backend.pkcs11 import BackendStats
 from hsmbridge.model import ConnectionState
+from hsmbridge.trail import context
 
 REQUEST_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

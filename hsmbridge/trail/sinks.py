@@ -8,7 +8,7 @@ Owns:
   interval of events, in exchange for no syscall on the request path at ~5,000 req/s.
 - `RequestAwareSink`: wraps the sink handed to the service. A service event that describes the
   request being served (CreateKey inside a CreateKey call) is folded into that request's one
-  event via `audit.context.attach`; anything else (the sweeper's DeleteKey, the CLI's CreateKey)
+  event via `trail.context.attach`; anything else (the sweeper's DeleteKey, the CLI's CreateKey)
   is emitted as its own event.
 Must not import metadata, backend or anything above.
 """
@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from hsmbridge.audit import context
-from hsmbridge.audit.events import AuditEvent, AuditSink
+from hsmbridge.trail import context
+from hsmbridge.trail.events import AuditEvent, AuditSink
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """KMS JSON field names ↔ hsmbridge's domain objects. The only place wire names are spelled.
 
 Owns: encoding domain results (KeyMetadata, CustomKeyStore, Alias, Tag, pages) as the dicts KMS
-returns, and reading request members into domain values. Blobs stay `bytes` here; `api/errors.py`'s
-JSON encoder base64-encodes them. Must not import uvicorn, backend or pkcs11.
+returns, and reading request members into domain values. Blobs stay `bytes` here; the JSON
+encoder of `protocol/errors.py` base64-encodes them. Must not import uvicorn, backend or pkcs11.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from hsmbridge.api.app import KmsApi
+from hsmbridge.http.app import KmsApi
 
 TIMEOUT_KEEP_ALIVE_S: Final = 75  # above common load balancer idle timeouts (60 s)
 LIMIT_CONCURRENCY: Final = 1024  # beyond this uvicorn answers 503, which SDKs retry

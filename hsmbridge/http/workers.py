@@ -3,7 +3,7 @@
 Owns: `app_from_env()` (import string `FACTORY`), `worker_environment()` (what the supervisor
 puts in the environment for it) and `default_workers()`.
 
-Design (see `api.server.serve_workers` for the supervisor):
+Design (see `http.server.serve_workers` for the supervisor):
 * Each worker is a fresh interpreter (uvicorn spawns them), so PKCS#11 is initialised in the
   worker, after the fork, never inherited (field notes §2.1); each logs in once per token.
 * Workers neither recover nor sweep: the supervisor ran recovery before starting them and runs
@@ -27,14 +27,14 @@ from typing import Final
 
 from uvicorn.config import STARTUP_FAILURE
 
-from hsmbridge.api.app import KmsApi
-from hsmbridge.api.compose import create_app
-from hsmbridge.api.logs import configure_logging
 from hsmbridge.config import load_settings
+from hsmbridge.http.app import KmsApi
+from hsmbridge.http.compose import create_app
+from hsmbridge.http.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
-FACTORY: Final = "hsmbridge.api.workers:app_from_env"
+FACTORY: Final = "hsmbridge.http.workers:app_from_env"
 ENV_CONFIG: Final = "HSMBRIDGE_CONFIG"
 ENV_LOG_FORMAT: Final = "HSMBRIDGE_LOG_FORMAT"
 ENV_LOG_LEVEL: Final = "HSMBRIDGE_LOG_LEVEL"

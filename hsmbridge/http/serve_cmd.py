@@ -4,7 +4,7 @@ Owns: starting the server from the configuration and printing how to reach it: t
 credential pair from the credentials file, and an `aws kms` command that works when pasted.
 With one worker the app runs in this process. With N (`--workers`, `[service] workers`, default
 one per CPU) this process is the supervisor: it runs start-up recovery once, keeps the deletion
-sweeper, and uvicorn's supervisor runs N spawned workers on one socket (`api.workers`).
+sweeper, and uvicorn's supervisor runs N spawned workers on one socket (`http.workers`).
 Either way SIGTERM/SIGINT drains requests, flushes every audit buffer, logs out and exits 0.
 """
 
@@ -16,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from hsmbridge.api.compose import create_app, start_maintenance
-from hsmbridge.api.logs import configure_logging
-from hsmbridge.api.server import serve, serve_workers
-from hsmbridge.api.workers import FACTORY, default_workers, worker_environment
 from hsmbridge.config import Settings, load_settings
+from hsmbridge.http.compose import create_app, start_maintenance
+from hsmbridge.http.logs import configure_logging
+from hsmbridge.http.server import serve, serve_workers
+from hsmbridge.http.workers import FACTORY, default_workers, worker_environment
 from hsmbridge.identity.credentials import load_principals
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _serve_in_process(settings: Settings, host: str, port: int) -> int:
             max_request_bytes=settings.max_request_bytes,
         )
     finally:
-        runtime.close()  # reached on SIGTERM/SIGINT too: api.server.serve returns, not re-raises
+        runtime.close()  # reached on SIGTERM/SIGINT too: http.server.serve returns, not re-raises
     return 0
 
 

@@ -15,19 +15,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hsmbridge import bootstrap
-from hsmbridge.api.app import KmsApi, create_asgi_app
-from hsmbridge.api.auth import SigV4Verifier
-from hsmbridge.api.health import HealthChecker
-from hsmbridge.api.metrics import Metrics, StoreCollector, TimedConnector
-from hsmbridge.api.operations import build_operations
-from hsmbridge.audit.calls import ApiEvent, audit_event
-from hsmbridge.audit.events import AuditSink
-from hsmbridge.audit.sinks import BufferedJsonLinesSink, RequestAwareSink
 from hsmbridge.backend import HsmConnector
 from hsmbridge.config import Settings
+from hsmbridge.http.app import KmsApi, create_asgi_app
+from hsmbridge.http.health import HealthChecker
+from hsmbridge.http.metrics import Metrics, StoreCollector, TimedConnector
+from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.model import ConnectionState
+from hsmbridge.protocol.operations import build_operations
 from hsmbridge.service.context import Clock
 from hsmbridge.service.kms import KmsService
+from hsmbridge.trail.calls import ApiEvent, audit_event
+from hsmbridge.trail.events import AuditSink
+from hsmbridge.trail.sinks import BufferedJsonLinesSink, RequestAwareSink
 
 
 @dataclass

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hsmbridge.audit.context import RequestScope
-from hsmbridge.audit.events import AuditEvent, redact
+from hsmbridge.trail.context import RequestScope
+from hsmbridge.trail.events import AuditEvent, redact
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,13 +23,13 @@ from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Sh
 from botocore.parsers import JSONParser
 from botocore.validate import ParamValidator
 
-from hsmbridge.api.errors import encode_json
-from hsmbridge.audit.events import REDACTED, SECRET_MEMBERS
 from hsmbridge.errors import (
     SerializationException,
     UnknownOperationException,
     ValidationException,
 )
+from hsmbridge.protocol.errors import encode_json
+from hsmbridge.trail.events import REDACTED, SECRET_MEMBERS
 
 # value, member path, error sink -> converted value. Type errors raise SerializationException at
 # once (the document cannot be bound); constraint errors are collected, as AWS reports them all.

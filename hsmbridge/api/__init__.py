@@ -1,1 +1,0 @@
-"""hsmbridge.api package."""

@@ -1,0 +1,1 @@
+"""The audit trail: one CloudTrail-like event per call, whichever edge served it."""
