@@ -49,7 +49,10 @@ class HsmProfile:
     login_format: LoginFormat
     crypto_user: str
     iv_policy: IvPolicy
-    key_availability_quorum: bool
+    # python-pkcs11 exception class names that mean "the HSM is busy, retry" on this vendor.
+    busy_errors: tuple[str, ...]
+    # The vendor can leave a nameless, empty key object behind when killed mid-generation.
+    incomplete_key_objects: bool
     serialize_calls: bool
     max_sessions: int
     template_omit: tuple[str, ...]
@@ -191,7 +194,8 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
         ),
         crypto_user=_get(raw, "crypto_user", str, where, "kmsuser"),
         iv_policy=_enum(IvPolicy, _get(raw, "iv_policy", str, where), where, "iv_policy"),
-        key_availability_quorum=_get(raw, "key_availability_quorum", bool, where, False),
+        busy_errors=tuple(_get(raw, "busy_errors", list, where, [])),
+        incomplete_key_objects=_get(raw, "incomplete_key_objects", bool, where, False),
         serialize_calls=_get(raw, "serialize_calls", bool, where, True),
         max_sessions=max_sessions,
         template_omit=tuple(_get(raw, "template_omit", list, where, [])),

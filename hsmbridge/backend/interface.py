@@ -84,6 +84,11 @@ class HsmBackend(Protocol):
         """Destroy the key with this label (and, if given, this handle); return how many went."""
         ...
 
+    def destroy_incomplete_keys(self) -> int:
+        """Destroy key objects an interrupted key generation left without label, id or value, on
+        HSMs whose profile says they can exist (`incomplete_key_objects`); return how many."""
+        ...
+
     def encrypt(self, label: str, plaintext: bytes, aad: bytes) -> Sealed: ...
 
     def decrypt(self, label: str, sealed: Sealed, aad: bytes) -> bytes:

@@ -11,6 +11,7 @@ Must not import anything in hsmbridge above `hsmbridge.backend` and `hsmbridge.c
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,8 @@ from hsmbridge.backend.interface import HsmHealth, HsmKeyInfo, Sealed
 from hsmbridge.backend.sessions import SessionPool, Worker, acquire_pool
 from hsmbridge.backend.templates import BASE_TEMPLATE, READ_BACK, key_template, violations
 from hsmbridge.config import ClusterBinding, IvPolicy
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -233,6 +236,23 @@ class Pkcs11Backend:
             return self._run(op)
         finally:
             self._pool.forget(label)  # every session's cached handle for it is now dead
+
+    def destroy_incomplete_keys(self) -> int:
+        """SoftHSM2 writes a new object's file with default attributes first and applies the
+        template and the value in later writes; a process killed in between leaves a secret key
+        with an empty label, an empty CKA_ID and a zero-length value. hsmbridge never creates such
+        an object and it holds no key material, so exactly that shape is destroyed."""
+        if not self._profile.incomplete_key_objects:
+            return 0
+        doomed = [
+            info
+            for info in self.list_keys()
+            if not info.label and not info.key_id and info.value_len == 0
+        ]
+        for info in doomed:
+            self.destroy_key("", handle=info.handle)
+            log.warning("destroyed a half-created HSM key object (handle %d)", info.handle)
+        return len(doomed)
 
     # --- crypto ---------------------------------------------------------------------------------
 

@@ -78,11 +78,8 @@ _TABLE: Mapping[type[Exception], _Factory] = {
     # told to log in as was never created there. KMS reports a missing kmsuser as USER_NOT_FOUND.
     p11e.UserPinNotInitialized: _login(ConnectionErrorCode.USER_NOT_FOUND),
     # --- transient: retry after evicting the session or logging in again --------------------------
-    p11e.FunctionFailed: HsmBusyError,  # CloudHSM throttling, key-availability check (§4.7)
-    p11e.OperationActive: HsmBusyError,  # CloudHSM busy; abandoned find generator (§2.4)
-    p11e.DeviceError: HsmBusyError,  # CloudHSM throttled C_GetAttributeValue; see streak above
+    # What else means "HSM busy" differs by vendor: the profile's `busy_errors`, read in translate.
     p11e.SessionCount: HsmBusyError,
-    p11e.DeviceMemory: HsmBusyError,
     p11e.SessionHandleInvalid: SessionLostError,
     p11e.SessionClosed: SessionLostError,
     p11e.ObjectHandleInvalid: StaleHandleError,
@@ -155,7 +152,7 @@ def translate(
         return BadCiphertextError(f"AES-GCM authentication failed ({name})")
     if cls is p11e.DeviceError and device_error_streak >= DEVICE_ERROR_STREAK_LIMIT:
         return DeviceLostError(f"DeviceError repeated {device_error_streak} times in a row")
-    factory = _lookup(cls)
+    factory = HsmBusyError if name in profile.busy_errors else _lookup(cls)
     if factory is not None:
         return factory(f"PKCS#11 {name}{_detail(exc)}")
     if cls is p11e.PKCS11Error:

@@ -5,8 +5,8 @@ rolls back every CreateKey intent (nothing else is serving yet) and finishes int
 deletions. After a connect (`after_connect`) and on every sweep (`sweep_once`, run periodically by
 the one process that owns maintenance) it does the same for intents old enough that no live
 request can own them, and retries failed CreateKey clean-ups. Rolling back a CreateKey destroys
-the HSM key labelled with its ARN and removes the intent row; SoftHSM2 can also leave a nameless,
-empty key object when killed mid-generation, which recovery removes too.
+the HSM key labelled with its ARN and removes the intent row; on HSMs that can leave a nameless,
+empty key object when killed mid-generation (the profile says so), the backend removes those too.
 Must not import protocol, http or cli.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-from hsmbridge.backend import HsmBackend
 from hsmbridge.model import ConnectionState, KeyLifecycle
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.deletion import KeyDeletion
@@ -93,7 +92,7 @@ class Recovery:
         if creating:
             backend = self._hsm.login(row)
             with self._hsm.translated():
-                fixed += _destroy_unfinished(backend)
+                fixed += backend.destroy_incomplete_keys()
         for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.DELETING):
             self._deletions.finish(record)
             fixed += 1
@@ -114,23 +113,3 @@ class Recovery:
             return
         if fixed:
             log.info("recovery fixed %d interrupted key operation(s) in %s", fixed, store_id)
-
-
-def _destroy_unfinished(backend: HsmBackend) -> int:
-    """Destroy the key objects an interrupted key generation left without label, id or value.
-
-    SoftHSM2 writes a new object's file with default attributes first and applies the template
-    (label, CKA_ID) and the key value in later writes; a process killed in between leaves a
-    secret key with an empty label, an empty CKA_ID and a zero-length value, which recovery cannot
-    find by label. hsmbridge never creates such an object and it holds no key material, so
-    recovery of an interrupted CreateKey removes exactly that shape and nothing else.
-    """
-    doomed = [
-        info
-        for info in backend.list_keys()
-        if not info.label and not info.key_id and info.value_len == 0
-    ]
-    for info in doomed:
-        backend.destroy_key("", handle=info.handle)
-        log.warning("recovery: destroyed a half-created HSM key object (handle %d)", info.handle)
-    return len(doomed)
