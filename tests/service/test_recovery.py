@@ -21,7 +21,7 @@ from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyRecord
 from hsmbridge.service.connections import StoreConnections
 from hsmbridge.service.keys import CreateKeyRequest
-from hsmbridge.service.recovery import IN_FLIGHT_GRACE_S
+from hsmbridge.service.recovery import IN_FLIGHT_GRACE_S, STALE_INTENT_S
 from tests.callers import ADMIN
 from tests.harness import KmsEnv
 from tests.service.checks import assert_consistent, backend, hsm_labels, rows
@@ -140,6 +140,28 @@ def test_crash_recovered_when_the_store_connects_instead_of_at_start(kms_env) ->
     kms_env.clock.advance(IN_FLIGHT_GRACE_S + 1)
     svc.keystores.connect(ADMIN, kms_env.store_id)
     assert rows(kms_env) == []
+    assert_consistent(kms_env)
+
+
+def test_the_maintenance_sweep_rolls_back_intents_older_than_five_minutes(kms_env) -> None:
+    """A worker that dies mid-CreateKey leaves an intent no restart will see while the server
+    runs: the supervisor's periodic sweep rolls it back once it is older than STALE_INTENT_S
+    (5 minutes), and not before (a younger one may belong to a live request)."""
+    assert STALE_INTENT_S == 300.0  # what the README promises
+    _crash_in(kms_env, "put_key", _live)
+    with pytest.raises(SimulatedCrashError):
+        _create(kms_env)
+    svc = kms_env.restart()  # a server already running: no start-up recovery
+    [intent] = rows(kms_env)
+    assert intent.lifecycle is KeyLifecycle.CREATING
+    assert hsm_labels(kms_env)[intent.arn] == 1
+    kms_env.clock.advance(STALE_INTENT_S - 1)
+    svc.recovery.sweep_once()
+    assert [r.key_id for r in rows(kms_env)] == [intent.key_id]
+    kms_env.clock.advance(2)
+    svc.recovery.sweep_once()
+    assert rows(kms_env) == []
+    assert hsm_labels(kms_env)[intent.arn] == 0
     assert_consistent(kms_env)
 
 
