@@ -28,6 +28,7 @@ from hsmbridge.service.kms import KmsService
 from hsmbridge.trail.calls import api_event, audit_event
 from hsmbridge.trail.context import RequestScope, request_scope
 from hsmbridge.trail.events import AuditSink, JsonLinesSink
+from hsmbridge.trail.hsm_calls import TimedConnector
 from hsmbridge.trail.sinks import RequestAwareSink
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -37,8 +38,13 @@ def open_cli_service(settings: Settings) -> tuple[KmsService, JsonLinesSink]:
     """The service and its write-through audit file, both from `hsmbridge.bootstrap`."""
     sink = bootstrap.open_audit_log(settings)  # refuses exposed secrets before creating it
     try:
+        # Timed like the server's, so a CLI action's audit line carries hsmLatencyMs too.
+        connector = TimedConnector(bootstrap.default_connector(settings))
         service = bootstrap.open_service(
-            settings, audit=RequestAwareSink(sink), synchronous_connect=True
+            settings,
+            connector=connector,
+            audit=RequestAwareSink(sink),
+            synchronous_connect=True,
         )
     except BaseException:
         sink.close()

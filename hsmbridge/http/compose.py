@@ -19,7 +19,7 @@ from hsmbridge.backend import HsmConnector
 from hsmbridge.config import Settings
 from hsmbridge.http.app import KmsApi, create_asgi_app
 from hsmbridge.http.health import HealthChecker
-from hsmbridge.http.metrics import Metrics, StoreCollector, TimedConnector
+from hsmbridge.http.metrics import Metrics, StoreCollector
 from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.model import ConnectionState
 from hsmbridge.protocol.operations import build_operations
@@ -27,6 +27,7 @@ from hsmbridge.service.context import Clock
 from hsmbridge.service.kms import KmsService
 from hsmbridge.trail.calls import ApiEvent, audit_event
 from hsmbridge.trail.events import AuditSink
+from hsmbridge.trail.hsm_calls import TimedConnector
 from hsmbridge.trail.sinks import BufferedJsonLinesSink, RequestAwareSink
 
 

@@ -3,9 +3,9 @@
 Owns:
 - `Metrics`: request counts by operation and outcome (error code or "ok"), request latency and
   HSM call latency histograms, HSM calls in flight, HSM call errors, and `render()` for /metrics.
-- `TimedConnector` / `TimedBackend`: a wrapper the composition root puts around every backend the
-  connector returns. Each HSM call is timed once and the time goes to the histogram and to the
-  request's audit scope (`hsmLatencyMs`), so the backend itself needs no metrics code.
+- the `HsmCallObserver` side of `trail.hsm_calls.TimedConnector` (`hsm_call_started`,
+  `hsm_call_finished`): each HSM call, timed once there, goes to the histogram and the in-flight
+  gauge, so the backend itself needs no metrics code.
 - `StoreCollector`: scrape-time gauges read from the live logins (sessions open, handle-cache
   hits and misses, retries from `Pkcs11Backend.stats`) and from the metadata (one gauge per store
   id and connection state, 1 for the current state).
@@ -17,7 +17,6 @@ Must not import: uvicorn, pkcs11 or the service layer (the collector is fed by c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
@@ -26,10 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from hsmbridge.backend import BackendError, HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
 from hsmbridge.backend.pkcs11 import BackendStats
 from hsmbridge.model import ConnectionState
-from hsmbridge.trail import context
 
 REQUEST_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -90,6 +87,13 @@ class Metrics:
         if error is not None:  # rare: no child cache needed
             self._hsm_errors.labels(call, error).inc()
 
+    def hsm_call_started(self) -> None:
+        self.hsm_in_flight.inc()
+
+    def hsm_call_finished(self, call: str, seconds: float, error: str | None) -> None:
+        self.hsm_in_flight.dec()
+        self.observe_hsm(call, seconds, error)
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
@@ -97,83 +101,6 @@ class Metrics:
         # generate_latest writes the classic text format (names are plain ASCII); label it 0.0.4,
         # which every Prometheus-compatible scraper parses, rather than the library's newest.
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-
-
-class TimedBackend:
-    """An HsmBackend that times every HSM call; anything else is delegated to the real one."""
-
-    def __init__(self, inner: HsmBackend, metrics: Metrics) -> None:
-        self.inner = inner
-        self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:  # `stats`, `cluster_id`, test hooks
-        return getattr(self.inner, name)
-
-    def _timed(self, call: str, fn: Callable[..., Any], *args: Any) -> Any:
-        gauge = self._metrics.hsm_in_flight
-        gauge.inc()
-        error: str | None = None
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        except BackendError as exc:
-            error = type(exc).__name__
-            raise
-        finally:
-            elapsed = time.perf_counter() - start
-            gauge.dec()
-            self._metrics.observe_hsm(call, elapsed, error)
-            context.add_hsm_latency(elapsed * 1000.0)
-
-    def generate_key(self, label: str, key_id: bytes, *, fresh_label: bool = False) -> HsmKeyInfo:
-        info: HsmKeyInfo = self._timed(
-            "generate_key",
-            lambda: self.inner.generate_key(label, key_id, fresh_label=fresh_label),
-        )
-        return info
-
-    def find_keys(self, label: str) -> list[HsmKeyInfo]:
-        found: list[HsmKeyInfo] = self._timed("find_keys", self.inner.find_keys, label)
-        return found
-
-    def list_keys(self) -> Iterator[HsmKeyInfo]:
-        # A scan (audit, recovery), not a request-path call: timed as one call when drained.
-        keys: list[HsmKeyInfo] = self._timed("list_keys", lambda: list(self.inner.list_keys()))
-        return iter(keys)
-
-    def destroy_key(self, label: str, handle: int | None = None) -> int:
-        count: int = self._timed("destroy_key", self.inner.destroy_key, label, handle)
-        return count
-
-    def encrypt(self, label: str, plaintext: bytes, aad: bytes) -> Sealed:
-        sealed: Sealed = self._timed("encrypt", self.inner.encrypt, label, plaintext, aad)
-        return sealed
-
-    def decrypt(self, label: str, sealed: Sealed, aad: bytes) -> bytes:
-        plain: bytes = self._timed("decrypt", self.inner.decrypt, label, sealed, aad)
-        return plain
-
-    def random(self, n_bytes: int) -> bytes:
-        out: bytes = self._timed("random", self.inner.random, n_bytes)
-        return out
-
-    def ping(self) -> HsmHealth:
-        health: HsmHealth = self._timed("ping", self.inner.ping)
-        return health
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class TimedConnector:
-    """Wraps a connector so every backend it logs in comes back as a TimedBackend."""
-
-    def __init__(self, inner: HsmConnector, metrics: Metrics) -> None:
-        self.inner = inner
-        self._metrics = metrics
-
-    def connect(self, cluster_id: str, password: str) -> HsmBackend:
-        return TimedBackend(self.inner.connect(cluster_id, password), self._metrics)
 
 
 class StoreCollector(Collector):
