@@ -92,5 +92,6 @@ def test_each_cli_command_writes_one_audit_line_as_the_demo_admin(tmp_path: Path
     assert created["additionalEventData"]["backingKeyId"] == key["KeyId"]
     assert sum(1 for e in _trail(audit) if e["eventName"] == "CreateKey") == 1
     # Timed like an API call: the key generation's HSM time; a describe makes no HSM call.
-    assert created["hsmLatencyMs"] is not None and created["hsmLatencyMs"] > 0
+    assert created["hsmLatencyMs"] is not None
+    assert created["hsmLatencyMs"] > 0
     assert lines[0]["hsmLatencyMs"] is None

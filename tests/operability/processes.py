@@ -30,8 +30,8 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from hsmbridge import bootstrap
 from hsmbridge.config import load_settings
-from hsmbridge.metadata.sqlite import SqliteMetadataStore
 from hsmbridge.model import KeyLifecycle, KeyRecord, KeyState
 from tests import pkcs11_tool
 from tests.reliability.servers import InitEnv, ServerProcess
@@ -302,7 +302,7 @@ def plant_interrupted_create(env: InitEnv) -> KeyRecord:
     labelled with its ARN. Written while no server runs, or while one runs (then it looks like
     a CreateKey another worker has in flight)."""
     settings = load_settings(env.config)
-    meta = SqliteMetadataStore(env.db)
+    meta = bootstrap.open_metadata_store(load_settings(env.config))
     try:
         row = meta.get_key_store(env.store_id)
         assert row is not None
@@ -335,7 +335,7 @@ def plant_interrupted_create(env: InitEnv) -> KeyRecord:
 
 def intent_state(env: InitEnv, record: KeyRecord) -> tuple[KeyLifecycle | None, int]:
     """(the key row's lifecycle or None if it is gone, HSM objects labelled with its ARN)."""
-    meta = SqliteMetadataStore(env.db)
+    meta = bootstrap.open_metadata_store(load_settings(env.config))
     try:
         row = meta.get_key(record.key_id)
     finally:
