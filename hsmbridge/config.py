@@ -103,6 +103,8 @@ class Settings:
     custom_key_store_limit: int = 10
     # Server processes; None: not set, `hsmbridge serve` picks one per CPU (capped).
     workers: int | None = None
+    # The credentials-file section (profile) whose principal CLI commands act as.
+    cli_profile: str = "default"
 
     def binding(self, cluster_id: str) -> ClusterBinding | None:
         return self.clusters.get(cluster_id)
@@ -340,6 +342,9 @@ def load_settings(path: Path | str) -> Settings:
         hsm_env=hsm_env,
         custom_key_store_limit=_get(service, "custom_key_store_limit", int, here, 10),
         workers=_workers(service, here),
+        cli_profile=_get(
+            _get(raw, "cli", dict, where, {}), "profile", str, f"{where}: [cli]", "default"
+        ),
     )
 
 

@@ -53,9 +53,10 @@ def open_cli_service(settings: Settings) -> tuple[KmsService, JsonLinesSink]:
 
 
 def cli_caller(settings: Settings) -> RequestContext:
-    """The principal CLI commands act as: the credentials file's `default` section (the demo
-    administrator `hsmbridge init` writes), authorized and audited like an API caller."""
-    principal = cli_principal(settings.credentials_file)
+    """The principal CLI commands act as: the credentials file's section named by `[cli] profile`
+    (default `default`, the demo administrator `hsmbridge init` writes), authorized and audited
+    like an API caller."""
+    principal = cli_principal(settings.credentials_file, settings.cli_profile)
     return RequestContext(
         principal.arn, principal.account_id, user_agent=CLI_USER_AGENT, edge="cli"
     )

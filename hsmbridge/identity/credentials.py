@@ -89,11 +89,14 @@ def load_principals(path: Path | str) -> dict[str, Credential]:
 
 def cli_principal(path: Path | str, profile: str = "default") -> Principal:
     """The principal the CLI acts as: the credentials file's `profile` section (`hsmbridge
-    init` writes the demo administrator there), else its first section."""
+    init` writes the demo administrator to `default`)."""
     creds = load_principals(path)
     parser = configparser.ConfigParser(interpolation=None)
     with Path(path).open(encoding="utf-8") as fh:
         parser.read_file(fh)
-    if parser.has_section(profile):
-        return creds[parser[profile]["aws_access_key_id"].strip()].principal
-    return next(iter(creds.values())).principal
+    if not parser.has_section(profile):
+        raise ConfigError(
+            f"credentials file {path} has no [{profile}] section for the CLI to act as; set "
+            "[cli] profile in the configuration to one of its sections"
+        )
+    return creds[parser[profile]["aws_access_key_id"].strip()].principal

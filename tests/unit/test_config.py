@@ -289,3 +289,35 @@ def test_metadata_url_and_paths_metadata_db_together_are_refused(tmp_path: Path)
     message = str(caught.value)
     for word in (str(path), "[metadata]", "'url'", "[paths] 'metadata_db'"):
         assert word in message, message
+
+
+def _credentials(tmp_path: Path) -> Path:
+    path = tmp_path / "credentials"
+    path.write_text(
+        "[default]\naws_access_key_id = AKIADEFAULT0000000001\naws_secret_access_key = s1\n"
+        "principal_arn = arn:aws:iam::111122223333:user/admin\n"
+        "[ops]\naws_access_key_id = AKIAOPS00000000000001\naws_secret_access_key = s2\n"
+        "principal_arn = arn:aws:iam::111122223333:role/operator\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def test_the_cli_acts_as_the_configured_credentials_profile(tmp_path: Path) -> None:
+    from hsmbridge.cli.runner import cli_caller
+
+    _credentials(tmp_path)
+    base = f'[service]\nregion = "us-east-1"\naccount_id = "111122223333"\n{INVENTORY}'
+    default = load_settings(write(tmp_path, base))
+    assert default.cli_profile == "default"
+    assert cli_caller(default).principal_arn == "arn:aws:iam::111122223333:user/admin"
+    ops = load_settings(write(tmp_path, base + '\n[cli]\nprofile = "ops"\n'))
+    caller = cli_caller(ops)
+    assert (caller.principal_arn, caller.account_id, caller.edge) == (
+        "arn:aws:iam::111122223333:role/operator",
+        "111122223333",
+        "cli",
+    )
+    missing = load_settings(write(tmp_path, base + '\n[cli]\nprofile = "nobody"\n'))
+    with pytest.raises(ConfigError, match=r"no \[nobody\] section"):
+        cli_caller(missing)
