@@ -31,7 +31,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hsmbridge.cli.runner import cli_caller, open_cli_service
+from hsmbridge.cli.runner import cli_caller, open_cli_service, run_audited
 from hsmbridge.config import load_settings
 from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
 from hsmbridge.keystore.demo import (
@@ -168,12 +168,27 @@ def _store(config: Path, cluster_id: str, anchor: str, password: str) -> tuple[s
     try:
         # KMS's own create is idempotent only for a DISCONNECTED store; ours is CONNECTED after
         # the first run, so reuse the store by name instead of asking to create it again.
-        store_id = _existing_store(service, caller) or service.keystores.create(
-            caller, STORE_NAME, cluster_id, anchor, password
+        # Create and connect go through the operation table like `hsmbridge keystore ...`, so
+        # they are validated, authorized and written to the audit trail the same way.
+        store_id = _existing_store(service, caller) or str(
+            run_audited(
+                service,
+                sink,
+                caller,
+                "CreateCustomKeyStore",
+                {
+                    "CustomKeyStoreName": STORE_NAME,
+                    "CloudHsmClusterId": cluster_id,
+                    "TrustAnchorCertificate": anchor,
+                    "KeyStorePassword": password,
+                },
+            )["CustomKeyStoreId"]
         )
         state = service.keystores.describe(caller, store_id).items[0].connection_state
         if state is ConnectionState.DISCONNECTED:
-            service.keystores.connect(caller, store_id)
+            run_audited(
+                service, sink, caller, "ConnectCustomKeyStore", {"CustomKeyStoreId": store_id}
+            )
         store = service.keystores.describe(caller, store_id).items[0]
         code = store.connection_error_code
         return store_id, store.connection_state.value + (f" ({code.value})" if code else "")

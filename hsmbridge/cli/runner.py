@@ -69,7 +69,7 @@ def run_kms_command(args: argparse.Namespace) -> int:
     caller = cli_caller(settings)
     service, sink = open_cli_service(settings)
     try:
-        response = _audited(service, sink, caller, cmd.operation, request)
+        response = run_audited(service, sink, caller, cmd.operation, request)
         print_json(response)
         if cmd.operation == "ConnectCustomKeyStore":
             return _connect_outcome(service, caller, request["CustomKeyStoreId"])
@@ -79,7 +79,7 @@ def run_kms_command(args: argparse.Namespace) -> int:
         sink.close()
 
 
-def _audited(
+def run_audited(
     service: KmsService,
     sink: AuditSink,
     caller: RequestContext,

@@ -1,9 +1,9 @@
 """Request shape validation driven by botocore's KMS service model (never a hand-kept copy).
 
 Owns: `validate_input` (JSON params -> typed-ish params or SerializationException /
-ValidationException worded as AWS words them), `operation_names`, `redacted_members` and the
-test helper `output_validate`. The model is loaded once; each operation's validator is compiled
-once, so the request hot path does no model lookups.
+ValidationException worded as AWS words them), `operation_names` and `redacted_members`. The
+model is loaded once; each operation's validator is compiled once, so the request hot path does
+no model lookups. (The tests' check of responses against the model is tests/output_shapes.py.)
 Must not import: uvicorn, pkcs11, service or backend modules. Shape checks only; meaning (key
 state, policy) belongs to the service layer.
 """
@@ -20,15 +20,12 @@ from typing import Any, cast
 
 import botocore.session
 from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Shape, StructureShape
-from botocore.parsers import JSONParser
-from botocore.validate import ParamValidator
 
 from hsmbridge.errors import (
     SerializationException,
     UnknownOperationException,
     ValidationException,
 )
-from hsmbridge.protocol.errors import encode_json
 from hsmbridge.trail.events import REDACTED, SECRET_MEMBERS
 
 # value, member path, error sink -> converted value. Type errors raise SerializationException at
@@ -278,16 +275,3 @@ def _redact(value: Any, hidden: frozenset[str]) -> Any:
     if isinstance(value, list):
         return [_redact(v, hidden) for v in value]
     return value
-
-
-def output_validate(operation: str, response: Mapping[str, Any]) -> list[str]:
-    """Contract check for tests: encode `response` as the server would, parse it with botocore's
-    JSON parser and run botocore's ParamValidator on the output shape. Returns the problems."""
-    shape = _operation(operation).output_shape
-    if shape is None:
-        return [] if not response else [f"{operation} has no output, got {sorted(response)}"]
-    wire = {"body": encode_json(response), "headers": {}, "status_code": 200}
-    parsed = JSONParser().parse(wire, shape)
-    parsed.pop("ResponseMetadata", None)
-    report = ParamValidator().validate(parsed, shape)
-    return [report.generate_report()] if report.has_errors() else []
