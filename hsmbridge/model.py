@@ -111,6 +111,23 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class KeyIdentity:
+    """A KMS key named both ways: what ListKeys lists and CancelKeyDeletion answers."""
+
+    key_id: str
+    arn: str
+
+
+@dataclass(frozen=True)
+class ScheduledDeletion:
+    """What ScheduleKeyDeletion answers."""
+
+    arn: str
+    deletion_date: float
+    pending_window_days: int
+
+
+@dataclass(frozen=True)
 class KeyMetadata:
     """What DescribeKey returns for a custom key store key (spec §5.4)."""
 

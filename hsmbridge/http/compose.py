@@ -43,7 +43,7 @@ class Runtime:
         self.app.close()
         self.service.close()
         close = getattr(self.audit, "close", None)
-        if callable(close):  # the file sink flushes its buffer; a caller's MemorySink has none
+        if callable(close):  # the file sink flushes its buffer; a caller's own sink may have none
             close()
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hsmbridge.errors import ValidationException
-from hsmbridge.model import Alias, CustomKeyStore, KeyMetadata, KeyRecord, Page, Tag
+from hsmbridge.model import Alias, CustomKeyStore, KeyIdentity, KeyMetadata, Page, Tag
 
 Json = dict[str, Any]
 
@@ -65,7 +65,7 @@ def alias(a: Alias) -> Json:
     }
 
 
-def key_list_entry(r: KeyRecord) -> Json:
+def key_list_entry(r: KeyIdentity) -> Json:
     return {"KeyId": r.key_id, "KeyArn": r.arn}
 
 

@@ -33,6 +33,7 @@ from hsmbridge.keystore import quorum
 from hsmbridge.keystore.lifecycle import StoreOp, require
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import (
+    KeyIdentity,
     KeyLifecycle,
     KeyMetadata,
     KeyRecord,
@@ -41,6 +42,7 @@ from hsmbridge.model import (
     KeyUsage,
     Origin,
     Page,
+    ScheduledDeletion,
     Tag,
 )
 from hsmbridge.policy.document import default_policy, parse_policy
@@ -222,14 +224,14 @@ class KeyService:
 
     def list(
         self, caller: RequestContext, limit: int | None, marker: str | None
-    ) -> Page[KeyRecord]:
+    ) -> Page[KeyIdentity]:
         """ListKeys (Limit 1-1000, default 100). https://docs.aws.amazon.com/kms/latest/APIReference/API_ListKeys.html"""
         self._ctx.authorize(caller, "kms:ListKeys")
         size = limit or 100
         if marker is not None and not ids.is_key_id(marker):
             raise InvalidMarkerException("The Marker is not one that ListKeys returned.")
         rows = self._ctx.meta.list_keys(size + 1, marker)
-        items = tuple(rows[:size])
+        items = tuple(KeyIdentity(r.key_id, r.arn) for r in rows[:size])
         return Page(items, items[-1].key_id if len(rows) > size else None)
 
     def refuse_rotation(self, caller: RequestContext, key_ref: str, action: str) -> NoReturn:
@@ -286,7 +288,7 @@ class KeyService:
 
     def schedule_deletion(
         self, caller: RequestContext, key_ref: str, window_days: int | None
-    ) -> KeyRecord:
+    ) -> ScheduledDeletion:
         """ScheduleKeyDeletion (7-30 days, default 30); KMSInvalidState if already pending."""
         days = 30 if window_days is None else window_days
         if not 7 <= days <= 30:
@@ -294,7 +296,7 @@ class KeyService:
                 f"PendingWindowInDays must be between 7 and 30 days; got {days}."
             )
         when = self._ctx.clock() + days * DAY
-        return self._mutate(
+        record = self._mutate(
             caller,
             "kms:ScheduleKeyDeletion",
             key_ref,
@@ -305,8 +307,9 @@ class KeyService:
                 pending_window_days=days,
             ),
         )
+        return ScheduledDeletion(record.arn, when, days)
 
-    def cancel_deletion(self, caller: RequestContext, key_ref: str) -> KeyRecord:
+    def cancel_deletion(self, caller: RequestContext, key_ref: str) -> KeyIdentity:
         """CancelKeyDeletion: the key becomes Disabled, not Enabled (spec §6.4)."""
 
         def change(r: KeyRecord) -> KeyRecord:
@@ -316,7 +319,8 @@ class KeyService:
                 r, base_state=KeyState.DISABLED, deletion_date=None, pending_window_days=None
             )
 
-        return self._mutate(caller, "kms:CancelKeyDeletion", key_ref, change)
+        record = self._mutate(caller, "kms:CancelKeyDeletion", key_ref, change)
+        return KeyIdentity(record.key_id, record.arn)
 
 
 def _destroy(backend: HsmBackend, label: str) -> int:

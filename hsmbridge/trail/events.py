@@ -2,7 +2,8 @@
 
 Owns: the `AuditEvent` record and its one wire form (`to_json`: CloudTrail-style camelCase field
 names, see `AuditEvent.to_dict`), the `AuditSink` Protocol, a JSON-lines file sink flushed per
-event (the CLI's) and an in-memory sink for tests; the server's buffered sink is in `sinks.py`.
+event (the CLI's) and the null sink; the server's buffered sink is in `sinks.py`, the tests'
+in-memory one in tests/harness.py.
 Events carry identifiers and outcomes only: never plaintext, data keys, passwords or PINs
 (`redact()` enforces it for request parameters). Must not import metadata, backend or anything
 above.
@@ -117,14 +118,6 @@ class AuditSink(Protocol):
 class NullSink:
     def emit(self, event: AuditEvent) -> None:
         return None
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    def emit(self, event: AuditEvent) -> None:
-        self.events.append(event)
 
 
 class JsonLinesSink:
