@@ -1,9 +1,12 @@
-"""Shared fixtures: a real SoftHSM2 token directory for the whole run, and fresh tokens in it.
+"""Shared fixtures: a real SoftHSM2 token directory for the whole run, fresh tokens in it, and the
+service environments built on them (`make_kms_env`) or on a fake HSM instead (`make_fake_env`).
 
 SoftHSM reads its token directory at C_Initialize, so tokens created after the library is loaded
 are invisible until it is re-initialised (seen with Debian's 2.6.1). `softhsm_env` therefore
 provisions a stock of tokens up front, before anything loads the module; `softhsm_token()` hands
-them out one per call. Markers are registered in pyproject.toml, not here.
+them out one per call. Tests of service logic use `make_fake_env`: the same files and SQLite
+store, an in-memory token, no SoftHSM (so they are not `softhsm` tests). Markers are registered in
+pyproject.toml, not here.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +23,8 @@ import pytest
 
 from hsmbridge.config import ClusterBinding, HsmProfile, builtin_profile, load_profile
 from tests.callers import ADMIN
-from tests.harness import KmsEnv, build_env
+from tests.fake_hsm import FakeHsm
+from tests.harness import SOFTHSM2_PROFILE, KmsEnv, build_env
 from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +53,13 @@ class SoftHsmEnv:
         )
 
 
+_SOFTHSM_ENV = pytest.StashKey[tuple[SoftHsmEnv, float]]()
+
+
 @pytest.fixture(scope="session")
-def softhsm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmEnv]:
+def softhsm_env(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[SoftHsmEnv]:
     if not os.path.exists(SOFTHSM_MODULE):
         # STYLE practice 11: a missing SoftHSM is an error; deselect with -m "not softhsm".
         pytest.fail(f"SoftHSM2 module {SOFTHSM_MODULE} is missing: apt-get install softhsm2")
@@ -62,12 +72,14 @@ def softhsm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmEnv
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before any pkcs11.lib() of SoftHSM in this process
     env = SoftHsmEnv(conf=conf, profile=load_profile(builtin_profile("softhsm2")))
+    start = time.perf_counter()
     for i in range(TOKEN_STOCK):
         # Equal-length labels: pkcs11-tool --token-label matches a prefix, so "hsmb-test-10"
         # would also select "hsmb-test-100".
         label, pin = f"hsmb-test-{i:03d}", f"kmsuser-pass-{i:03d}"
         env.init_token(label, pin)
         env.stock.append((label, pin))
+    pytestconfig.stash[_SOFTHSM_ENV] = (env, time.perf_counter() - start)
     yield env
     if previous is None:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -110,13 +122,7 @@ def make_kms_env(
         binding, password = softhsm_token()
         env = build_env(tmp_path / f"env{len(made)}", binding, password)
         made.append(env)
-        service = env.open()
-        if store:
-            env.store_id = service.keystores.create(
-                ADMIN, name, env.cluster_id, env.pki.ca_cert_pem, password
-            )
-            service.keystores.connect(ADMIN, env.store_id)
-        return env
+        return _opened(env, store, name)
 
     yield make
     for env in made:
@@ -127,6 +133,61 @@ def make_kms_env(
 def kms_env(make_kms_env: Callable[..., KmsEnv]) -> KmsEnv:
     """A connected custom key store on a fresh SoftHSM2 token, through a real KmsService."""
     return make_kms_env()
+
+
+@pytest.fixture
+def make_fake_env(tmp_path: Path) -> Iterator[Callable[..., KmsEnv]]:
+    """Factory: `make_kms_env`'s environment (configuration, inventory, credentials, SQLite
+    metadata, demo PKI) with a token of one in-memory `FakeHsm` instead of SoftHSM2. The
+    configuration still names the SoftHSM2 profile and a token label, which the fake connector
+    resolves as the PKCS#11 one would."""
+    hsm = FakeHsm()
+    made: list[KmsEnv] = []
+
+    def make(store: bool = True, name: str = "TestKeyStore") -> KmsEnv:
+        n = len(made)
+        label, password = f"fake-token-{n:03d}", f"kmsuser-pass-{n:03d}"
+        hsm.add_token(label, password)
+        profile = replace(load_profile(SOFTHSM2_PROFILE), token_label=label)
+        env = build_env(tmp_path / f"env{n}", ClusterBinding("", profile), password)
+        env.connector = hsm.connector
+        made.append(env)
+        return _opened(env, store, name)
+
+    yield make
+    for env in made:
+        env.close()
+
+
+@pytest.fixture
+def fake_env(make_fake_env: Callable[..., KmsEnv]) -> KmsEnv:
+    """A connected custom key store on a fresh fake-HSM token, through a real KmsService."""
+    return make_fake_env()
+
+
+def _opened(env: KmsEnv, store: bool, name: str) -> KmsEnv:
+    """Open the env's service; with `store`, create a custom key store and connect it."""
+    service = env.open()
+    if store:
+        env.store_id = service.keystores.create(
+            ADMIN, name, env.cluster_id, env.pki.ca_cert_pem, env.password
+        )
+        service.keystores.connect(ADMIN, env.store_id)
+    return env
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """How much of the token stock the run used, to size HSMBRIDGE_TEST_TOKENS by: provisioning
+    costs more per token the more there are (softhsm2-util reads every token each time)."""
+    provisioned = config.stash.get(_SOFTHSM_ENV, None)
+    if provisioned is not None:
+        env, seconds = provisioned
+        terminalreporter.write_line(
+            f"SoftHSM2 tokens: {TOKEN_STOCK - len(env.stock)} used of {TOKEN_STOCK} provisioned"
+            f" in {seconds:.1f} s (HSMBRIDGE_TEST_TOKENS)"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,17 +1,23 @@
-"""A complete hsmbridge environment for tests: real SoftHSM2 token, describe-clusters inventory,
-demo PKI, credentials, hsmbridge.toml and a KmsService (with a controllable clock) over them.
+"""A complete hsmbridge environment for tests: an HSM token, describe-clusters inventory, demo PKI,
+credentials, hsmbridge.toml and a KmsService (with a controllable clock and an in-memory audit
+sink) over them.
 
-Used through the `make_kms_env` / `kms_env` fixtures in tests/conftest.py. Restarting the service
-(`env.restart()`) reopens the same files, as a real restart would.
+Used through the fixtures in tests/conftest.py: `make_kms_env` / `kms_env` on a real SoftHSM2
+token (the configuration's PKCS#11 connector), `make_fake_env` / `fake_env` on a token of
+`tests.fake_hsm.FakeHsm` (the same files; `KmsEnv.connector` builds the service's connector from
+the settings). Restarting the service (`env.restart()`) reopens the same files, as a real restart
+would; the token, real or fake, keeps its keys.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsmbridge import bootstrap
+from hsmbridge.backend import HsmConnector
 from hsmbridge.config import ClusterBinding, Settings, builtin_profile, load_settings
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
@@ -22,7 +28,7 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.service.kms import KmsService
-from hsmbridge.trail.events import MemorySink
+from hsmbridge.trail.events import AuditEvent
 
 REPO = Path(__file__).resolve().parent.parent
 SOFTHSM2_PROFILE = builtin_profile("softhsm2")  # the package's copy, as an installed one reads
@@ -30,6 +36,16 @@ ACCOUNT = "111122223333"
 REGION = "us-east-1"
 ACCESS_KEY = "AKIAHSMBRIDGETEST001"
 SECRET_KEY = "test-secret-key-for-hsmbridge-tests-0001"
+
+
+class MemorySink:
+    """AuditSink keeping every event in a list, for tests to read back."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
 
 
 class FakeClock:
@@ -57,6 +73,8 @@ class KmsEnv:
     audit: MemorySink = field(default_factory=MemorySink)
     service: KmsService | None = None
     store_id: str | None = None
+    # Settings -> the HSM connector to open the service with; None: the configuration's own.
+    connector: Callable[[Settings], HsmConnector] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -95,6 +113,7 @@ class KmsEnv:
         settings = self.settings
         self.service = bootstrap.open_service(
             settings,
+            connector=None if self.connector is None else self.connector(settings),
             clock=self.clock,
             audit=self.audit,
             synchronous_connect=synchronous_connect,
@@ -114,7 +133,8 @@ class KmsEnv:
 
 
 def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
-    """Write every file of an environment around one SoftHSM token; no store is created."""
+    """Write every file of an environment around one token (the binding's profile names it); no
+    store is created."""
     root.mkdir(parents=True, exist_ok=True)
     cluster_id = new_cluster_id()
     token_label = binding.profile.token_label

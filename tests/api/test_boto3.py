@@ -9,7 +9,6 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-from hsmbridge.protocol.validation import output_validate
 from tests.api.conftest import (
     HANDLER_DELAY_S,
     LEAK_SENTINEL,
@@ -19,6 +18,7 @@ from tests.api.conftest import (
     signed,
     wait_for,
 )
+from tests.output_shapes import output_validate
 
 
 def _error(info: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, str]:

@@ -16,10 +16,9 @@ from hsmbridge.audit import (
     run_audit,
 )
 from hsmbridge.model import KeyLifecycle
-from hsmbridge.trail.events import MemorySink
 from tests.audit.conftest import create_keys, drop_metadata_row, keygen
 from tests.callers import ADMIN
-from tests.harness import ACCOUNT, REGION
+from tests.harness import ACCOUNT, REGION, MemorySink
 
 pytestmark = pytest.mark.softhsm
 DAY = 86_400.0

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hsmbridge.main import main
-from hsmbridge.protocol.validation import output_validate
 from tests.callers import ADMIN
 from tests.harness import REPO, KmsEnv
+from tests.output_shapes import output_validate
 
 pytestmark = pytest.mark.softhsm
 

@@ -27,8 +27,7 @@ from botocore.exceptions import ClientError
 from hsmbridge.config import load_settings
 from hsmbridge.http.compose import Runtime, create_app
 from hsmbridge.http.server import ThreadedServer
-from hsmbridge.trail.events import MemorySink
-from tests.harness import ACCESS_KEY, REGION, SECRET_KEY, KmsEnv
+from tests.harness import ACCESS_KEY, REGION, SECRET_KEY, KmsEnv, MemorySink
 
 CONNECT_TIMEOUT_S = 15.0
 

@@ -18,7 +18,8 @@ import botocore.session
 import pytest
 
 from hsmbridge.protocol.operations import build_operations
-from hsmbridge.protocol.validation import kms_model, output_validate
+from hsmbridge.protocol.validation import kms_model
+from tests.output_shapes import output_validate
 
 pytestmark = pytest.mark.softhsm
 

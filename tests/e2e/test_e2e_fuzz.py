@@ -32,9 +32,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hsmbridge.protocol.operations import build_operations
-from hsmbridge.protocol.validation import kms_model, output_validate
+from hsmbridge.protocol.validation import kms_model
 from tests.e2e.e2e_support import send_raw
 from tests.e2e.test_e2e_contract import COMMON_ERRORS, DIVERGENCES
+from tests.output_shapes import output_validate
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
 

@@ -1,9 +1,10 @@
 """Assertions shared by the service tests: what the token holds versus what the metadata says.
 
 Everything here reads real state: the metadata rows of every lifecycle through the SQLite store,
-the token through our backend's batched scan, and, independently, through OpenSC's pkcs11-tool in
-another process (so a bug in our attribute reader or object enumeration cannot hide a bug in our
-key template or a duplicate label).
+the token through our backend's batched scan (the in-memory token on a fake env), and, on a
+SoftHSM2 env only, independently through OpenSC's pkcs11-tool in another process (so a bug in our
+attribute reader or object enumeration cannot hide a bug in our key template or a duplicate
+label). `assert_consistent` and the pkcs11-tool readers therefore need a SoftHSM2 env.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def assert_labels_match_metadata(labels: Counter[str], live: set[str], witness: 
     counts = {arn: labels[arn] for arn in live}
     assert counts == dict.fromkeys(live, 1), f"{witness}: LIVE keys by object count: {counts}"
     assert set(labels) <= live, f"{witness}: orphan material: {set(labels) - live}"
+
+
+def assert_nothing_created(env: KmsEnv) -> None:
+    """No key row of any lifecycle in the env's store and no key object on its token (as our
+    backend lists it: the fake's objects on a fake env, SoftHSM's on a SoftHSM one)."""
+    assert rows(env) == []
+    assert sum(hsm_labels(env).values()) == 0
 
 
 def assert_consistent(env: KmsEnv) -> None:

@@ -1,9 +1,11 @@
-"""Authorization at the service layer, on a real SoftHSM2 token: one endpoint serves one account.
+"""Authorization at the service layer, on a fake HSM: one endpoint serves one account.
 
 A principal of another account is refused every operation with AccessDeniedException naming the
-principal and the KMS action, before anything changes (no key row or HSM object, no alias, no
-policy, no store state, no audit event); the same operations succeed for principals of the
-endpoint's account and for hsmbridge acting on its own behalf (`RequestContext.service_principal`).
+principal and the KMS action, before anything changes (no key row or object on the token, no
+alias, no policy, no store state, no audit event); the same operations succeed for principals of
+the endpoint's account and for hsmbridge acting on its own behalf
+(`RequestContext.service_principal`). A refusal happens before the service asks the HSM anything,
+so the fake's token, listed through our backend as a SoftHSM2 one would be, is the witness.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def test_access_control_names_principal_action_and_resource() -> None:
         control.authorize(caller, "kms:Encrypt", arn)  # no exception
 
 
-def test_another_accounts_principal_is_denied_and_changes_nothing(kms_env) -> None:
-    env, svc, sid = kms_env, kms_env.svc, kms_env.store_id
+def test_another_accounts_principal_is_denied_and_changes_nothing(fake_env) -> None:
+    env, svc, sid = fake_env, fake_env.svc, fake_env.store_id
     request = CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM")
     key_id = svc.keys.create(ADMIN, request).key_id
     blob = svc.crypto.encrypt(ADMIN, key_id, b"secret").ciphertext_blob
@@ -117,8 +119,8 @@ def test_another_accounts_principal_is_denied_and_changes_nothing(kms_env) -> No
     assert svc.crypto.decrypt(ADMIN, blob).plaintext == b"secret"  # the key was never touched
 
 
-def test_the_endpoints_account_and_the_service_principal_are_allowed(kms_env) -> None:
-    env, svc, sid = kms_env, kms_env.svc, kms_env.store_id
+def test_the_endpoints_account_and_the_service_principal_are_allowed(fake_env) -> None:
+    env, svc, sid = fake_env, fake_env.svc, fake_env.store_id
     request = CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM")
     for n, caller in enumerate((ADMIN, ROLE, SERVICE)):
         key_id = svc.keys.create(ADMIN, request).key_id

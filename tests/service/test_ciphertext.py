@@ -1,8 +1,10 @@
-"""Tampered ciphertext through the real service on SoftHSM2: every change is InvalidCiphertext.
+"""Tampered ciphertext through the real service, on a fake HSM: every change is InvalidCiphertext.
 
 The envelope's structure checks are unit-tested against vectors (tests/unit/test_envelope.py);
-this proves the other half on a real token: the GCM tag (checked by the HSM, which SoftHSM reports
-as CKR_GENERAL_ERROR) covers the IV, the body, the encryption context and the key's ARN.
+this proves the other half through the service: the GCM tag covers the IV, the body, the
+encryption context and the key's ARN, and a failed tag check reaches the caller as
+InvalidCiphertextException. That a real token's failed tag check (SoftHSM2: CKR_GENERAL_ERROR)
+becomes the backend's BadCiphertextError, as the fake raises it, is tests/backend/test_contract.py.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from hsmbridge.errors import IncorrectKeyException, InvalidCiphertextException
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
 
-pytestmark = pytest.mark.softhsm
 
-
-def test_tampering_is_invalid_ciphertext(kms_env) -> None:
-    svc = kms_env.svc
-    req = CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
+def test_tampering_is_invalid_ciphertext(fake_env) -> None:
+    svc = fake_env.svc
+    req = CreateKeyRequest(custom_key_store_id=fake_env.store_id, origin="AWS_CLOUDHSM")
     key, other = svc.keys.create(ADMIN, req).key_id, svc.keys.create(ADMIN, req).key_id
     blob = svc.crypto.encrypt(ADMIN, key, b"attack at dawn", context={"a": "bc"}).ciphertext_blob
     assert svc.crypto.decrypt(ADMIN, blob, context={"a": "bc"}).plaintext == b"attack at dawn"

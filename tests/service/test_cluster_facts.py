@@ -1,5 +1,6 @@
 """Spec §3.7/§6.3: a CONNECTED store whose cluster has no ACTIVE HSM refuses cryptography while
-the key state stays Enabled; the answer is cached briefly, and recovers with the HSMs."""
+the key state stays Enabled; the answer is cached briefly, and recovers with the HSMs. The HSM
+states come from the inventory, so the token is a fake one."""
 
 import pytest
 
@@ -10,30 +11,28 @@ from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
 
-pytestmark = pytest.mark.softhsm
 
-
-def test_crypto_needs_an_active_hsm(kms_env):
-    svc = kms_env.svc
+def test_crypto_needs_an_active_hsm(fake_env):
+    svc = fake_env.svc
     key = svc.keys.create(
-        ADMIN, CreateKeyRequest(custom_key_store_id=kms_env.store_id, origin="AWS_CLOUDHSM")
+        ADMIN, CreateKeyRequest(custom_key_store_id=fake_env.store_id, origin="AWS_CLOUDHSM")
     )
     blob = svc.crypto.encrypt(ADMIN, key.key_id, b"before").ciphertext_blob
 
-    kms_env.write_inventory(states=("DEGRADED", "DELETED"))
-    svc.ctx.clusters.forget(kms_env.cluster_id)  # skip the short cache instead of sleeping
+    fake_env.write_inventory(states=("DEGRADED", "DELETED"))
+    svc.ctx.clusters.forget(fake_env.cluster_id)  # skip the short cache instead of sleeping
     with pytest.raises(KMSInvalidStateException, match="no ACTIVE HSM"):
         svc.crypto.encrypt(ADMIN, key.key_id, b"during")
     with pytest.raises(KMSInvalidStateException):
         svc.crypto.decrypt(ADMIN, blob)
     with pytest.raises(CustomKeyStoreInvalidStateException):
-        svc.crypto.generate_random(ADMIN, 16, kms_env.store_id)
+        svc.crypto.generate_random(ADMIN, 16, fake_env.store_id)
     assert (
         svc.keys.describe(ADMIN, key.key_id).key_state is KeyState.ENABLED
     )  # state is not touched
 
-    kms_env.write_inventory()
-    svc.ctx.clusters.forget(kms_env.cluster_id)
+    fake_env.write_inventory()
+    svc.ctx.clusters.forget(fake_env.cluster_id)
     assert svc.crypto.decrypt(ADMIN, blob).plaintext == b"before"
 
 
