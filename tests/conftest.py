@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 INIT_TOKEN = REPO / "softhsm" / "init-token.sh"
 SO_PIN = os.environ.get("HSMBRIDGE_TEST_SO_PIN", "so-pin-4321")
-# One token per environment a test builds; the whole suite needs ~90 (about 0.09 s each).
-TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "128"))
+# One token per environment a test builds; the whole suite needs ~150 (about 0.09 s each). A run
+# that needs more fails with "stock exhausted", never silently.
+TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "224"))
 
 
 @dataclass
