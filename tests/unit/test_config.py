@@ -93,15 +93,20 @@ BAD_CONFIGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("text", "words"), BAD_CONFIGS)
-def test_bad_config_names_file_and_setting(tmp_path: Path, text: str, words: list[str]) -> None:
-    path = write(tmp_path, text)
+def _assert_refused(path: Path, words: list[str]) -> None:
+    """Loading `path` fails with a ConfigError naming the file and every one of `words`."""
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     message = str(caught.value)
     assert str(path) in message
     for word in words:
         assert word in message, message
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_CONFIGS)
+def test_bad_config_names_file_and_setting(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = write(tmp_path, text)
+    _assert_refused(path, words)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -273,12 +278,7 @@ def test_bad_metadata_url_names_file_and_setting(
     tmp_path: Path, table: str, words: list[str]
 ) -> None:
     path = write(tmp_path, SERVICE + INVENTORY + "[metadata]\n" + table + "\n")
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path)
-    message = str(caught.value)
-    assert str(path) in message
-    for word in words:
-        assert word in message, message
+    _assert_refused(path, words)
 
 
 def test_metadata_url_and_paths_metadata_db_together_are_refused(tmp_path: Path) -> None:
