@@ -91,6 +91,10 @@ class InvalidKeyUsageException(ClientError):
     code = "InvalidKeyUsageException"
 
 
+class InvalidGrantIdException(ClientError):
+    code = "InvalidGrantIdException"
+
+
 class InvalidGrantTokenException(ClientError):
     code = "InvalidGrantTokenException"
 
@@ -180,6 +184,24 @@ class InvalidSignatureException(ClientError):
 
 class UnrecognizedClientException(ClientError):
     code = "UnrecognizedClientException"
+
+
+class ExpiredTokenException(ClientError):
+    """Temporary credentials used after their `Expiration` (KMS and STS both send this name)."""
+
+    code = "ExpiredTokenException"
+
+
+class InvalidClientTokenIdException(ClientError):
+    """STS's name for an access key it does not know (KMS says UnrecognizedClientException)."""
+
+    code = "InvalidClientTokenId"
+
+
+class MalformedPolicyDocumentStsException(ClientError):
+    """STS's name for a session policy that is not a valid policy document."""
+
+    code = "MalformedPolicyDocument"
 
 
 # --- server faults (model fault = server; HTTP 5xx, retried by SDKs) ----------------------------

@@ -28,14 +28,27 @@ class RequestContext:
     source_ip: str | None = None
     user_agent: str | None = None
     edge: str = "http"  # http | cli | service: which door the request came through
-    via_aws_service: bool = False  # kms:ViaService / kms:GrantIsForAWSResource condition input
+    # The AWS service this principal acts for (`via_service` in the credentials file), e.g.
+    # "ec2.us-west-2.amazonaws.com": the kms:ViaService and kms:GrantIsForAWSResource inputs.
+    via_service: str | None = None
     grant_tokens: tuple[str, ...] = ()
+    # Temporary credentials (STS): the session policy passed to AssumeRole, which limits what
+    # the session may do, and the IAM role the session belongs to.
+    session_policy: str | None = None
+    role_arn: str | None = None
+    secure_transport: bool = False  # aws:SecureTransport: the request arrived over TLS
 
     @classmethod
     def service_principal(cls, account_id: str) -> RequestContext:
         """hsmbridge acting on its own (crash recovery, scheduled deletions)."""
-        return cls(KMS_SERVICE_PRINCIPAL, account_id, edge="service", via_aws_service=True)
+        return cls(
+            KMS_SERVICE_PRINCIPAL, account_id, edge="service", via_service="kms.amazonaws.com"
+        )
 
     @property
     def is_service(self) -> bool:
         return self.edge == "service"
+
+    @property
+    def via_aws_service(self) -> bool:
+        return self.via_service is not None
