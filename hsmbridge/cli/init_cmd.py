@@ -13,6 +13,10 @@ Owns: writing the demo environment. Every file, and why it is there:
 - `kmsuser.password`  (0600) the demo kmsuser password (the token's user PIN).
 - `softhsm-so.pin`    (0600) the token's security-officer PIN, for resetting kmsuser's password.
 - `credentials`       (0600) AWS shared-credentials file: the local principal for the HTTP API.
+- `iam/ACCOUNT.json`  (0600) the account's IAM, in `aws iam get-account-authorization-details`
+                      shape: the demo administrator with an inline policy allowing everything.
+                      Add users, groups, roles and policies here (or paste a real export); it is
+                      re-read when it changes.
 - `master.key`, `metadata.sqlite3`, `audit.jsonl` (0600) are created by the service itself.
 
 It then creates the custom key store `ExampleKeyStore` on the demo cluster and connects it.
@@ -34,6 +38,7 @@ from typing import Any
 from hsmbridge.cli.runner import cli_caller, open_cli_service, run_audited
 from hsmbridge.config import load_settings
 from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
+from hsmbridge.identity.iam import write_demo_iam
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     describe_clusters_document,
@@ -112,7 +117,8 @@ def _token(data: Path, cluster_id: str, password: str) -> None:
     )
 
 
-def _credentials(data: Path, account: str, region: str) -> tuple[str, str]:
+def _credentials(data: Path, account: str, region: str) -> tuple[str, str, str]:
+    """The demo access key pair and its principal ARN, written once."""
     path = data / "credentials"
     if not path.exists():
         akid = "AKIA" + "".join(
@@ -134,7 +140,19 @@ def _credentials(data: Path, account: str, region: str) -> tuple[str, str]:
         for line in path.read_text(encoding="utf-8").splitlines()
         if " = " in line
     )
-    return fields["aws_access_key_id"], fields["aws_secret_access_key"]
+    return (
+        fields["aws_access_key_id"],
+        fields["aws_secret_access_key"],
+        fields["principal_arn"].strip(),
+    )
+
+
+def _iam(data: Path, account: str, admin_arn: str) -> Path:
+    """The account's IAM file, written once: the demo administrator may do everything."""
+    path = data / "iam" / f"{account}.json"
+    if not path.exists() and f":iam::{account}:user/" in admin_arn:
+        write_demo_iam(path, account, admin_arn)
+    return path
 
 
 def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -> Path:
@@ -210,12 +228,14 @@ def run(args: argparse.Namespace) -> int:
     cluster_id, anchor = _cluster(data, args.region)
     password = _secret_file(data / "kmsuser.password", 24)
     _token(data, cluster_id, password)
-    akid, secret = _credentials(data, args.account_id, args.region)
+    akid, secret, admin_arn = _credentials(data, args.account_id, args.region)
+    iam = _iam(data, args.account_id, admin_arn)
     config = _config(data, cluster_id, args.region, args.account_id, args.port)
     store_id, state = _store(config, cluster_id, anchor, password)
     settings = load_settings(config)
     print(f"hsmbridge environment ready in {data}")
     print(f"  config:            {config}")
+    print(f"  IAM:               {iam}")
     print(f"  cluster:           {cluster_id} (SoftHSM2 token, 2 ACTIVE HSMs in 2 AZs)")
     print(f"  custom key store:  {store_id} ({STORE_NAME}, {state})")
     print(f"  endpoint:          http://{settings.listen_host}:{settings.listen_port}")

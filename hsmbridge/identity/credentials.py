@@ -3,8 +3,22 @@
 Owns: `Principal` (who an access key belongs to: account and IAM ARN), `Credential` (a principal
 with its secret access key) and `load_principals`, which parses the AWS shared-credentials-style
 INI file hsmbridge keeps (one section per access key: `aws_access_key_id`,
-`aws_secret_access_key`, `principal_arn`). The HTTP edge verifies SigV4 with it; the CLI acts as
-one of its principals (`cli_principal`).
+`aws_secret_access_key`, `principal_arn`, optional `via_service`). The HTTP edge verifies SigV4
+with it; the CLI acts as one of its principals (`cli_principal`).
+
+`principal_arn` is one of:
+- `arn:aws:iam::ACCOUNT:user/[path/]NAME`: an IAM user (`principal_type` "User"); its identity
+  policies come from the account's IAM file (`hsmbridge.identity.iam`).
+- `arn:aws:iam::ACCOUNT:root`: the account itself (`principal_type` "Account"), like AWS's root
+  user credentials. It has no identity policies; key policies grant it access.
+- `arn:aws:iam::ACCOUNT:role/[path/]NAME`: kept for backwards compatibility. The key acts as the
+  role itself, without an STS session: it is evaluated with the role's identity policies and
+  matches key-policy principals that name the role ARN. AWS has no long-term keys for a role;
+  the nearest caller type is a role session, so `principal_type` is "AssumedRole".
+
+`via_service = NAME[.REGION].amazonaws.com` marks the principal as an AWS service acting for it
+(e.g. `ec2.us-west-2.amazonaws.com` for EBS): its calls carry `kms:ViaService` with that value and
+`kms:GrantIsForAWSResource` = true.
 Must not import anything from hsmbridge but `errors`.
 WARNING: secret access keys live only in `Credential.secret`; never log or repr them.
 """
@@ -21,8 +35,22 @@ from typing import Final
 from hsmbridge.errors import ConfigError
 
 _PRINCIPAL_ARN_RE: Final = re.compile(
-    r"^arn:aws(?:-[a-z]+)*:iam::(?P<account>\d{12}):(?:user|role)/[\w+=,.@/-]{1,512}$"
+    r"^arn:aws(?:-[a-z]+)*:iam::(?P<account>\d{12}):"
+    r"(?:(?:user|role)/[\w+=,.@/-]{1,512}|root)$"
 )
+# `<service>.<region>.amazonaws.com` or `<service>.amazonaws.com` (global services).
+_VIA_SERVICE_RE: Final = re.compile(
+    r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?(?:\.[a-z]{2}(?:-[a-z]+)+-\d{1,2})?\.amazonaws\.com$"
+)
+# aws:PrincipalType for each kind of principal ARN (see the module docstring for "role"); the
+# STS kinds serve principals built for sessions rather than read from the file.
+_PRINCIPAL_TYPES: Final = {
+    "user": "User",
+    "role": "AssumedRole",
+    "root": "Account",
+    "assumed-role": "AssumedRole",
+    "federated-user": "FederatedUser",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +60,19 @@ class Principal:
     access_key_id: str
     account_id: str
     arn: str
+    # The AWS service (`NAME[.REGION].amazonaws.com`) acting for this principal, if any: its
+    # calls carry kms:ViaService with this value and kms:GrantIsForAWSResource = true.
+    via_service: str | None = None
+
+    @property
+    def principal_type(self) -> str:
+        """aws:PrincipalType: "Account" (root), "User", or "AssumedRole" (a role ARN, which acts
+        as the role itself; AWS has no caller type for a role without a session)."""
+        kind = self.arn.split(":", 5)[-1].split("/", 1)[0]
+        try:
+            return _PRINCIPAL_TYPES[kind]
+        except KeyError:
+            raise ValueError(f"{self.arn!r} is not a principal ARN") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +90,23 @@ def _check_permissions(path: Path) -> None:
         raise ConfigError(f"credentials file {path} is world-readable; run chmod o-r {path}")
 
 
+def _via_service(section: configparser.SectionProxy, where: str) -> str | None:
+    if "via_service" not in section:
+        return None
+    value = section["via_service"].strip()
+    if _VIA_SERVICE_RE.match(value) is None:
+        raise ConfigError(
+            f"{where}: via_service {value!r} is not an AWS service endpoint name "
+            "(NAME.REGION.amazonaws.com or NAME.amazonaws.com, e.g. ec2.us-west-2.amazonaws.com)"
+        )
+    return value
+
+
 def load_principals(path: Path | str) -> dict[str, Credential]:
     """Parse an AWS shared-credentials-style INI file into {access key id: credential}.
 
-    Each section needs `aws_access_key_id`, `aws_secret_access_key` and `principal_arn`.
+    Each section needs `aws_access_key_id`, `aws_secret_access_key` and `principal_arn` (an IAM
+    user, role or account-root ARN); `via_service` is optional.
     """
     path = Path(path)
     _check_permissions(path)
@@ -76,11 +130,15 @@ def load_principals(path: Path | str) -> dict[str, Credential]:
         arn = section["principal_arn"].strip()
         match = _PRINCIPAL_ARN_RE.match(arn)
         if match is None:
-            raise ConfigError(f"{where}: principal_arn {arn!r} is not an IAM user or role ARN")
+            raise ConfigError(
+                f"{where}: principal_arn {arn!r} is not an IAM user or role ARN "
+                "nor an account root (arn:aws:iam::ACCOUNT:root)"
+            )
+        via_service = _via_service(section, where)
         akid = section["aws_access_key_id"].strip()
         if akid in creds:
             raise ConfigError(f"{where}: access key {akid} appears twice")
-        principal = Principal(akid, match["account"], arn)
+        principal = Principal(akid, match["account"], arn, via_service)
         creds[akid] = Credential(principal, section["aws_secret_access_key"].strip())
     if not creds:
         raise ConfigError(f"credentials file {path} defines no principals")

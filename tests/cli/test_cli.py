@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hsmbridge.identity.iam import IamDirectory
 from hsmbridge.main import main
 from tests.callers import ADMIN
 from tests.harness import REPO, KmsEnv
@@ -203,6 +204,8 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
     first = _init(data)
     assert first.returncode == 0, first.stderr
     files = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    iam_file = data / "iam" / "111122223333.json"
+    iam_first = iam_file.read_bytes()
     second = _init(data)
     assert second.returncode == 0, second.stderr
 
@@ -214,6 +217,13 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
     for name in ("hsmbridge.toml", "clusters.json", "customerCA.crt", "kmsuser.password",
                  "credentials", "softhsm-so.pin", "master.key"):  # fmt: skip
         assert (data / name).read_bytes() == files[name], name  # reused, not rewritten
+    assert iam_file.read_bytes() == iam_first
+    assert stat.S_IMODE(iam_file.stat().st_mode) == 0o600
+    admin = IamDirectory(data / "iam").user("arn:aws:iam::111122223333:user/hsmbridge-admin")
+    assert admin is not None
+    assert [p.label for p in admin.policies] == [
+        "inline policy AllowEverything of user/hsmbridge-admin"
+    ]
     for name in ("kmsuser.password", "credentials", "softhsm-so.pin", "master.key",
                  "metadata.sqlite3", "audit.jsonl"):  # fmt: skip
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
