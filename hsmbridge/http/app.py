@@ -1,11 +1,15 @@
-"""The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol.
+"""The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol, and STS's Query
+protocol on the same endpoint.
 
 Owns: `create_asgi_app` and the request pipeline
 (route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
 thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
-`protocol.errors`. Each request runs inside an `trail.context.RequestScope` (copied into the worker
-thread) so the service can name the key and store it touched and the backend wrapper can add HSM
-latency; `ApiEvent` carries those facts to the one audit event per request.
+`protocol.errors`. A POST whose Content-Type is `application/x-www-form-urlencoded` is an STS
+call: the same pipeline with a form body, SigV4 for service `sts`, the STS operation table and
+XML answers and errors from `protocol.sts`. Each request runs inside an
+`trail.context.RequestScope` (copied into the worker thread) so the service can name the key and
+store it touched and the backend wrapper can add HSM latency; `ApiEvent` carries those facts to
+the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
 root, so this module does not import the service layer either. Only `hsmbridge.http` may import
 uvicorn, and this module does not need it (`http.server` runs it).
@@ -32,9 +36,21 @@ from hsmbridge.errors import (
     ValidationException,
 )
 from hsmbridge.http.sigv4 import SigV4Verifier
-from hsmbridge.identity.credentials import Principal
+from hsmbridge.identity.sessions import Caller
 from hsmbridge.protocol.errors import CONTENT_TYPE, encode_json, error_response, json_headers
 from hsmbridge.protocol.operations import Handler
+from hsmbridge.protocol.sts import (
+    EVENT_SOURCE,
+    FORM_CONTENT_TYPE,
+    SIGNING_SERVICE,
+    StsHandler,
+    action_of,
+    encode_result,
+    parse_form,
+    redact_sts_params,
+    sts_error_response,
+    xml_headers,
+)
 from hsmbridge.protocol.validation import operation_names, redact_params, validate_input
 from hsmbridge.request import RequestContext
 from hsmbridge.trail.calls import ApiEvent, api_event
@@ -61,9 +77,10 @@ class _Trace:
     """What the pipeline learned before it finished or failed; feeds the ApiEvent."""
 
     operation: str | None = None
-    principal: Principal | None = None
+    principal: Caller | None = None
     params: Any = None
     source_ip: str | None = None
+    sts: bool = False  # an STS (Query protocol) call
     close: bool = False  # answer with Connection: close (the client is misbehaving)
 
 
@@ -123,6 +140,7 @@ class KmsApi:
         operations: Mapping[str, Handler],
         verifier: SigV4Verifier | None,
         max_request_bytes: int,
+        sts_operations: Mapping[str, StsHandler] | None,
         health: Callable[[], tuple[int, dict[str, Any]]] | None,
         metrics: Callable[[], tuple[bytes, str]] | None,
         on_event: Callable[[ApiEvent], None] | None,
@@ -136,6 +154,8 @@ class KmsApi:
         if unknown:  # a typo in the table would otherwise surface as UnknownOperation at runtime
             raise ValueError(f"not KMS operations: {', '.join(unknown)}")
         self._operations = dict(operations)
+        # None: no STS on this endpoint (form posts are then unknown KMS operations, as before).
+        self._sts = dict(sts_operations) if sts_operations is not None else None
         self._verifier = verifier
         self._max_bytes = max_request_bytes
         self._health = health
@@ -161,7 +181,7 @@ class KmsApi:
         elif scope["type"] != "http":
             return  # websockets are not part of the KMS protocol; uvicorn closes them
         elif scope["method"] == "POST" and scope["path"] == "/":
-            await self._kms(scope, receive, send)
+            await self._post(scope, receive, send)
         elif scope["method"] == "GET" and scope["path"] in {"/health", "/metrics"}:
             await self._ops_endpoint(scope["path"], send)
         else:
@@ -201,18 +221,36 @@ class KmsApi:
         body = json.dumps(doc).encode()
         await _respond(send, status, [(b"content-type", b"application/json")], body)
 
-    async def _kms(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _is_sts(self, scope: Scope) -> bool:
+        if self._sts is None:
+            return False
+        for name, value in scope["headers"]:
+            if name.lower() == b"content-type":
+                media: str = value.decode("latin-1").partition(";")[0].strip().lower()
+                return media == FORM_CONTENT_TYPE
+        return False
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = str(uuid.uuid4())
         client = scope.get("client")
-        trace = _Trace(source_ip=client[0] if client else None)
+        trace = _Trace(source_ip=client[0] if client else None, sts=self._is_sts(scope))
         error_code: str | None = None
         with request_scope(RequestScope(request_id)) as annotations:
+            if trace.sts:
+                annotations.additional["eventSource"] = EVENT_SOURCE
             try:
-                body = await self._pipeline(scope, receive, annotations, trace)
-                status, headers = 200, json_headers(request_id, len(body))
-            except Exception as exc:  # the outermost guard; error_response logs non-KMS errors
-                status, headers, body, error_code = error_response(exc, request_id)
+                if trace.sts:
+                    body = await self._sts_pipeline(scope, receive, annotations, trace)
+                    status, headers = 200, xml_headers(request_id, len(body))
+                else:
+                    body = await self._pipeline(scope, receive, annotations, trace)
+                    status, headers = 200, json_headers(request_id, len(body))
+            except Exception as exc:  # the outermost guard; it logs non-hsmbridge errors
+                if trace.sts:
+                    status, headers, body, error_code = sts_error_response(exc, request_id)
+                else:
+                    status, headers, body, error_code = error_response(exc, request_id)
             if trace.close:
                 headers.append(_CLOSE)
             await _respond(send, status, headers, body)
@@ -232,20 +270,70 @@ class KmsApi:
             query = scope["query_string"].decode("latin-1")
             trace.principal = self._verifier.verify("POST", scope["path"], query, headers, body)
         typed = validate_input(operation, params)
-        principal = trace.principal
-        context = RequestContext(
-            principal_arn=principal.arn if principal else self._anonymous_arn,
-            account_id=principal.account_id if principal else self._anonymous_account,
-            request_id=request_id,
-            source_ip=trace.source_ip,
-            user_agent=headers.get("user-agent"),
-            grant_tokens=tuple(typed.get("GrantTokens") or ()),
+        context = self._context(
+            scope, headers, trace, request_id, tuple(typed.get("GrantTokens") or ())
         )
         result = await self._call(self._operations[operation], context, typed)
         created_store = result.get("CustomKeyStoreId")  # CreateCustomKeyStore names it only here
         if isinstance(created_store, str):
             annotate_store(created_store)
         return encode_json(result)
+
+    def _context(
+        self,
+        scope: Scope,
+        headers: Mapping[str, str],
+        trace: _Trace,
+        request_id: str,
+        grant_tokens: tuple[str, ...] = (),
+    ) -> RequestContext:
+        caller = trace.principal
+        return RequestContext(
+            principal_arn=caller.arn if caller else self._anonymous_arn,
+            account_id=caller.account_id if caller else self._anonymous_account,
+            request_id=request_id,
+            source_ip=trace.source_ip,
+            user_agent=headers.get("user-agent"),
+            via_service=caller.via_service if caller else None,
+            grant_tokens=grant_tokens,
+            session_policy=caller.session_policy if caller else None,
+            role_arn=caller.role_arn if caller else None,
+            secure_transport=scope.get("scheme") == "https",
+        )
+
+    def _anonymous_caller(self) -> Caller:
+        # Without a verifier (tests, embedding): the anonymous account's root, as for KMS calls.
+        return Caller("", self._anonymous_account, self._anonymous_arn)
+
+    async def _sts_pipeline(
+        self, scope: Scope, receive: Receive, annotations: RequestScope, trace: _Trace
+    ) -> bytes:
+        assert self._sts is not None
+        headers = _headers(scope)
+        body = await self._read_body(receive, headers, trace)
+        params = trace.params = parse_form(body)
+        if params.get("Action"):
+            trace.operation = annotations.operation = params["Action"]  # named even if unknown
+        action = action_of(params, self._sts)
+        if self._verifier is not None:
+            query = scope["query_string"].decode("latin-1")
+            trace.principal = self._verifier.verify(
+                "POST", scope["path"], query, headers, body, service=SIGNING_SERVICE
+            )
+        caller = trace.principal or self._anonymous_caller()
+        context = self._context(scope, headers, trace, annotations.request_id)
+        handler = self._sts[action]
+        result = await self._call_sts(handler, caller, context, params)
+        return encode_result(action, result, annotations.request_id)
+
+    async def _call_sts(
+        self, handler: StsHandler, caller: Caller, context: RequestContext, params: dict[str, str]
+    ) -> Any:
+        # STS calls read IAM files, never an HSM: no deadline, but off the event loop all the same.
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, run, handler, caller, context, params
+        )
 
     def _route(self, headers: Mapping[str, str], trace: _Trace) -> str:
         content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -340,7 +428,11 @@ class KmsApi:
             status=status,
             error_code=error_code,
             duration_ms=duration_ms,
-            params_redacted=redact_params(trace.operation, trace.params),
+            params_redacted=(
+                redact_sts_params(trace.params)
+                if trace.sts
+                else redact_params(trace.operation, trace.params)
+            ),
         )
         try:
             self._on_event(event)
@@ -354,6 +446,7 @@ def create_asgi_app(
     verifier: SigV4Verifier | None,
     region: str,
     max_request_bytes: int,
+    sts_operations: Mapping[str, StsHandler] | None = None,
     health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     on_event: Callable[[ApiEvent], None] | None = None,
@@ -362,13 +455,15 @@ def create_asgi_app(
     body_timeout_s: float = BODY_TIMEOUT_S,
     anonymous_account: str = "",
 ) -> KmsApi:
-    """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers."""
+    """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers;
+    `sts_operations` (from `protocol.sts.build_sts_operations`) serves STS on the same endpoint."""
     if verifier is not None and verifier.region != region:
         raise ValueError(f"verifier is for {verifier.region}, the app for {region}")
     return KmsApi(
         operations=operations,
         verifier=verifier,
         max_request_bytes=max_request_bytes,
+        sts_operations=sts_operations,
         health=health,
         metrics=metrics,
         on_event=on_event,

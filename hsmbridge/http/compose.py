@@ -3,7 +3,9 @@
 Owns: `create_app()` and `start_maintenance()`, which take the service, the default connector and
 the audit trail file from `hsmbridge.bootstrap` (which also refuses to start over secret files
 other users can read) and add what only HTTP needs: the connector wrapped so every HSM call is
-timed, SigV4, one audit event per API call, `/metrics` (a private Prometheus registry) and the
+timed, SigV4 (with STS temporary credentials), STS on the same endpoint (`bootstrap.sessions`:
+the server key in `sts.key` and the STS service over the IAM directory), one audit event per API
+call, `/metrics` (a private Prometheus registry) and the
 deep `/health` check, for `hsmbridge serve`, the tests and the benchmark.
 Must not import pkcs11 directly (the backend package does).
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from hsmbridge import bootstrap
 from hsmbridge.backend import HsmConnector
+from hsmbridge.bootstrap.sessions import open_session_issuer, open_sts_service
 from hsmbridge.config import Settings
 from hsmbridge.http.app import KmsApi, create_asgi_app
 from hsmbridge.http.health import HealthChecker
@@ -23,6 +27,7 @@ from hsmbridge.http.metrics import Metrics, StoreCollector
 from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.model import ConnectionState
 from hsmbridge.protocol.operations import build_operations
+from hsmbridge.protocol.sts import build_sts_operations
 from hsmbridge.service.context import Clock
 from hsmbridge.service.kms import KmsService
 from hsmbridge.trail.calls import ApiEvent, audit_event
@@ -102,8 +107,21 @@ def create_app(
     service.start(sweep_interval_s=sweep_interval_s, recover=recover)
     metrics.add_collector(_store_collector(service))
     health = HealthChecker(service, ttl_s=health_ttl_s, slow_ms=health_slow_ms, clock=health_clock)
+    try:
+        issuer = open_session_issuer(settings)
+    except BaseException:
+        service.close()
+        raise
+    # STS shares the service's clock and IAM directory: sessions expire by the same time the
+    # service keeps (tests move it), and policies are read from one cache.
+    sts = open_sts_service(settings, iam=service.ctx.iam, issuer=issuer, clock=clock)
     verifier = (
-        SigV4Verifier.from_file(settings.credentials_file, settings.region)
+        SigV4Verifier.from_file(
+            settings.credentials_file,
+            settings.region,
+            sessions=issuer,
+            session_clock=lambda: datetime.fromtimestamp(clock(), UTC),
+        )
         if verify_signatures
         else None
     )
@@ -112,6 +130,7 @@ def create_app(
         verifier=verifier,
         region=settings.region,
         max_request_bytes=settings.max_request_bytes,
+        sts_operations=build_sts_operations(sts),
         health=health,
         metrics=metrics.render,
         on_event=_on_event(sink, metrics),
@@ -140,6 +159,9 @@ def start_maintenance(settings: Settings, *, sweep_interval_s: float | None = 60
     is this process's own; workers are spawned, not forked, so none inherits it (field notes
     §2.1). Sweeper events go to the same audit file as the workers' (O_APPEND, whole lines).
     """
+    # The STS key first: workers then all read the one the supervisor made (they would agree on
+    # one anyway, see bootstrap.sessions), and a bad key file stops the server before they start.
+    open_session_issuer(settings)
     sink = bootstrap.open_buffered_audit_log(settings)
     service = bootstrap.open_service(settings, audit=RequestAwareSink(sink))
     try:

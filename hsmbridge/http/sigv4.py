@@ -1,8 +1,10 @@
-"""SigV4 request authentication for the `kms` service in one configured region.
+"""SigV4 request authentication for the `kms` and `sts` services in one configured region.
 
-Owns: `SigV4Verifier`, a pure function of (method, path, query, headers, body, now) returning the
-authenticated `Principal` (from `identity.credentials`) or raising the KMS-named auth error AWS
-would send.
+Owns: `SigV4Verifier`, a pure function of (method, path, query, headers, body, now, service)
+returning the authenticated `identity.sessions.Caller` or raising the KMS-named auth error AWS
+would send (`protocol.sts` renames them for STS). Long-term keys (`AKIA...`) come from the
+credentials file; temporary keys (`ASIA...`) are verified through the `SessionIssuer` with their
+`X-Amz-Security-Token` header, which is required with them and refused with long-term keys.
 Must not import: uvicorn or any HTTP framework type, pkcs11, service or backend modules.
 WARNING: secret access keys live only in `Credential.secret`; never log or repr them.
 """
@@ -26,10 +28,12 @@ from hsmbridge.errors import (
     MissingAuthenticationTokenException,
     UnrecognizedClientException,
 )
-from hsmbridge.identity.credentials import Credential, Principal, load_principals
+from hsmbridge.identity.credentials import Credential, load_principals
+from hsmbridge.identity.sessions import INVALID_TOKEN, Caller, SessionIssuer, is_temporary_key
 
 ALGORITHM: Final = "AWS4-HMAC-SHA256"
 SERVICE: Final = "kms"
+SERVICES: Final = frozenset({"kms", "sts"})
 MAX_SKEW: Final = timedelta(minutes=15)
 _AMZ_DATE_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 _SPACES_RE: Final = re.compile(r"\s+")
@@ -143,7 +147,8 @@ def _default_clock() -> datetime:
 
 
 class SigV4Verifier:
-    """Verifies AWS Signature Version 4 for `kms` in one region against known credentials."""
+    """Verifies AWS Signature Version 4 for `kms` or `sts` in one region against known
+    credentials and, with a `sessions` issuer, STS temporary credentials."""
 
     def __init__(
         self,
@@ -151,18 +156,31 @@ class SigV4Verifier:
         region: str,
         *,
         clock: Callable[[], datetime] = _default_clock,
+        sessions: SessionIssuer | None = None,
+        session_clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._credentials = dict(credentials)
         self._region = region
         self._clock = clock
+        self._sessions = sessions
+        # Session expiry follows the clock STS issued the session by (the service's wall clock,
+        # which tests move); the signing-time window always follows `clock`.
+        self._session_clock = session_clock or clock
 
     @property
     def region(self) -> str:
         return self._region
 
     @classmethod
-    def from_file(cls, path: Path | str, region: str) -> SigV4Verifier:
-        return cls(load_principals(path), region)
+    def from_file(
+        cls,
+        path: Path | str,
+        region: str,
+        *,
+        sessions: SessionIssuer | None = None,
+        session_clock: Callable[[], datetime] | None = None,
+    ) -> SigV4Verifier:
+        return cls(load_principals(path), region, sessions=sessions, session_clock=session_clock)
 
     def verify(
         self,
@@ -173,23 +191,23 @@ class SigV4Verifier:
         body: bytes,
         *,
         now: datetime | None = None,
-    ) -> Principal:
-        """Authenticate one request; `headers` has lower-case names, repeated values comma-joined.
+        service: str = SERVICE,
+    ) -> Caller:
+        """Authenticate one request for `service` (the route decides: `kms` or `sts`);
+        `headers` has lower-case names, repeated values comma-joined.
 
         Raises MissingAuthenticationTokenException, IncompleteSignatureException,
-        InvalidSignatureException or UnrecognizedClientException.
+        InvalidSignatureException, UnrecognizedClientException or ExpiredTokenException.
         """
+        if service not in SERVICES:
+            raise ValueError(f"not a service this endpoint serves: {service!r}")
         authorization = headers.get("authorization")
         if not authorization:
             raise MissingAuthenticationTokenException("Missing Authentication Token")
         auth = _parse_authorization(authorization)
         amz_date = self._check_date(headers.get("x-amz-date"), auth, now or self._clock())
-        self._check_scope(auth)
-        credential = self._credentials.get(auth.access_key_id)
-        if credential is None:
-            raise UnrecognizedClientException(
-                "The security token included in the request is invalid."
-            )
+        self._check_scope(auth, service)
+        caller, secret = self._caller(auth.access_key_id, headers, now or self._session_clock())
         # x-amz-target picks the operation: if it were unsigned, a captured Encrypt could be
         # replayed within the time window as ScheduleKeyDeletion (its body names the KeyId and
         # unknown members are ignored). botocore and the other SDKs sign it.
@@ -204,7 +222,7 @@ class SigV4Verifier:
                     f"'{name}' must be a 'SignedHeader' in the AWS Authorization."
                 )
         expected = _signature(
-            credential.secret,
+            secret,
             auth,
             amz_date=amz_date,
             method=method,
@@ -215,7 +233,30 @@ class SigV4Verifier:
         )
         if not hmac.compare_digest(expected, auth.signature):
             raise InvalidSignatureException(_MISMATCH)
-        return credential.principal
+        return caller
+
+    def _caller(
+        self, access_key_id: str, headers: Mapping[str, str], now: datetime
+    ) -> tuple[Caller, str]:
+        """Who the access key is, and the secret the signature must have been made with."""
+        token = headers.get("x-amz-security-token")
+        if is_temporary_key(access_key_id):
+            if not token or self._sessions is None:
+                raise UnrecognizedClientException(INVALID_TOKEN)
+            session = self._sessions.verify(access_key_id, token, now)
+            caller = Caller(
+                access_key_id, session.account_id, session.principal_arn, session=session
+            )
+            return caller, session.secret_access_key
+        credential = self._credentials.get(access_key_id)
+        if credential is None or token is not None:
+            # AWS rejects a session token sent with long-term keys the same way.
+            raise UnrecognizedClientException(INVALID_TOKEN)
+        principal = credential.principal
+        caller = Caller(
+            access_key_id, principal.account_id, principal.arn, via_service=principal.via_service
+        )
+        return caller, credential.secret
 
     def _check_date(self, amz_date: str | None, auth: _AuthHeader, now: datetime) -> str:
         if not amz_date:
@@ -247,16 +288,16 @@ class SigV4Verifier:
             )
         return amz_date
 
-    def _check_scope(self, auth: _AuthHeader) -> None:
+    def _check_scope(self, auth: _AuthHeader, service: str) -> None:
         # Wording as AWS sends it (observed in SDK issue reports); the region message names the
         # region the client used, the service message names the one expected.
         if auth.region != self._region:
             raise InvalidSignatureException(
                 f"Credential should be scoped to a valid region, not '{auth.region}'. "
             )
-        if auth.service != SERVICE:
+        if auth.service != service:
             raise InvalidSignatureException(
-                f"Credential should be scoped to correct service: '{SERVICE}'. "
+                f"Credential should be scoped to correct service: '{service}'. "
             )
         if auth.terminator != "aws4_request":
             raise InvalidSignatureException(

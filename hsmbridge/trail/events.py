@@ -89,12 +89,13 @@ class AuditEvent:
         extra = dict(self.additional)
         # Service events say what they are in their extras (keys.py's DeleteKey); lift it.
         event_type = extra.pop("eventType", API_CALL)
+        event_source = extra.pop("eventSource", "kms.amazonaws.com")  # STS calls name theirs
         latency = None if self.hsm_latency_ms is None else round(self.hsm_latency_ms, 3)
         return {
             "eventTime": iso_time(self.event_time),
             "eventName": self.event_name,
             "eventType": event_type,
-            "eventSource": "kms.amazonaws.com",
+            "eventSource": event_source,
             "requestId": self.request_id,
             "principalArn": self.principal_arn,
             "sourceIPAddress": self.source_ip,

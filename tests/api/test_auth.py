@@ -11,12 +11,15 @@ from botocore.credentials import Credentials
 
 from hsmbridge.errors import (
     ConfigError,
+    ExpiredTokenException,
     IncompleteSignatureException,
     InvalidSignatureException,
     MissingAuthenticationTokenException,
+    UnrecognizedClientException,
 )
 from hsmbridge.http.sigv4 import SigV4Verifier
-from hsmbridge.identity.credentials import Principal, load_principals
+from hsmbridge.identity.credentials import load_principals
+from hsmbridge.identity.sessions import Caller, SessionIssuer
 from tests.api.conftest import ACCESS_KEY, PRINCIPAL_ARN, REGION, SECRET_KEY, write_credentials
 
 
@@ -39,7 +42,7 @@ def _signed(body=b"{}", query="", extra=None):
 def test_accepts_botocore_signature(verifier):
     headers = _signed()
     principal = verifier.verify("POST", "/", "", headers, b"{}")
-    assert principal == Principal(ACCESS_KEY, "111122223333", PRINCIPAL_ARN)
+    assert principal == Caller(ACCESS_KEY, "111122223333", PRINCIPAL_ARN)
 
 
 def test_query_string_and_whitespace_are_canonicalised(verifier):
@@ -124,3 +127,91 @@ def test_bad_credentials_files(tmp_path, text, match):
 def test_credential_repr_hides_secret(tmp_path):
     creds = load_principals(write_credentials(tmp_path / "creds"))
     assert SECRET_KEY not in repr(creds)
+
+
+# --- services and STS temporary credentials ------------------------------------------------------
+
+
+def _signed_with(akid, secret, token=None, service="kms"):
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    request = AWSRequest(method="POST", url="http://127.0.0.1:8080/", data=b"a=1", headers=headers)
+    SigV4Auth(Credentials(akid, secret, token), service, REGION).add_auth(request)
+    out = {k.lower(): v for k, v in request.headers.items()}
+    out["host"] = "127.0.0.1:8080"
+    return out
+
+
+@pytest.fixture
+def issuer():
+    return SessionIssuer(bytes(range(32)))
+
+
+@pytest.fixture
+def session_verifier(tmp_path, issuer):
+    creds = load_principals(write_credentials(tmp_path / "creds"))
+    return SigV4Verifier(creds, REGION, sessions=issuer)
+
+
+def _session(issuer, seconds=3600):
+    return issuer.issue(
+        principal_arn="arn:aws:sts::111122223333:assumed-role/r/s",
+        account_id="111122223333",
+        expiration=datetime.now(UTC) + timedelta(seconds=seconds),
+        role_arn="arn:aws:iam::111122223333:role/r",
+        role_id="AROAEXAMPLE",
+        session_name="s",
+        session_policy="{}",
+    )
+
+
+def test_the_route_decides_the_service(session_verifier):
+    headers = _signed_with(ACCESS_KEY, SECRET_KEY, service="sts")
+    caller = session_verifier.verify("POST", "/", "", headers, b"a=1", service="sts")
+    assert caller.arn == PRINCIPAL_ARN
+    with pytest.raises(InvalidSignatureException, match="scoped to correct service: 'kms'"):
+        session_verifier.verify("POST", "/", "", headers, b"a=1")
+
+
+def test_session_credentials(session_verifier, issuer):
+    creds = _session(issuer)
+    headers = _signed_with(creds.access_key_id, creds.secret_access_key, creds.session_token)
+    caller = session_verifier.verify("POST", "/", "", headers, b"a=1")
+    assert caller.arn == "arn:aws:sts::111122223333:assumed-role/r/s"
+    assert caller.role_arn == "arn:aws:iam::111122223333:role/r"
+    assert caller.session_policy == "{}"
+    assert caller.is_temporary
+
+
+def test_session_credentials_need_their_token(session_verifier, issuer):
+    creds = _session(issuer)
+    headers = _signed_with(creds.access_key_id, creds.secret_access_key)
+    with pytest.raises(UnrecognizedClientException):
+        session_verifier.verify("POST", "/", "", headers, b"a=1")
+
+
+def test_session_credentials_without_an_issuer_are_unknown(verifier, issuer):
+    creds = _session(issuer)
+    headers = _signed_with(creds.access_key_id, creds.secret_access_key, creds.session_token)
+    with pytest.raises(UnrecognizedClientException):
+        verifier.verify("POST", "/", "", headers, b"a=1")
+
+
+def test_expired_session(tmp_path, issuer):
+    # The session's expiry follows the session clock (the service's); the signing window does not.
+    creds = load_principals(write_credentials(tmp_path / "creds"))
+    later = SigV4Verifier(
+        creds,
+        REGION,
+        sessions=issuer,
+        session_clock=lambda: datetime.now(UTC) + timedelta(seconds=901),
+    )
+    session = _session(issuer, seconds=900)
+    headers = _signed_with(session.access_key_id, session.secret_access_key, session.session_token)
+    with pytest.raises(ExpiredTokenException):
+        later.verify("POST", "/", "", headers, b"a=1")
+
+
+def test_token_with_long_term_keys_is_refused(session_verifier, issuer):
+    headers = _signed_with(ACCESS_KEY, SECRET_KEY, _session(issuer).session_token)
+    with pytest.raises(UnrecognizedClientException):
+        session_verifier.verify("POST", "/", "", headers, b"a=1")
