@@ -168,3 +168,37 @@ class Page(Generic[T]):
     @property
     def truncated(self) -> bool:
         return self.next_marker is not None
+
+
+@dataclass(frozen=True)
+class GrantConstraints:
+    """A grant's encryption-context constraint (spec §8.5): at most one of the two is set.
+    Pairs are kept as the caller wrote them; keys compare case-insensitively, values exactly."""
+
+    equals: tuple[tuple[str, str], ...] | None = None
+    subset: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def constraint_type(self) -> str | None:
+        """The kms:GrantConstraintType value."""
+        if self.equals is not None:
+            return "EncryptionContextEquals"
+        if self.subset is not None:
+            return "EncryptionContextSubset"
+        return None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A grant on a key: its grantee may perform `operations` (KMS operation names) on it."""
+
+    grant_id: str
+    key_id: str
+    key_arn: str
+    name: str
+    grantee_principal: str
+    retiring_principal: str | None
+    issuing_account: str  # arn:aws:iam::ACCOUNT:root of the key's account
+    operations: tuple[str, ...]
+    constraints: GrantConstraints | None
+    creation_date: float

@@ -15,6 +15,8 @@ from hsmbridge.model import (
     ConnectionState,
     CustomKeyStore,
     CustomKeyStoreType,
+    Grant,
+    GrantConstraints,
     KeyLifecycle,
     KeyRecord,
     KeySpec,
@@ -103,4 +105,52 @@ def to_deleted_key(row: sqlite3.Row) -> DeletedKey:
         cluster_id=row["cluster_id"],
         deleted_at=row["deleted_at"],
         material_deleted=bool(row["material_deleted"]),
+    )
+
+
+def _pairs(raw: Any) -> tuple[tuple[str, str], ...] | None:
+    return None if raw is None else tuple((str(k), str(v)) for k, v in raw)
+
+
+def grant_params(grant: Grant) -> tuple[Any, ...]:
+    c = grant.constraints
+    constraints = (
+        None
+        if c is None
+        else json.dumps(
+            {
+                "equals": None if c.equals is None else [list(p) for p in c.equals],
+                "subset": None if c.subset is None else [list(p) for p in c.subset],
+            }
+        )
+    )
+    return (
+        grant.grant_id,
+        grant.key_id,
+        grant.key_arn,
+        grant.name,
+        grant.grantee_principal,
+        grant.retiring_principal,
+        grant.issuing_account,
+        json.dumps(list(grant.operations)),
+        constraints,
+        grant.creation_date,
+    )
+
+
+def to_grant(row: sqlite3.Row) -> Grant:
+    raw = json.loads(row["constraints"]) if row["constraints"] else None
+    return Grant(
+        grant_id=row["id"],
+        key_id=row["key_id"],
+        key_arn=row["key_arn"],
+        name=row["name"],
+        grantee_principal=row["grantee_principal"],
+        retiring_principal=row["retiring_principal"],
+        issuing_account=row["issuing_account"],
+        operations=tuple(json.loads(row["operations"])),
+        constraints=None
+        if raw is None
+        else GrantConstraints(_pairs(raw["equals"]), _pairs(raw["subset"])),
+        creation_date=row["creation_date"],
     )

@@ -74,6 +74,27 @@ _SCHEMA_V1: Final = (
 )
 
 
+# v2: grants (spec §8.5). A grant dies with its key; the explicit delete in delete_key keeps that
+# true with foreign keys off too.
+_SCHEMA_V2: Final = (
+    """CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+        key_arn TEXT NOT NULL,
+        name TEXT NOT NULL,
+        grantee_principal TEXT NOT NULL,
+        retiring_principal TEXT,
+        issuing_account TEXT NOT NULL,
+        operations TEXT NOT NULL,
+        constraints TEXT,
+        creation_date REAL NOT NULL
+    )""",
+    "CREATE INDEX grants_by_key ON grants(key_id, id)",
+    "CREATE INDEX grants_by_grantee ON grants(key_id, grantee_principal)",
+    "CREATE INDEX grants_by_retiring ON grants(retiring_principal, id)",
+)
+
+
 def _statements(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
     def migrate(conn: sqlite3.Connection) -> None:
         # One execute() per statement: executescript() would COMMIT our open transaction.
@@ -85,7 +106,10 @@ def _statements(statements: Sequence[str]) -> Callable[[sqlite3.Connection], Non
 
 # MIGRATIONS[i] takes the schema from version i to version i + 1. Append only; never edit one
 # that has shipped. A migration runs inside the BEGIN IMMEDIATE that also bumps the version.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_statements(_SCHEMA_V1),)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _statements(_SCHEMA_V1),
+    _statements(_SCHEMA_V2),
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

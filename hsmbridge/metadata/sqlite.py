@@ -38,7 +38,7 @@ from hsmbridge.metadata.schema import (
     rollback,
 )
 from hsmbridge.metadata.store import DeletedKey, StoredKeyStore
-from hsmbridge.model import Alias, KeyLifecycle, KeyRecord, KeyState
+from hsmbridge.model import Alias, Grant, KeyLifecycle, KeyRecord, KeyState
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -285,6 +285,7 @@ class SqliteMetadataStore:
         with self.write():
             conn = self._conn()
             conn.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
+            conn.execute("DELETE FROM grants WHERE key_id = ?", (key_id,))
             conn.execute("DELETE FROM keys WHERE id = ?", (key_id,))
 
     # -- aliases -----------------------------------------------------------------------------
@@ -325,6 +326,61 @@ class SqliteMetadataStore:
 
     def count_aliases(self, key_id: str) -> int:
         return self._count("SELECT count(*) FROM aliases WHERE key_id = ?", (key_id,))
+
+    # -- grants ------------------------------------------------------------------------------
+
+    def put_grant(self, grant: Grant) -> None:
+        self._exec(
+            """INSERT OR REPLACE INTO grants (id, key_id, key_arn, name, grantee_principal,
+                   retiring_principal, issuing_account, operations, constraints, creation_date)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            mapping.grant_params(grant),
+        )
+
+    def get_grant(self, grant_id: str) -> Grant | None:
+        row = self._one("SELECT * FROM grants WHERE id = ?", (grant_id,))
+        return mapping.to_grant(row) if row else None
+
+    def delete_grant(self, grant_id: str) -> None:
+        self._exec("DELETE FROM grants WHERE id = ?", (grant_id,))
+
+    def list_grants(
+        self, key_id: str, limit: int, after: str | None, *, grantee: str | None = None
+    ) -> list[Grant]:
+        sql, params = "SELECT * FROM grants WHERE key_id = ? AND id > ?", [key_id, after or ""]
+        if grantee is not None:
+            sql, params = sql + " AND grantee_principal = ?", [*params, grantee]
+        rows = self._rows(sql + " ORDER BY id LIMIT ?", [*params, limit])
+        return [mapping.to_grant(r) for r in rows]
+
+    def grants_for(self, key_id: str, grantees: tuple[str, ...]) -> list[Grant]:
+        if not grantees:
+            return []
+        marks = ",".join("?" * len(grantees))
+        rows = self._rows(
+            f"SELECT * FROM grants WHERE key_id = ? AND grantee_principal IN ({marks}) "  # noqa: S608 - placeholders only
+            "ORDER BY id",
+            (key_id, *grantees),
+        )
+        return [mapping.to_grant(r) for r in rows]
+
+    def grants_named(self, key_id: str, name: str) -> list[Grant]:
+        rows = self._rows(
+            "SELECT * FROM grants WHERE key_id = ? AND name = ? ORDER BY id", (key_id, name)
+        )
+        return [mapping.to_grant(r) for r in rows]
+
+    def count_grants(self, key_id: str) -> int:
+        return self._count("SELECT count(*) FROM grants WHERE key_id = ?", (key_id,))
+
+    def retirable_grants(
+        self, retiring_principal: str, limit: int, after: str | None
+    ) -> list[Grant]:
+        rows = self._rows(
+            "SELECT * FROM grants WHERE retiring_principal = ? AND id > ? ORDER BY id LIMIT ?",
+            (retiring_principal, after or "", limit),
+        )
+        return [mapping.to_grant(r) for r in rows]
 
     # -- tombstones --------------------------------------------------------------------------
 

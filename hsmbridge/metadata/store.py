@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from hsmbridge.model import Alias, CustomKeyStore, KeyLifecycle, KeyRecord
+from hsmbridge.model import Alias, CustomKeyStore, Grant, KeyLifecycle, KeyRecord
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class MetadataStore(Protocol):
         ...
 
     def delete_key(self, key_id: str) -> None:
-        """Remove the key row with its aliases (tags live in the row)."""
+        """Remove the key row with its aliases and grants (tags live in the row)."""
         ...
 
     # -- aliases -----------------------------------------------------------------------------
@@ -83,6 +83,28 @@ class MetadataStore(Protocol):
     def delete_alias(self, name: str) -> None: ...
     def list_aliases(self, key_id: str | None, limit: int, after: str | None) -> list[Alias]: ...
     def count_aliases(self, key_id: str) -> int: ...
+
+    # -- grants ------------------------------------------------------------------------------
+    def put_grant(self, grant: Grant) -> None: ...
+    def get_grant(self, grant_id: str) -> Grant | None: ...
+    def delete_grant(self, grant_id: str) -> None: ...
+    def list_grants(
+        self, key_id: str, limit: int, after: str | None, *, grantee: str | None = None
+    ) -> list[Grant]:
+        """The key's grants ordered by grant id; at most `limit` with id > `after`."""
+        ...
+
+    def grants_for(self, key_id: str, grantees: tuple[str, ...]) -> list[Grant]:
+        """The key's grants whose grantee is one of `grantees` (authorization's question)."""
+        ...
+
+    def grants_named(self, key_id: str, name: str) -> list[Grant]: ...
+    def count_grants(self, key_id: str) -> int: ...
+    def retirable_grants(
+        self, retiring_principal: str, limit: int, after: str | None
+    ) -> list[Grant]:
+        """Grants naming `retiring_principal` as retiring principal, ordered by grant id."""
+        ...
 
     # -- tombstones --------------------------------------------------------------------------
     def record_deleted_key(self, tomb: DeletedKey) -> None: ...
