@@ -92,6 +92,7 @@ class Settings:
     metadata_db: Path | None  # the SQLite file when the engine is SQLite, else None
     master_key_file: Path
     credentials_file: Path
+    iam_dir: Path  # iam/ACCOUNT.json files in `aws iam get-account-authorization-details` shape
     audit_log: Path
     listen_host: str
     listen_port: int
@@ -332,6 +333,7 @@ def load_settings(path: Path | str) -> Settings:
         metadata_db=metadata_db,
         master_key_file=data_dir / _get(paths, "master_key", str, where, "master.key"),
         credentials_file=data_dir / _get(paths, "credentials", str, where, "credentials"),
+        iam_dir=base / _get(paths, "iam", str, where, "iam"),
         audit_log=data_dir / _get(paths, "audit_log", str, where, "audit.jsonl"),
         listen_host=_get(service, "listen_host", str, here, "127.0.0.1"),
         listen_port=port,

@@ -19,6 +19,7 @@ from pathlib import Path
 from hsmbridge import bootstrap
 from hsmbridge.backend import HsmConnector
 from hsmbridge.config import ClusterBinding, Settings, builtin_profile, load_settings
+from hsmbridge.identity.iam import write_demo_iam
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     DemoHsmSpec,
@@ -150,6 +151,8 @@ def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
         f"principal_arn = arn:aws:iam::{ACCOUNT}:user/tester\n"
     )
     creds.chmod(0o600)
+    # What `hsmbridge init` writes too: the principal's account lets it do everything by IAM.
+    write_demo_iam(root / "iam" / f"{ACCOUNT}.json", ACCOUNT, f"arn:aws:iam::{ACCOUNT}:user/tester")
     env.config_path.write_text(
         f'[service]\nregion = "{REGION}"\naccount_id = "{ACCOUNT}"\n\n'
         '[inventory]\nprovider = "static"\npath = "clusters.json"\n\n'

@@ -1,7 +1,9 @@
 """`hsmbridge keystore …` and `hsmbridge key …`: `aws kms`-style options → the KMS operation table.
 
 Owns: the declarative list of subcommands, each naming its KMS operation and its options (spelled
-like the `aws kms` options), and turning parsed options into a KMS request. The request then runs
+like the `aws kms` options), and turning parsed options into a KMS request (`key create` can also
+build its key policy the way the KMS console does, from administrators, users and external
+accounts). The request then runs
 through the same validation and handlers as the HTTP API, so output matches the wire exactly.
 """
 
@@ -16,15 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from hsmbridge.errors import ValidationException
+from hsmbridge.policy.console import console_key_policy
 
 PASSWORD_ENV = "HSMBRIDGE_KEY_STORE_PASSWORD"  # noqa: S105 - a variable name
+CONSOLE_HELP = (
+    "key policy as the KMS console writes it: administrators (IAM ARNs), users (IAM ARNs) and "
+    "external accounts (12-digit ids) get the console's statements"
+)
 
 
 @dataclass(frozen=True)
 class Opt:
     flag: str  # e.g. "--custom-key-store-id"
     member: str  # e.g. "CustomKeyStoreId"
-    kind: str = "str"  # str | int | bool | text (file:// allowed) | tags | list | password
+    # str | int | bool | text (file:// allowed) | tags | list | password, or console-list /
+    # console-bool: inputs of the console's key policy generator, not KMS request members
+    kind: str = "str"
     required: bool = False
 
 
@@ -109,8 +118,13 @@ COMMANDS: tuple[Command, ...] = (
             Opt("--key-usage", "KeyUsage"),
             Opt("--key-spec", "KeySpec"),
             Opt("--policy", "Policy", "text"),
+            Opt("--bypass-policy-lockout-safety-check", "BypassPolicyLockoutSafetyCheck", "bool"),
             Opt("--tags", "Tags", "tags"),
             Opt("--multi-region", "MultiRegion", "bool"),
+            Opt("--key-administrators", "KeyAdministrators", "console-list"),
+            Opt("--key-users", "KeyUsers", "console-list"),
+            Opt("--external-accounts", "ExternalAccounts", "console-list"),
+            Opt("--administrator-delete", "AdministratorDelete", "console-bool"),
         ),
         "create a KMS key whose material is generated in the store's HSM",
     ),
@@ -143,7 +157,9 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
 
 def _add_option(parser: argparse.ArgumentParser, opt: Opt) -> None:
     dest = opt.member
-    if opt.kind == "bool":
+    if opt.kind == "console-list":
+        parser.add_argument(opt.flag, dest=dest, nargs="+", metavar="ARN_OR_ID", help=CONSOLE_HELP)
+    elif opt.kind in ("bool", "console-bool"):
         parser.add_argument(opt.flag, dest=dest, action="store_true", default=None)
         parser.add_argument("--no-" + opt.flag[2:], dest=dest, action="store_false")
     elif opt.kind == "tags":
@@ -170,9 +186,13 @@ def _add_option(parser: argparse.ArgumentParser, opt: Opt) -> None:
         )
 
 
-def build_request(cmd: Command, args: argparse.Namespace) -> dict[str, Any]:
+def build_request(
+    cmd: Command, args: argparse.Namespace, *, partition: str = "aws", account_id: str = ""
+) -> dict[str, Any]:
     request: dict[str, Any] = {}
     for opt in cmd.options:
+        if opt.kind.startswith("console"):
+            continue
         value = getattr(args, opt.member, None)
         if opt.kind == "password":
             value = _password(value, getattr(args, opt.member + "_file", None), cmd.operation)
@@ -182,7 +202,38 @@ def build_request(cmd: Command, args: argparse.Namespace) -> dict[str, Any]:
             value = parse_tags(value)
         if value is not None:
             request[opt.member] = value
+    console = _console_policy(args, partition, account_id)
+    if console is not None:
+        if "Policy" in request:
+            raise ValidationException(
+                "Give either --policy or the key policy generator's options "
+                "(--key-administrators, --key-users, --external-accounts), not both."
+            )
+        request["Policy"] = console
     return request
+
+
+def _console_policy(args: argparse.Namespace, partition: str, account_id: str) -> str | None:
+    """The key policy the KMS console would write for these options, or None if none given."""
+    admins = getattr(args, "KeyAdministrators", None)
+    users = getattr(args, "KeyUsers", None)
+    external = getattr(args, "ExternalAccounts", None)
+    admin_delete = getattr(args, "AdministratorDelete", None)
+    if admins is None and users is None and external is None:
+        if admin_delete is not None:
+            raise ValidationException("--no-administrator-delete needs --key-administrators.")
+        return None
+    try:
+        return console_key_policy(
+            partition,
+            account_id,
+            key_administrators=admins or (),
+            key_users=users or (),
+            external_accounts=external or (),
+            administrators_can_delete=admin_delete is not False,
+        )
+    except ValueError as exc:
+        raise ValidationException(str(exc)) from None
 
 
 def _text(value: str) -> str:

@@ -58,14 +58,18 @@ def cli_caller(settings: Settings) -> RequestContext:
     like an API caller."""
     principal = cli_principal(settings.credentials_file, settings.cli_profile)
     return RequestContext(
-        principal.arn, principal.account_id, user_agent=CLI_USER_AGENT, edge="cli"
+        principal.arn,
+        principal.account_id,
+        user_agent=CLI_USER_AGENT,
+        edge="cli",
+        via_service=principal.via_service,
     )
 
 
 def run_kms_command(args: argparse.Namespace) -> int:
     cmd: Command = args.kms_command
     settings = load_settings(args.config)
-    request = build_request(cmd, args)
+    request = build_request(cmd, args, partition=settings.partition, account_id=settings.account_id)
     caller = cli_caller(settings)
     service, sink = open_cli_service(settings)
     try:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hsmbridge.errors import ValidationException
-from hsmbridge.model import Alias, CustomKeyStore, KeyIdentity, KeyMetadata, Page, Tag
+from hsmbridge.model import Alias, CustomKeyStore, Grant, KeyIdentity, KeyMetadata, Page, Tag
 
 Json = dict[str, Any]
 
@@ -63,6 +63,28 @@ def alias(a: Alias) -> Json:
         "CreationDate": a.creation_date,
         "LastUpdatedDate": a.last_updated_date,
     }
+
+
+def grant(g: Grant) -> Json:
+    """A GrantListEntry."""
+    out: Json = {
+        "KeyId": g.key_arn,
+        "GrantId": g.grant_id,
+        "CreationDate": g.creation_date,
+        "GranteePrincipal": g.grantee_principal,
+        "IssuingAccount": g.issuing_account,
+        "Operations": list(g.operations),
+    }
+    if g.name:
+        out["Name"] = g.name
+    if g.retiring_principal is not None:
+        out["RetiringPrincipal"] = g.retiring_principal
+    c = g.constraints
+    if c is not None and c.equals is not None:
+        out["Constraints"] = {"EncryptionContextEquals": dict(c.equals)}
+    elif c is not None and c.subset is not None:
+        out["Constraints"] = {"EncryptionContextSubset": dict(c.subset)}
+    return out
 
 
 def key_list_entry(r: KeyIdentity) -> Json:

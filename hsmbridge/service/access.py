@@ -1,31 +1,378 @@
-"""Authorization: may this caller perform this KMS action on this resource?
+"""Authorization: may this caller perform this KMS action, on this key or account-wide?
 
-Owns: `AccessControl.authorize`, the one decision every service operation asks for before it acts,
-whichever edge (HTTP, CLI, console) the request came through. Today's rule is the account
-boundary: a principal of another account than the endpoint's is denied. Key policies, IAM
-policies and grants are evaluated here when they are added, so no operation needs to change.
-Must not import protocol, http or cli.
+Owns: `AccessControl`, the one decision every service operation asks for before it acts, whichever
+edge (HTTP, CLI, console) the request came through. It gathers what AWS evaluates together (spec
+§8.4): the key policy (parsed once per policy text), the caller's IAM policies (from the account's
+`iam/ACCOUNT.json`, parsed once per file change), the session policy of temporary credentials, and
+the key's grants (read only when the policies do not allow, so the common path never touches
+them). It builds the request's condition keys, lets `policy.decision` decide, records the decision
+in the request's audit annotations and raises AccessDeniedException in AWS's current wording.
+It also owns the key-policy checks AWS makes on write: principals must exist, and the lockout
+safety check. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
 
-from hsmbridge.errors import AccessDeniedException
+import base64
+import binascii
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from hsmbridge.errors import (
+    AccessDeniedException,
+    InvalidGrantTokenException,
+    MalformedPolicyDocumentException,
+)
+from hsmbridge.identity.iam import IamDirectory
+from hsmbridge.metadata.store import MetadataStore
+from hsmbridge.model import Grant, KeyRecord
+from hsmbridge.policy.decision import Decision, decide_identity_only, decide_resource_access
+from hsmbridge.policy.document import (
+    PolicyDocument,
+    PolicyDocumentError,
+    parse_identity_policy,
+    parse_key_policy,
+)
+from hsmbridge.policy.evaluation import ConditionValue, RequestFacts
 from hsmbridge.request import RequestContext
+from hsmbridge.trail import context as audit_context
+
+Context = Mapping[str, str]
+Clock = Callable[[], float]
+
+_POLICY_CACHE_SIZE: Final = 1024
+GRANT_TOKEN_PREFIX: Final = b"hsmbridge-grant/v1:"
+# Operations whose requests carry an encryption context: the kms:EncryptionContext* keys and
+# grant constraints apply to them (spec §8.4, §8.5).
+_CONTEXT_ACTIONS: Final = frozenset(
+    {
+        "kms:Encrypt",
+        "kms:Decrypt",
+        "kms:ReEncryptFrom",
+        "kms:ReEncryptTo",
+        "kms:GenerateDataKey",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:CreateGrant",
+    }
+)
+
+
+def principal_type(arn: str) -> str:
+    """aws:PrincipalType of an IAM ARN."""
+    if arn.endswith(":root"):
+        return "Account"
+    if ":assumed-role/" in arn or ":role/" in arn:
+        return "AssumedRole"
+    if ":user/" in arn:
+        return "User"
+    return "AWSService"
+
+
+def encode_grant_token(grant_id: str, nonce: bytes) -> str:
+    """A grant token: opaque to clients, naming its grant (RetireGrant accepts it alone)."""
+    return base64.urlsafe_b64encode(GRANT_TOKEN_PREFIX + grant_id.encode() + b":" + nonce).decode()
+
+
+def decode_grant_token(token: str) -> str:
+    """The grant id a token names; InvalidGrantTokenException for anything we did not issue."""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raw = b""
+    if not raw.startswith(GRANT_TOKEN_PREFIX):
+        raise InvalidGrantTokenException("The grant token is not valid.")
+    grant_id, sep, _ = raw[len(GRANT_TOKEN_PREFIX) :].partition(b":")
+    if not sep or len(grant_id) != 64:
+        raise InvalidGrantTokenException("The grant token is not valid.")
+    return grant_id.decode("ascii", "replace")
+
+
+def grant_allows(grant: Grant, action: str, context: Context | None) -> bool:
+    """Does `grant` cover `action` with this encryption context? Constraint keys compare
+    case-insensitively and values exactly (spec §8.5)."""
+    if action.removeprefix("kms:") not in grant.operations:
+        return False
+    constraints = grant.constraints
+    if constraints is None or action not in _CONTEXT_ACTIONS or action == "kms:CreateGrant":
+        return True
+    given = {k.lower(): v for k, v in (context or {}).items()}
+    if constraints.equals is not None:
+        return given == {k.lower(): v for k, v in constraints.equals}
+    if constraints.subset is not None:
+        return all(given.get(k.lower()) == v for k, v in constraints.subset)
+    return True
+
+
+class _PolicyCache:
+    """Parsed policy documents by their text: a key policy is parsed once per change."""
+
+    def __init__(self, parse: Callable[[str], PolicyDocument]) -> None:
+        self._parse = parse
+        self._docs: OrderedDict[str, PolicyDocument] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> PolicyDocument:
+        with self._lock:
+            doc = self._docs.get(text)
+            if doc is not None:
+                self._docs.move_to_end(text)
+                return doc
+        doc = self._parse(text)
+        with self._lock:
+            self._docs[text] = doc
+            while len(self._docs) > _POLICY_CACHE_SIZE:
+                self._docs.popitem(last=False)
+        return doc
 
 
 class AccessControl:
-    def __init__(self, account_id: str) -> None:
-        self._account_id = account_id
+    def __init__(
+        self,
+        iam: IamDirectory,
+        meta: MetadataStore,
+        *,
+        clock: Clock,
+        aliases_of: Callable[[str], Sequence[str]] | None = None,
+    ) -> None:
+        self.iam = iam
+        self._meta = meta
+        self._clock = clock
+        self._aliases_of = aliases_of
+        self._key_policies = _PolicyCache(parse_key_policy)
+        self._session_policies = _PolicyCache(parse_identity_policy)
 
-    def authorize(self, caller: RequestContext, action: str, resource: str | None = None) -> None:
-        """Raise AccessDeniedException unless `caller` may perform `action` (e.g. "kms:Encrypt")
-        on `resource` (a key or custom key store ARN or id; None for account-level actions)."""
-        if caller.is_service or caller.account_id == self._account_id:
+    # -- decisions ----------------------------------------------------------------------------
+    def authorize(
+        self,
+        caller: RequestContext,
+        action: str,
+        resource: str | None = None,
+        *,
+        keys: Mapping[str, ConditionValue] | None = None,
+    ) -> None:
+        """Actions without a key (CreateKey, ListKeys, custom key stores, ...): IAM alone."""
+        if caller.is_service:
             return
-        # NOTE: differs from KMS, which serves every account; one hsmbridge endpoint holds the
-        # keys of the one account in its configuration, so other accounts' principals are denied.
-        target = f" on resource: {resource}" if resource else ""
-        raise AccessDeniedException(
-            f"User: {caller.principal_arn} is not authorized to perform: {action}{target}: "
-            f"this endpoint serves account {self._account_id} only."
+        self._check_grant_tokens(caller)
+        facts = self._facts(caller, action, resource or "*", keys or {})
+        decision = decide_identity_only(
+            facts,
+            identity_policies=self._identity_policies(caller),
+            session_policy=self._session_policy(caller),
         )
+        self._conclude(caller, action, resource, decision)
+
+    def authorize_key(
+        self,
+        caller: RequestContext,
+        action: str,
+        key: KeyRecord,
+        *,
+        context: Context | None = None,
+        keys: Mapping[str, ConditionValue] | None = None,
+        request_alias: str | None = None,
+    ) -> Decision:
+        """An action on a key: key policy, IAM policies, session policy and grants together.
+        `context` is the request's encryption context. Returns the allowing decision (its
+        `decided_by` tells CreateGrant whether a grant was the only way in)."""
+        if caller.is_service:
+            return Decision(True, "the service itself", "")
+        self._check_grant_tokens(caller)
+        facts = self._facts(
+            caller,
+            action,
+            key.arn,
+            self._key_keys(
+                caller, key, action, context=context, request_alias=request_alias, extra=keys
+            ),
+        )
+        decision = self._decide_key(caller, facts, key, grant=None)
+        if not decision.allowed:
+            grant = self.matching_grant(caller, action, key, context)
+            if grant is not None:
+                decision = self._decide_key(caller, facts, key, grant=grant.grant_id)
+        self._conclude(caller, action, key.arn, decision)
+        return decision
+
+    def allows_key(
+        self, caller: RequestContext, action: str, key: KeyRecord, policy: PolicyDocument
+    ) -> bool:
+        """Would `policy`, as `key`'s key policy, let `caller` perform `action`? (The lockout
+        safety check asks this of a new policy before it is stored.)"""
+        facts = self._facts(
+            caller,
+            action,
+            key.arn,
+            self._key_keys(caller, key, action, context=None, request_alias=None, extra=None),
+        )
+        return decide_resource_access(
+            facts,
+            resource_account=key.account_id,
+            resource_policy=policy,
+            resource_label="key policy",
+            identity_policies=self._identity_policies(caller),
+            session_policy=self._session_policy(caller),
+        ).allowed
+
+    def matching_grant(
+        self, caller: RequestContext, action: str, key: KeyRecord, context: Context | None
+    ) -> Grant | None:
+        grantees = tuple(a for a in (caller.principal_arn, caller.role_arn) if a)
+        for grant in self._meta.grants_for(key.key_id, grantees):
+            if grant_allows(grant, action, context):
+                return grant
+        return None
+
+    # -- key policies on write ----------------------------------------------------------------
+    def check_new_key_policy(
+        self,
+        caller: RequestContext,
+        key: KeyRecord,
+        policy_text: str,
+        *,
+        bypass_lockout_check: bool,
+    ) -> PolicyDocument:
+        """CreateKey's and PutKeyPolicy's checks (spec §8.3): a valid document whose principals
+        exist and which still lets the caller change it, unless the caller bypasses that."""
+        doc = self._key_policies.get(policy_text)
+        for principal in sorted(doc.aws_principals()):
+            if principal != "*" and not self.iam.principal_exists(principal):
+                raise MalformedPolicyDocumentException(
+                    "Policy contains a statement with one or more invalid principals."
+                )
+        lockout_checked = not bypass_lockout_check and not caller.is_service
+        if lockout_checked and not self.allows_key(caller, "kms:PutKeyPolicy", key, doc):
+            raise MalformedPolicyDocumentException(
+                "The new key policy will not allow you to update the key policy in the future."
+            )
+        return doc
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _decide_key(
+        self, caller: RequestContext, facts: RequestFacts, key: KeyRecord, *, grant: str | None
+    ) -> Decision:
+        return decide_resource_access(
+            facts,
+            resource_account=key.account_id,
+            resource_policy=self._key_policies.get(key.policy),
+            resource_label="key policy",
+            identity_policies=self._identity_policies(caller),
+            session_policy=self._session_policy(caller),
+            grant=grant,
+        )
+
+    def _identity_policies(self, caller: RequestContext) -> list[tuple[str, PolicyDocument]]:
+        found = self.iam.identity_policies(caller.principal_arn, caller.role_arn)
+        return [(p.label, p.document) for p in found]
+
+    def _session_policy(self, caller: RequestContext) -> PolicyDocument | None:
+        if caller.session_policy is None:
+            return None
+        try:
+            return self._session_policies.get(caller.session_policy)
+        except PolicyDocumentError:  # STS validated it when it issued the session
+            return None
+
+    def _check_grant_tokens(self, caller: RequestContext) -> None:
+        # Grants take effect at once here, so a token adds nothing but must still be one we
+        # issued: KMS answers InvalidGrantTokenException for a malformed token.
+        for token in caller.grant_tokens:
+            decode_grant_token(token)
+
+    def _facts(
+        self,
+        caller: RequestContext,
+        action: str,
+        resource: str,
+        keys: Mapping[str, ConditionValue],
+    ) -> RequestFacts:
+        now = self._clock()
+        common: dict[str, ConditionValue] = {
+            "kms:CallerAccount": caller.account_id,
+            "aws:CurrentTime": datetime.fromtimestamp(now, UTC),
+            "aws:EpochTime": int(now),
+            "aws:SecureTransport": caller.secure_transport,
+        }
+        if caller.source_ip:
+            common["aws:SourceIp"] = caller.source_ip
+        if caller.via_service:
+            common["kms:ViaService"] = caller.via_service
+        user = self.iam.user(caller.principal_arn)
+        if user is not None:
+            common["aws:username"] = user.name
+            common["aws:userid"] = user.user_id
+        elif caller.role_arn is not None:
+            role = self.iam.role(caller.role_arn)
+            session = caller.principal_arn.rsplit("/", 1)[-1]
+            if role is not None:
+                common["aws:userid"] = f"{role.role_id}:{session}"
+        elif caller.principal_arn.endswith(":root"):
+            common["aws:userid"] = caller.account_id
+        common.update(keys)
+        return RequestFacts(
+            action=action,
+            resource=resource,
+            principal_arn=caller.principal_arn,
+            principal_account=caller.account_id,
+            principal_type=principal_type(caller.principal_arn),
+            role_arn=caller.role_arn,
+            keys=common,
+        )
+
+    def _mentions_resource_aliases(self, caller: RequestContext) -> bool:
+        return any(
+            condition.key.lower() == "kms:resourcealiases"
+            for _, doc in self._identity_policies(caller)
+            for statement in doc.statements
+            for condition in statement.conditions
+        )
+
+    def _key_keys(
+        self,
+        caller: RequestContext,
+        key: KeyRecord,
+        action: str,
+        *,
+        context: Context | None,
+        request_alias: str | None,
+        extra: Mapping[str, ConditionValue] | None,
+    ) -> dict[str, ConditionValue]:
+        keys: dict[str, ConditionValue] = {
+            "kms:KeyOrigin": key.origin.value,
+            "kms:KeySpec": key.key_spec.value,
+            "kms:KeyUsage": key.key_usage.value,
+        }
+        for tag in key.tags:
+            keys[f"aws:ResourceTag/{tag.key}"] = tag.value
+        if action in _CONTEXT_ACTIONS and context is not None:
+            for k, v in context.items():
+                keys[f"kms:EncryptionContext:{k}"] = v
+            keys["kms:EncryptionContextKeys"] = tuple(context)
+        alias = request_alias or audit_context.requested_alias()
+        if alias is not None:
+            keys["kms:RequestAlias"] = alias
+        if self._aliases_of is not None and self._mentions_resource_aliases(caller):
+            # A metadata read per request only for callers whose IAM policies use the key
+            # (it works in IAM policies only, spec §8.1).
+            keys["kms:ResourceAliases"] = tuple(self._aliases_of(key.key_id))
+        if extra:
+            keys.update(extra)
+        return keys
+
+    # -- outcome ------------------------------------------------------------------------------
+    def _conclude(
+        self, caller: RequestContext, action: str, resource: str | None, decision: Decision
+    ) -> None:
+        audit_context.annotate_authorization(
+            {
+                "action": action,
+                "resource": resource or "*",
+                "decision": "Allow" if decision.allowed else "Deny",
+                "decidedBy": decision.decided_by,
+            }
+        )
+        if not decision.allowed:
+            raise AccessDeniedException(decision.message(caller.principal_arn, action, resource))

@@ -47,9 +47,12 @@ class AliasService:
         """CreateAlias. Raises AlreadyExists, NotFound, InvalidAliasName, KMSInvalidState,
         LimitExceeded."""
         check_alias_name(name)
+        # Two permissions (spec §8.1): on the alias (IAM) and on the key (key policy).
+        self._ctx.authorize(caller, "kms:CreateAlias", self._arn(name))
+        self._ctx.require_home_account(caller, "kms:CreateAlias")
         with self._ctx.meta.write():
-            record = self._lookup.resolve(target, allow_alias=False)
-            self._ctx.authorize(caller, "kms:CreateAlias", record.arn)
+            record = self._lookup.resolve(caller, target, allow_alias=False)
+            self._ctx.authorize_key(caller, "kms:CreateAlias", record)
             require_not_pending(record)
             if self._ctx.meta.get_alias(name) is not None:
                 raise AlreadyExistsException(
@@ -70,12 +73,18 @@ class AliasService:
         for UpdateAlias or DeleteAlias, and a name CreateAlias refuses can never exist, so it is
         simply not found.
         """
+        self._ctx.authorize(caller, "kms:UpdateAlias", self._arn(name))
+        self._ctx.require_home_account(caller, "kms:UpdateAlias")
         with self._ctx.meta.write():
             alias = self._ctx.meta.get_alias(name)
             if alias is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
-            record = self._lookup.resolve(target, allow_alias=False)
-            self._ctx.authorize(caller, "kms:UpdateAlias", record.arn)
+            # On the alias, the key it names now and the key it will name (spec §8.1).
+            old = self._ctx.meta.get_key(alias.target_key_id)
+            if old is not None:
+                self._ctx.authorize_key(caller, "kms:UpdateAlias", old)
+            record = self._lookup.resolve(caller, target, allow_alias=False)
+            self._ctx.authorize_key(caller, "kms:UpdateAlias", record)
             require_not_pending(record)
             if self._ctx.meta.count_aliases(record.key_id) >= MAX_ALIASES_PER_KEY:
                 raise LimitExceededException(
@@ -87,11 +96,15 @@ class AliasService:
 
     def delete(self, caller: RequestContext, name: str) -> None:
         """DeleteAlias. Raises NotFound (also for names CreateAlias would refuse; see update)."""
+        self._ctx.authorize(caller, "kms:DeleteAlias", self._arn(name))
+        self._ctx.require_home_account(caller, "kms:DeleteAlias")
         with self._ctx.meta.write():
             alias = self._ctx.meta.get_alias(name)
             if alias is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
-            self._ctx.authorize(caller, "kms:DeleteAlias", alias.arn)
+            key = self._ctx.meta.get_key(alias.target_key_id)
+            if key is not None:
+                self._ctx.authorize_key(caller, "kms:DeleteAlias", key)
             self._ctx.meta.delete_alias(name)
 
     def list(
@@ -99,9 +112,11 @@ class AliasService:
     ) -> Page[Alias]:
         """ListAliases (Limit 1-100, default 50), optionally for one key."""
         self._ctx.authorize(caller, "kms:ListAliases")
+        if self._ctx.is_foreign(caller):
+            return Page(())  # ListAliases shows the caller's own account, which holds none here
         key_id = None
         if key_ref is not None:
-            key_id = self._lookup.resolve(key_ref, allow_alias=False).key_id
+            key_id = self._lookup.resolve(caller, key_ref, allow_alias=False).key_id
         if marker is not None and not marker.startswith("alias/"):
             raise InvalidMarkerException("The Marker is not one that ListAliases returned.")
         size = limit or 50

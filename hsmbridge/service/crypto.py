@@ -102,9 +102,11 @@ class CryptoService:
     ) -> Decrypted:
         env = envelope.unpack(blob)
         record = self._record_for_blob(env.key_id)
-        self._ctx.authorize(caller, action, record.arn)
+        self._ctx.authorize_key(
+            caller, action, record, context=ctx, keys={"kms:EncryptionAlgorithm": SYMMETRIC_DEFAULT}
+        )
         if key_ref is not None:
-            named = self._lookup.resolve(key_ref, allow_alias=True)
+            named = self._lookup.resolve(caller, key_ref, allow_alias=True)
             if named.key_id != record.key_id:
                 raise IncorrectKeyException(
                     "The key ID in the request does not identify the KMS key that encrypted the "
@@ -121,7 +123,7 @@ class CryptoService:
 
     def _record_for_blob(self, key_id: str) -> KeyRecord:
         try:
-            return self._lookup.resolve(key_id, allow_alias=False)
+            return self._lookup.resolve(None, key_id, allow_alias=False)
         except NotFoundException:
             # A well-formed blob for a key we do not hold cannot be decrypted here.
             raise InvalidCiphertextException(
@@ -146,8 +148,14 @@ class CryptoService:
         _check_algorithm(algorithm)
         if not 1 <= len(plaintext) <= 4096:
             raise ValidationException("Plaintext must be 1 to 4096 bytes long.")
-        record = self._lookup.resolve(key_ref, allow_alias=True)
-        self._ctx.authorize(caller, "kms:Encrypt", record.arn)
+        record = self._lookup.resolve(caller, key_ref, allow_alias=True)
+        self._ctx.authorize_key(
+            caller,
+            "kms:Encrypt",
+            record,
+            context=context or {},
+            keys={"kms:EncryptionAlgorithm": SYMMETRIC_DEFAULT},
+        )
         backend = self._usable(record)
         if dry_run:
             raise DryRunOperationException(DRY_RUN_MESSAGE)
@@ -182,8 +190,10 @@ class CryptoService:
         dry_run: bool = False,
     ) -> ReEncrypted:
         """ReEncrypt. https://docs.aws.amazon.com/kms/latest/APIReference/API_ReEncrypt.html"""
-        destination = self._lookup.resolve(destination_key_ref, allow_alias=True)
-        self._ctx.authorize(caller, "kms:ReEncryptTo", destination.arn)
+        destination = self._lookup.resolve(caller, destination_key_ref, allow_alias=True)
+        self._ctx.authorize_key(
+            caller, "kms:ReEncryptTo", destination, context=destination_context or {}
+        )
         dest_backend = self._usable(destination)
         source = source_context or {}
         opened = self._open(
@@ -205,11 +215,11 @@ class CryptoService:
     ) -> DataKey:
         """GenerateDataKey(WithoutPlaintext): the data key comes from the key's own HSM."""
         size = _data_key_size(key_spec, number_of_bytes)
-        record = self._lookup.resolve(key_ref, allow_alias=True)
+        record = self._lookup.resolve(caller, key_ref, allow_alias=True)
         action = (
             "kms:GenerateDataKeyWithoutPlaintext" if without_plaintext else "kms:GenerateDataKey"
         )
-        self._ctx.authorize(caller, action, record.arn)
+        self._ctx.authorize_key(caller, action, record, context=context or {})
         backend = self._usable(record)
         if dry_run:
             raise DryRunOperationException(DRY_RUN_MESSAGE)

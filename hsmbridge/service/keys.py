@@ -46,6 +46,7 @@ from hsmbridge.model import (
     Tag,
 )
 from hsmbridge.policy.document import default_policy, parse_policy
+from hsmbridge.policy.evaluation import ConditionValue
 from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.hsm import HsmGateway
@@ -93,7 +94,8 @@ class KeyService:
         CloudHsmClusterInvalidConfiguration, MalformedPolicyDocument, TagException,
         LimitExceeded, KeyUnavailable, KMSInternal.
         """
-        self._ctx.authorize(caller, "kms:CreateKey")
+        self._ctx.authorize(caller, "kms:CreateKey", keys=_create_key_conditions(req))
+        self._ctx.require_home_account(caller, "kms:CreateKey")
         store_id = _check_create_request(req)
         policy = req.policy
         if policy is None:
@@ -102,10 +104,17 @@ class KeyService:
             parse_policy(policy)
         validate_tags(req.tags)
         row = self._ctx.store_row(store_id)
+        record = self._new_record(row, req.description, policy, req.tags)
+        if req.policy is not None:
+            self._ctx.access.check_new_key_policy(
+                caller,
+                record,
+                policy,
+                bypass_lockout_check=req.bypass_policy_lockout_safety_check,
+            )
         require(StoreOp.CREATE_KEY, store_id, row.store.connection_state)
         self._check_quorum(row.store.cluster_id)
         backend = self._hsm.login(row, retryable=DependencyTimeoutException)
-        record = self._new_record(row, req.description, policy, req.tags)
         with self._lock:
             self._in_flight.add(record.key_id)
         try:
@@ -218,8 +227,8 @@ class KeyService:
     # -- DescribeKey / ListKeys ---------------------------------------------------------------
     def describe(self, caller: RequestContext, key_ref: str) -> KeyMetadata:
         """DescribeKey. https://docs.aws.amazon.com/kms/latest/APIReference/API_DescribeKey.html"""
-        record = self._lookup.resolve(key_ref, allow_alias=True)
-        self._ctx.authorize(caller, "kms:DescribeKey", record.arn)
+        record = self._lookup.resolve(caller, key_ref, allow_alias=True)
+        self._ctx.authorize_key(caller, "kms:DescribeKey", record)
         return self._lookup.metadata(record)
 
     def list(
@@ -227,6 +236,8 @@ class KeyService:
     ) -> Page[KeyIdentity]:
         """ListKeys (Limit 1-1000, default 100). https://docs.aws.amazon.com/kms/latest/APIReference/API_ListKeys.html"""
         self._ctx.authorize(caller, "kms:ListKeys")
+        if self._ctx.is_foreign(caller):
+            return Page(())  # ListKeys shows the caller's own account, which holds none here
         size = limit or 100
         if marker is not None and not ids.is_key_id(marker):
             raise InvalidMarkerException("The Marker is not one that ListKeys returned.")
@@ -236,8 +247,8 @@ class KeyService:
 
     def refuse_rotation(self, caller: RequestContext, key_ref: str, action: str) -> NoReturn:
         """Get/Enable/DisableKeyRotation: KMS refuses them for keys in custom key stores."""
-        record = self._lookup.resolve(key_ref, allow_alias=False)
-        self._ctx.authorize(caller, action, record.arn)
+        record = self._lookup.resolve(caller, key_ref, allow_alias=False)
+        self._ctx.authorize_key(caller, action, record)
         raise UnsupportedOperationException(
             f"{record.arn} is in a custom key store; automatic key rotation is not supported "
             "for KMS keys in custom key stores."
@@ -250,10 +261,11 @@ class KeyService:
         action: str,
         key_ref: str,
         change: Callable[[KeyRecord], KeyRecord],
+        keys: dict[str, ConditionValue] | None = None,
     ) -> KeyRecord:
         with self._ctx.meta.write():
-            record = self._lookup.resolve(key_ref, allow_alias=False)
-            self._ctx.authorize(caller, action, record.arn)
+            record = self._lookup.resolve(caller, key_ref, allow_alias=False)
+            self._ctx.authorize_key(caller, action, record, keys=keys)
             updated = change(record)
             self._ctx.meta.put_key(updated)
             return updated
@@ -306,6 +318,7 @@ class KeyService:
                 deletion_date=when,
                 pending_window_days=days,
             ),
+            keys={"kms:ScheduleKeyDeletionPendingWindowInDays": days},
         )
         return ScheduledDeletion(record.arn, when, days)
 
@@ -332,6 +345,21 @@ def _destroy_quietly(backend: HsmBackend, label: str) -> None:
         backend.destroy_key(label)
     except BackendError:
         log.warning("could not destroy the material of an abandoned CreateKey; audit will show it")
+
+
+def _create_key_conditions(req: CreateKeyRequest) -> dict[str, ConditionValue]:
+    """CreateKey's request condition keys (spec §8.4)."""
+    keys: dict[str, ConditionValue] = {
+        "kms:KeyOrigin": req.origin or "AWS_KMS",
+        "kms:KeySpec": req.key_spec or req.customer_master_key_spec or "SYMMETRIC_DEFAULT",
+        "kms:KeyUsage": req.key_usage or "ENCRYPT_DECRYPT",
+        "kms:BypassPolicyLockoutSafetyCheck": req.bypass_policy_lockout_safety_check,
+    }
+    if req.tags:
+        keys["aws:TagKeys"] = tuple(t.key for t in req.tags)
+        for tag in req.tags:
+            keys[f"aws:RequestTag/{tag.key}"] = tag.value
+    return keys
 
 
 def _check_create_request(req: CreateKeyRequest) -> str:

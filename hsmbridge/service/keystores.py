@@ -75,6 +75,7 @@ class KeyStoreService:
         InvalidConfiguration, IncorrectTrustAnchor, LimitExceeded.
         """
         self._ctx.authorize(caller, "kms:CreateCustomKeyStore")
+        self._ctx.require_home_account(caller, "kms:CreateCustomKeyStore")
         _check_password(password)
         ctx = self._ctx
         with ctx.meta.write():
@@ -149,6 +150,12 @@ class KeyStoreService:
         """DescribeCustomKeyStores. https://docs.aws.amazon.com/kms/latest/APIReference/API_DescribeCustomKeyStores.html"""
         ctx = self._ctx
         ctx.authorize(caller, "kms:DescribeCustomKeyStores")
+        if ctx.is_foreign(caller):
+            # Custom key stores are never shared across accounts (spec §8.4); the caller's own
+            # account holds none at this endpoint.
+            if store_id is not None or name is not None:
+                raise CustomKeyStoreNotFoundException("No custom key store has that ID or name.")
+            return Page(())
         if store_id is not None and name is not None:
             raise ValidationException(
                 "Specify either CustomKeyStoreId or CustomKeyStoreName, not both."
@@ -179,6 +186,7 @@ class KeyStoreService:
         """
         ctx = self._ctx
         ctx.authorize(caller, "kms:ConnectCustomKeyStore")
+        ctx.require_home_account(caller, "kms:ConnectCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             state = row.store.connection_state
@@ -251,6 +259,7 @@ class KeyStoreService:
         """
         ctx = self._ctx
         ctx.authorize(caller, "kms:DisconnectCustomKeyStore")
+        ctx.require_home_account(caller, "kms:DisconnectCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             require(StoreOp.DISCONNECT, store_id, row.store.connection_state)
@@ -275,6 +284,7 @@ class KeyStoreService:
         CloudHsmClusterNotFound/NotRelated/NotActive/InvalidConfiguration.
         """
         self._ctx.authorize(caller, "kms:UpdateCustomKeyStore")
+        self._ctx.require_home_account(caller, "kms:UpdateCustomKeyStore")
         if password is not None:
             _check_password(password)
         ctx = self._ctx
@@ -321,6 +331,7 @@ class KeyStoreService:
         """
         ctx = self._ctx
         ctx.authorize(caller, "kms:DeleteCustomKeyStore")
+        ctx.require_home_account(caller, "kms:DeleteCustomKeyStore")
         with ctx.meta.write():
             row = ctx.store_row(store_id)
             require(StoreOp.DELETE, store_id, row.store.connection_state)

@@ -3,7 +3,8 @@
 Owns: wiring the service components over one `ServiceContext` (each operation's component, the
 HSM gateway they share, recovery and deletion), and the background sweeper thread that runs
 `Recovery.sweep_once` in the process that owns maintenance. Operations live on the components
-(`keystores`, `keys`, `aliases`, `tags`, `policies`, `crypto`), one method per KMS operation,
+(`keystores`, `keys`, `aliases`, `tags`, `policies`, `crypto`, `grants`), one method per KMS
+operation,
 each taking the caller's `RequestContext` first, so the protocol's operation table calls them
 directly instead of through a facade that only forwards. It receives its dependencies in the
 `ServiceContext` (`hsmbridge.bootstrap` builds it) and names no metadata engine. Must not import
@@ -19,6 +20,7 @@ from hsmbridge.service.aliases import AliasService
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.crypto import CryptoService
 from hsmbridge.service.deletion import KeyDeletion
+from hsmbridge.service.grants import GrantService
 from hsmbridge.service.hsm import HsmGateway
 from hsmbridge.service.keys import KeyService
 from hsmbridge.service.keystores import KeyStoreService
@@ -41,6 +43,7 @@ class KmsService:
         self.tags = TagService(ctx, self.lookup)
         self.policies = PolicyService(ctx, self.lookup)
         self.crypto = CryptoService(ctx, self.lookup, self.hsm)
+        self.grants = GrantService(ctx, self.lookup)
         self.deletions = KeyDeletion(ctx, self.hsm)
         self.recovery = Recovery(ctx, self.hsm, self.keys, self.keystores, self.deletions)
         self.keystores.on_connected = self.recovery.after_connect

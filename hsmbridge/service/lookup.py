@@ -12,6 +12,7 @@ from hsmbridge import ids
 from hsmbridge.errors import KMSInvalidStateException, NotFoundException
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState, KeyLifecycle, KeyMetadata, KeyRecord, KeyState
+from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.trail import context as audit_context
 
@@ -35,18 +36,32 @@ class KeyLookup:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
 
-    def resolve(self, key_ref: str, *, allow_alias: bool) -> KeyRecord:
-        """The LIVE key a `KeyId` names, or NotFoundException in KMS's words."""
+    def resolve(
+        self, caller: RequestContext | None, key_ref: str, *, allow_alias: bool
+    ) -> KeyRecord:
+        """The LIVE key a `KeyId` names, or NotFoundException in KMS's words.
+
+        A key id or alias name means a key of the caller's account; keys of other accounts are
+        named by ARN (spec §8.4). `caller=None` looks in the endpoint's account (a ciphertext
+        names its key, whoever presents it).
+        """
         ref = ids.parse_key_ref(key_ref, allow_alias=allow_alias)
         settings = self._ctx.settings
-        if ref.region is not None and (
-            ref.region != settings.region or ref.account != settings.account_id
-        ):
-            raise NotFoundException(
-                f"{key_ref} is in another account or Region than this endpoint "
-                f"({settings.account_id}, {settings.region})."
+        account = ref.account if ref.region is not None else None
+        if account is None and caller is not None and not caller.is_service:
+            account = caller.account_id
+        account = account or settings.account_id
+        if (ref.region or settings.region) != settings.region or account != settings.account_id:
+            # NOTE: one endpoint keeps the keys of its configured account only (principals of any
+            # account may use them across accounts); other accounts hold no keys here.
+            name = (
+                self._alias_arn(ref.value, account)
+                if ref.is_alias
+                else self._key_arn(ref.value, account)
             )
+            raise NotFoundException(f"{name} does not exist in this endpoint's Region and account.")
         key_id = ref.value
+        audit_context.note_request_alias(ref.value if ref.is_alias else None)
         if ref.is_alias:
             alias = self._ctx.meta.get_alias(ref.value)
             if alias is None:
@@ -84,10 +99,10 @@ class KeyLookup:
             else None,
         )
 
-    def _key_arn(self, key_id: str) -> str:
+    def _key_arn(self, key_id: str, account: str | None = None) -> str:
         s = self._ctx.settings
-        return ids.key_arn(s.partition, s.region, s.account_id, key_id)
+        return ids.key_arn(s.partition, s.region, account or s.account_id, key_id)
 
-    def _alias_arn(self, name: str) -> str:
+    def _alias_arn(self, name: str, account: str | None = None) -> str:
         s = self._ctx.settings
-        return ids.alias_arn(s.partition, s.region, s.account_id, name)
+        return ids.alias_arn(s.partition, s.region, account or s.account_id, name)

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from hsmbridge.errors import InvalidMarkerException, TagException
 from hsmbridge.model import Page, Tag
+from hsmbridge.policy.evaluation import ConditionValue
 from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
@@ -47,8 +48,10 @@ class TagService:
         """TagResource: overwrites values of existing keys. Raises TagException, KMSInvalidState."""
         validate_tags(tags)
         with self._ctx.meta.write():
-            record = self._lookup.resolve(key_ref, allow_alias=False)
-            self._ctx.authorize(caller, "kms:TagResource", record.arn)
+            record = self._lookup.resolve(caller, key_ref, allow_alias=False)
+            request: dict[str, ConditionValue] = {f"aws:RequestTag/{t.key}": t.value for t in tags}
+            request["aws:TagKeys"] = tuple(t.key for t in tags)
+            self._ctx.authorize_key(caller, "kms:TagResource", record, keys=request)
             require_not_pending(record)
             merged = {t.key: t for t in record.tags}
             merged.update({t.key: t for t in tags})
@@ -62,8 +65,10 @@ class TagService:
     def untag(self, caller: RequestContext, key_ref: str, tag_keys: tuple[str, ...]) -> None:
         """UntagResource: unknown tag keys are ignored, as in KMS."""
         with self._ctx.meta.write():
-            record = self._lookup.resolve(key_ref, allow_alias=False)
-            self._ctx.authorize(caller, "kms:UntagResource", record.arn)
+            record = self._lookup.resolve(caller, key_ref, allow_alias=False)
+            self._ctx.authorize_key(
+                caller, "kms:UntagResource", record, keys={"aws:TagKeys": tag_keys}
+            )
             require_not_pending(record)
             remaining = tuple(t for t in record.tags if t.key not in set(tag_keys))
             self._ctx.meta.put_key(replace(record, tags=remaining))
@@ -72,8 +77,8 @@ class TagService:
         self, caller: RequestContext, key_ref: str, limit: int | None, marker: str | None
     ) -> Page[Tag]:
         """ListResourceTags (Limit 1-50, default 50); the marker is the last tag key returned."""
-        record = self._lookup.resolve(key_ref, allow_alias=False)
-        self._ctx.authorize(caller, "kms:ListResourceTags", record.arn)
+        record = self._lookup.resolve(caller, key_ref, allow_alias=False)
+        self._ctx.authorize_key(caller, "kms:ListResourceTags", record)
         ordered = sorted(record.tags, key=lambda t: t.key)
         if marker is not None:
             if marker not in {t.key for t in ordered}:

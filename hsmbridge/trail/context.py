@@ -2,7 +2,8 @@
 
 Owns: `RequestScope` (request id, operation, key ARN, custom key store id, accumulated HSM latency
 and extra event data), a contextvar holding the current one, and the helpers the service and the
-backend timing wrapper call (`annotate_key`, `annotate_store`, `add_hsm_latency`, `attach`).
+backend timing wrapper call (`annotate_key`, `annotate_store`, `add_hsm_latency`, `attach`,
+`annotate_authorization`, `note_request_alias`).
 The HTTP edge opens a scope per request and reads it back when it builds the audit event, so the
 service never imports the API and the API never asks the service what it did.
 Outside a request (CLI, background sweeper) every helper is a no-op and `attach` returns False.
@@ -34,6 +35,8 @@ class RequestScope:
     hsm_calls: int = 0
     other_key_arns: list[str] = field(default_factory=list)
     additional: dict[str, Any] = field(default_factory=dict)
+    # The alias the last resolved KeyId named (None: a key id or ARN): kms:RequestAlias.
+    request_alias: str | None = None
 
 
 _current: ContextVar[RequestScope | None] = ContextVar("hsmbridge_request_scope", default=None)
@@ -75,6 +78,25 @@ def annotate_store(custom_key_store_id: str) -> None:
     scope = _current.get()
     if scope is not None and scope.custom_key_store_id is None:
         scope.custom_key_store_id = custom_key_store_id
+
+
+def note_request_alias(alias_name: str | None) -> None:
+    """Record which alias (if any) the KeyId just resolved named, for kms:RequestAlias."""
+    scope = _current.get()
+    if scope is not None:
+        scope.request_alias = alias_name
+
+
+def requested_alias() -> str | None:
+    scope = _current.get()
+    return scope.request_alias if scope is not None else None
+
+
+def annotate_authorization(entry: Mapping[str, Any]) -> None:
+    """Record one authorization decision (action, resource, Allow/Deny, the deciding policy)."""
+    scope = _current.get()
+    if scope is not None:
+        scope.additional.setdefault("authorization", []).append(dict(entry))
 
 
 def add_hsm_latency(latency_ms: float) -> None:

@@ -17,7 +17,7 @@ import pytest
 from hsmbridge.identity.iam import IamDirectory
 from hsmbridge.main import main
 from tests.callers import ADMIN
-from tests.harness import REPO, KmsEnv
+from tests.harness import ACCOUNT, REPO, KmsEnv
 from tests.output_shapes import output_validate
 
 pytestmark = pytest.mark.softhsm
@@ -235,3 +235,36 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
     assert len({h["AvailabilityZone"] for h in hsms}) == 2
     password = (data / "kmsuser.password").read_text().strip()
     assert password not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+def test_key_create_writes_the_consoles_key_policy(kms_env, capsys) -> None:
+    env = kms_env
+    store_id = env.store_id
+    assert store_id is not None
+    env.close()  # the CLI is the only user of the token while it runs
+    admin = f"arn:aws:iam::{ACCOUNT}:user/tester"
+    code, out, err = run(capsys, *cmd(env, "key", "create", "--origin", "AWS_CLOUDHSM",
+        "--custom-key-store-id", store_id, "--key-administrators", admin, "--key-users", admin,
+        "--external-accounts", "444455556666", "--no-administrator-delete"))  # fmt: skip
+    assert code == 0, err
+    key_id = out["KeyMetadata"]["KeyId"]
+    policy = json.loads(env.open().policies.get(ADMIN, key_id, None))
+    assert [s["Sid"] for s in policy["Statement"]] == [
+        "Enable IAM User Permissions",
+        "Allow access for Key Administrators",
+        "Allow use of the key",
+        "Allow attachment of persistent resources",
+    ]
+    admins = policy["Statement"][1]
+    assert admins["Principal"] == {"AWS": admin}
+    assert "kms:ScheduleKeyDeletion" not in admins["Action"]
+    assert policy["Statement"][2]["Principal"] == {"AWS": [admin, "arn:aws:iam::444455556666:root"]}
+    assert policy["Statement"][3]["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+    env.close()
+    # The generator's options and --policy exclude each other; a bad account id is refused.
+    code, _, err = run(capsys, *cmd(env, "key", "create", "--custom-key-store-id", store_id,
+        "--policy", "{}", "--key-users", admin))  # fmt: skip
+    assert (code, err.split(":")[0]) == (2, "ValidationException")
+    code, _, err = run(capsys, *cmd(env, "key", "create", "--custom-key-store-id", store_id,
+        "--external-accounts", "12345"))  # fmt: skip
+    assert (code, err.split(":")[0]) == (2, "ValidationException")

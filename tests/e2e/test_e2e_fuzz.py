@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from hsmbridge.protocol.operations import build_operations
 from hsmbridge.protocol.validation import kms_model
+from tests.callers import ADMIN_ARN
 from tests.e2e.e2e_support import send_raw
 from tests.e2e.test_e2e_contract import COMMON_ERRORS, DIVERGENCES
 from tests.output_shapes import output_validate
@@ -175,6 +176,8 @@ def known(shared) -> dict[str, list[Any]]:
     kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
     blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"fuzz", EncryptionContext={"k": "v"})
     policy = kms.get_key_policy(KeyId=key["KeyId"], PolicyName="default")["Policy"]
+    principal = ADMIN_ARN  # the credentials file's principal
+    grant = kms.create_grant(KeyId=key["KeyId"], GranteePrincipal=principal, Operations=["Encrypt"])
     key_refs = [key["KeyId"], key["Arn"], alias, other["KeyId"]]
     return {
         "KeyId": key_refs,
@@ -193,6 +196,11 @@ def known(shared) -> dict[str, list[Any]]:
         "CloudHsmClusterId": [shared.env.cluster_id],
         "TrustAnchorCertificate": [shared.env.pki.ca_cert_pem],
         "KeyStorePassword": ["kmsuser-password"],
+        "GranteePrincipal": [principal],
+        "RetiringPrincipal": [principal],
+        "Operations": [["Encrypt", "Decrypt"]],
+        "GrantId": [grant["GrantId"]],
+        "GrantToken": [grant["GrantToken"]],
     }
 
 
@@ -217,6 +225,7 @@ FUZZED = sorted(
         "DeleteAlias", "ListAliases", "TagResource", "UntagResource", "ListResourceTags",
         "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "Encrypt", "Decrypt", "ReEncrypt",
         "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom",
+        "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant",
     }
 )  # fmt: skip
 
@@ -298,6 +307,15 @@ GOOD: dict[str, Callable[[_Known], dict[str, Any]]] = {
     "GenerateDataKey": lambda v: {**_key(v), "KeySpec": "AES_256"},
     "GenerateDataKeyWithoutPlaintext": lambda v: {**_key(v), "NumberOfBytes": 32},
     "GenerateRandom": lambda v: {"NumberOfBytes": 16},
+    "CreateGrant": lambda v: {
+        **_key(v),
+        "GranteePrincipal": v["GranteePrincipal"][0],
+        "Operations": v["Operations"][0],
+    },
+    "ListGrants": _key,
+    "ListRetirableGrants": lambda v: {"RetiringPrincipal": v["RetiringPrincipal"][0]},
+    "RetireGrant": lambda v: {"GrantToken": v["GrantToken"][0]},
+    "RevokeGrant": lambda v: {**_key(v), "GrantId": "0" * 64},  # names no grant: NotFound
 }
 
 

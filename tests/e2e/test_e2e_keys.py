@@ -192,12 +192,8 @@ def test_rotation_is_unsupported_for_custom_key_store_keys(kms, key, call):
             lambda kms: kms.sign(KeyId=UNKNOWN_KEY, Message=b"m", SigningAlgorithm="ECDSA_SHA_256"),
         ),
         (
-            "CreateGrant",
-            lambda kms: kms.create_grant(
-                KeyId=UNKNOWN_KEY,
-                GranteePrincipal="arn:aws:iam::111122223333:user/x",
-                Operations=["Decrypt"],
-            ),
+            "GetPublicKey",
+            lambda kms: kms.get_public_key(KeyId=UNKNOWN_KEY),
         ),
     ],
 )

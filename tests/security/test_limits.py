@@ -12,6 +12,7 @@ from botocore.exceptions import ClientError
 
 from hsmbridge.http.app import create_asgi_app
 from hsmbridge.http.server import ThreadedServer, _HeaderDeadline
+from tests.callers import ADMIN_ARN as PRINCIPAL_ARN
 
 HEAD = (
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"
@@ -72,9 +73,15 @@ def test_fifty_aliases_per_key(live):
 @pytest.mark.softhsm
 def test_more_than_ten_grant_tokens_are_a_validation_error_without_hsm_call(live):
     key = live.create_key()
-    live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"ok", GrantTokens=["t"] * 10)
+    token = live.kms.create_grant(
+        KeyId=key["KeyId"], GranteePrincipal=PRINCIPAL_ARN, Operations=["Encrypt"]
+    )["GrantToken"]
+    live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"ok", GrantTokens=[token] * 10)
     with pytest.raises(ClientError) as info:
-        live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"no", GrantTokens=["t"] * 11)
+        live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"no", GrantTokens=["t"])
+    assert _code(info) == "InvalidGrantTokenException"
+    with pytest.raises(ClientError) as info:
+        live.kms.encrypt(KeyId=key["KeyId"], Plaintext=b"no", GrantTokens=[token] * 11)
     assert _code(info) == "ValidationException"
     assert "grantTokens" in info.value.response["Error"]["Message"]
     event = live.events()[-1]

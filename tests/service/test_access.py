@@ -1,11 +1,14 @@
-"""Authorization at the service layer, on a fake HSM: one endpoint serves one account.
+"""Authorization at the service layer, on a fake HSM: who is refused changes nothing.
 
-A principal of another account is refused every operation with AccessDeniedException naming the
-principal and the KMS action, before anything changes (no key row or object on the token, no
-alias, no policy, no store state, no audit event); the same operations succeed for principals of
-the endpoint's account and for hsmbridge acting on its own behalf
-(`RequestContext.service_principal`). A refusal happens before the service asks the HSM anything,
-so the fake's token, listed through our backend as a SoftHSM2 one would be, is the witness.
+A principal of another account that no key policy names and no IAM policy of its own allows is
+refused every operation with AccessDeniedException naming the principal and the KMS action,
+before anything changes (no key row or object on the token, no alias, no policy, no store state,
+no audit event); the same operations succeed for the endpoint account's administrator (an IAM
+policy allowing everything), its root user (allowed by the default key policy without IAM
+policies) and hsmbridge acting on its own behalf (`RequestContext.service_principal`). A refusal
+happens before the service asks the HSM anything, so the fake's token, listed through our backend
+as a SoftHSM2 one would be, is the witness. tests/service/test_authorization.py covers the
+evaluation itself.
 """
 
 from __future__ import annotations
@@ -20,16 +23,14 @@ from hsmbridge.errors import AccessDeniedException
 from hsmbridge.model import ConnectionState
 from hsmbridge.policy.document import default_policy
 from hsmbridge.request import RequestContext
-from hsmbridge.service.access import AccessControl
 from hsmbridge.service.keys import CreateKeyRequest
-from tests.callers import ADMIN, OTHER_ACCOUNT, OUTSIDER, OUTSIDER_ARN, SERVICE
+from tests.callers import ADMIN, OUTSIDER, SERVICE
 from tests.harness import ACCOUNT, KmsEnv
 from tests.service.checks import hsm_labels, rows
 
+ROOT = RequestContext(f"arn:aws:iam::{ACCOUNT}:root", ACCOUNT)
+# A role of the endpoint's account that IAM does not know: it has no identity policies.
 ROLE = RequestContext(f"arn:aws:iam::{ACCOUNT}:role/app", ACCOUNT)
-# The account boundary is the account id, not the ARN's text: a caller whose context says another
-# account is denied even if its ARN names ours.
-MISLABELLED = RequestContext(f"arn:aws:iam::{ACCOUNT}:user/tester", OTHER_ACCOUNT)
 
 Op = Callable[[RequestContext], Any]
 
@@ -79,23 +80,6 @@ def _assert_denied(op: Op, caller: RequestContext, action: str) -> None:
     assert f"perform: {action}" in message, message
 
 
-def test_access_control_names_principal_action_and_resource() -> None:
-    control = AccessControl(ACCOUNT)
-    arn = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    with pytest.raises(AccessDeniedException) as caught:
-        control.authorize(OUTSIDER, "kms:Encrypt", arn)
-    assert caught.value.code == "AccessDeniedException"
-    assert caught.value.message.startswith(
-        f"User: {OUTSIDER_ARN} is not authorized to perform: kms:Encrypt on resource: {arn}"
-    )
-    with pytest.raises(AccessDeniedException, match="kms:ListKeys: "):
-        control.authorize(OUTSIDER, "kms:ListKeys")  # account-level: no resource named
-    with pytest.raises(AccessDeniedException):
-        control.authorize(MISLABELLED, "kms:ListKeys")
-    for caller in (ADMIN, ROLE, SERVICE, RequestContext.service_principal(OTHER_ACCOUNT)):
-        control.authorize(caller, "kms:Encrypt", arn)  # no exception
-
-
 def test_another_accounts_principal_is_denied_and_changes_nothing(fake_env) -> None:
     env, svc, sid = fake_env, fake_env.svc, fake_env.store_id
     request = CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM")
@@ -103,9 +87,10 @@ def test_another_accounts_principal_is_denied_and_changes_nothing(fake_env) -> N
     blob = svc.crypto.encrypt(ADMIN, key_id, b"secret").ciphertext_blob
     before = _snapshot(env, key_id)
 
-    ops = _connected_ops(env, key_id, blob, "denied")
+    arn = svc.keys.describe(ADMIN, key_id).arn
+    ops = _connected_ops(env, arn, blob, "denied")  # other accounts name keys by ARN
     ops["kms:DisconnectCustomKeyStore"] = lambda c: svc.keystores.disconnect(c, sid)
-    for caller in (OUTSIDER, MISLABELLED):
+    for caller in (OUTSIDER, ROLE):
         for action, op in ops.items():
             _assert_denied(op, caller, action)
     assert _snapshot(env, key_id) == before
@@ -122,7 +107,7 @@ def test_another_accounts_principal_is_denied_and_changes_nothing(fake_env) -> N
 def test_the_endpoints_account_and_the_service_principal_are_allowed(fake_env) -> None:
     env, svc, sid = fake_env, fake_env.svc, fake_env.store_id
     request = CreateKeyRequest(custom_key_store_id=sid, origin="AWS_CLOUDHSM")
-    for n, caller in enumerate((ADMIN, ROLE, SERVICE)):
+    for n, caller in enumerate((ADMIN, ROOT, SERVICE)):
         key_id = svc.keys.create(ADMIN, request).key_id
         blob = svc.crypto.encrypt(ADMIN, key_id, b"secret").ciphertext_blob
         tag = f"allowed-{n}"

@@ -23,6 +23,7 @@ from hsmbridge.config import (
     load_settings,
 )
 from hsmbridge.errors import ConfigError, KMSInternalException
+from hsmbridge.identity.iam import write_demo_iam
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
     describe_clusters_document,
@@ -30,8 +31,9 @@ from hsmbridge.keystore.demo import (
     new_cluster_id,
 )
 from hsmbridge.keystore.inventory import StaticInventory
-from tests.callers import ADMIN
+from tests.callers import ADMIN, ADMIN_ARN
 from tests.fakes import FakeConnector
+from tests.harness import ACCOUNT
 
 SOFTHSM_PROFILE = builtin_profile("softhsm2")
 SERVICE = '[service]\nregion = "eu-west-2"\naccount_id = "111122223333"\n'
@@ -191,6 +193,7 @@ def test_create_store_over_malformed_inventory_creates_nothing(tmp_path: Path) -
         describe_clusters_document([DemoClusterSpec(cluster_id, pki.cluster_cert_pem)])
     )
     settings = load_settings(config)
+    write_demo_iam(settings.iam_dir / f"{ACCOUNT}.json", ACCOUNT, ADMIN_ARN)
     service = bootstrap.open_service(
         settings, connector=FakeConnector({cluster_id: "kmsuser-pass"})
     )
