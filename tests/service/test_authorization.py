@@ -361,3 +361,26 @@ def test_ciphertexts_of_a_key_are_decrypted_only_for_whom_its_policy_allows(fake
     blob = svc.crypto.encrypt(ADMIN, key_id, b"only-ours").ciphertext_blob
     assert svc.crypto.decrypt(ALICE, blob).plaintext == b"only-ours"
     _denied(lambda: svc.crypto.decrypt(BOB, blob), "kms:Decrypt")
+
+
+def test_grants_for_aws_resources_need_a_principal_acting_for_an_aws_service(fake_env) -> None:
+    """The console's "Allow attachment of persistent resources" statement: CreateGrant only
+    when an integrated AWS service calls (`via_service` in the credentials file)."""
+    env, svc = fake_env, fake_env.svc
+    _iam(env, bob=document(statement("Allow", "kms:CreateGrant")))
+    attach = {
+        "Sid": "Allow attachment of persistent resources",
+        "Effect": "Allow",
+        "Principal": {"AWS": f"arn:aws:iam::{OTHER_ACCOUNT}:root"},
+        "Action": ["kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant"],
+        "Resource": "*",
+        "Condition": {"Bool": {"kms:GrantIsForAWSResource": "true"}},
+    }
+    key_id, arn = _key(env, ROOT_STATEMENT, attach)
+    request = CreateGrantRequest(key_ref=arn, grantee_principal=BOB_ARN, operations=("Decrypt",))
+    _denied(lambda: svc.grants.create(BOB, request), "no resource-based policy allows")
+    via_ec2 = RequestContext(BOB_ARN, OTHER_ACCOUNT, via_service="ec2.us-east-1.amazonaws.com")
+    grant = svc.grants.create(via_ec2, request)
+    assert [g.grant_id for g in svc.grants.list(ADMIN, key_id, None, None).items] == [
+        grant.grant_id
+    ]
