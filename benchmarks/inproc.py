@@ -24,6 +24,7 @@ from typing import Any
 from benchmarks.common import summarize
 from hsmbridge import bootstrap
 from hsmbridge.config import HsmProfile, Settings, load_settings
+from hsmbridge.identity.credentials import cli_principal
 from hsmbridge.request import RequestContext
 
 MAX_OPS = 2_000_000  # hard cap on any timed loop, whatever the deadline
@@ -154,9 +155,11 @@ def _create_request(store_id: str, i: int) -> Any:
 
 
 def _caller(svc: Any) -> RequestContext:
-    """An administrator of the endpoint's own account: every call is authorized, as for a client."""
-    account = svc.ctx.settings.account_id
-    return RequestContext(f"arn:aws:iam::{account}:user/bench", account)
+    """The environment's administrator (the credentials file's CLI principal, whose IAM policy
+    `hsmbridge init` writes): every call is authorized against its policies, as for a client."""
+    settings = svc.ctx.settings
+    principal = cli_principal(settings.credentials_file, settings.cli_profile)
+    return RequestContext(principal.arn, principal.account_id)
 
 
 def _profile_text(fn: Callable[[int], object], seconds: float, path: Path) -> None:
