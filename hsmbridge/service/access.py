@@ -18,6 +18,7 @@ import binascii
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
@@ -44,6 +45,8 @@ Context = Mapping[str, str]
 Clock = Callable[[], float]
 
 _POLICY_CACHE_SIZE: Final = 1024
+_DECISION_CACHE_SIZE: Final = 8192
+_VOLATILE_KEYS: Final = frozenset({"aws:currenttime", "aws:epochtime", "kms:resourcealiases"})
 # The operations whose model lists InvalidGrantTokenException: only they check GrantTokens (KMS
 # answers DescribeKey, say, whatever tokens it is sent).
 _GRANT_TOKEN_ACTIONS: Final = frozenset(
@@ -120,26 +123,53 @@ def grant_allows(grant: Grant, action: str, context: Context | None) -> bool:
     return True
 
 
+def _volatile(doc: PolicyDocument) -> bool:
+    """Can this document decide differently for the same caller, key and request inputs? Time
+    conditions can, and kms:ResourceAliases reads the key's aliases, which the decision cache's
+    key does not hold."""
+    for statement in doc.statements:
+        for condition in statement.conditions:
+            operator = condition.operator.lower()
+            operator = operator.removeprefix("foranyvalue:").removeprefix("forallvalues:")
+            if condition.key.lower() in _VOLATILE_KEYS or operator.startswith("date"):
+                return True
+    return False
+
+
 class _PolicyCache:
     """Parsed policy documents by their text: a key policy is parsed once per change."""
 
     def __init__(self, parse: Callable[[str], PolicyDocument]) -> None:
         self._parse = parse
-        self._docs: OrderedDict[str, PolicyDocument] = OrderedDict()
+        self._docs: OrderedDict[str, tuple[PolicyDocument, bool]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, text: str) -> PolicyDocument:
+        return self.entry(text)[0]
+
+    def entry(self, text: str) -> tuple[PolicyDocument, bool]:
+        """The parsed document and whether it is `_volatile`."""
         with self._lock:
-            doc = self._docs.get(text)
-            if doc is not None:
+            found = self._docs.get(text)
+            if found is not None:
                 self._docs.move_to_end(text)
-                return doc
+                return found
         doc = self._parse(text)
+        entry = (doc, _volatile(doc))
         with self._lock:
-            self._docs[text] = doc
+            self._docs[text] = entry
             while len(self._docs) > _POLICY_CACHE_SIZE:
                 self._docs.popitem(last=False)
-        return doc
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """A caller's IAM side for one IAM generation: its policies, parsed once per file change."""
+
+    policies: list[tuple[str, PolicyDocument]]
+    volatile: bool
+    uses_resource_aliases: bool
 
 
 class AccessControl:
@@ -151,12 +181,28 @@ class AccessControl:
         clock: Clock,
         aliases_of: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
-        self.iam = iam
+        self._iam = iam
         self._meta = meta
         self._clock = clock
         self._aliases_of = aliases_of
         self._key_policies = _PolicyCache(parse_key_policy)
         self._session_policies = _PolicyCache(parse_identity_policy)
+        # Allowing decisions made by policies alone, by everything they depend on (see
+        # _decision_key): the hot path evaluates a caller's policies once per change, not per
+        # request. Grant-based decisions are never cached (a grant can be retired any time).
+        self._decisions: dict[tuple[object, ...], Decision] = {}
+        self._identities: dict[tuple[str, str | None, int], _Identity] = {}
+
+    @property
+    def iam(self) -> IamDirectory:
+        return self._iam
+
+    @iam.setter
+    def iam(self, directory: IamDirectory) -> None:
+        """Swap the IAM directory (tests); cached decisions were made with the old one."""
+        self._iam = directory
+        self._decisions.clear()
+        self._identities.clear()
 
     # -- decisions ----------------------------------------------------------------------------
     def authorize(
@@ -195,15 +241,28 @@ class AccessControl:
             return Decision(True, "the service itself", "")
         if action in _GRANT_TOKEN_ACTIONS:
             self._check_grant_tokens(caller)
+        alias = request_alias or audit_context.requested_alias()
+        found = self._decision_key(caller, action, key, context=context, alias=alias, keys=keys)
+        cache_key: tuple[object, ...] | None = found
+        cached: Decision | None
+        try:
+            cached = self._decisions.get(found)
+        except TypeError:  # a list-valued condition key: not cacheable, evaluate every time
+            cache_key, cached = None, None
+        if cached is not None:
+            self._conclude(caller, action, key.arn, cached)
+            return cached
         facts = self._facts(
             caller,
             action,
             key.arn,
-            self._key_keys(
-                caller, key, action, context=context, request_alias=request_alias, extra=keys
-            ),
+            self._key_keys(caller, key, action, context=context, request_alias=alias, extra=keys),
         )
         decision = self._decide_key(caller, facts, key, grant=None)
+        if decision.allowed and cache_key is not None and self._cacheable(caller, key):
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()  # crude but bounded; refilled by the next requests
+            self._decisions[cache_key] = decision
         if not decision.allowed:
             grant = self.matching_grant(caller, action, key, context)
             if grant is not None:
@@ -278,17 +337,77 @@ class AccessControl:
             grant=grant,
         )
 
+    def _decision_key(
+        self,
+        caller: RequestContext,
+        action: str,
+        key: KeyRecord,
+        *,
+        context: Context | None,
+        alias: str | None,
+        keys: Mapping[str, ConditionValue] | None,
+    ) -> tuple[object, ...]:
+        """Everything a policy-based decision on `key` depends on. Cheap on purpose: it is
+        computed for every request; whether the decision may be cached at all (`_cacheable`) is
+        asked only on a miss."""
+        return (
+            caller.principal_arn,
+            caller.account_id,
+            caller.role_arn,
+            caller.session_policy,
+            caller.via_service,
+            caller.source_ip,
+            caller.secure_transport,
+            action,
+            key.key_id,
+            key.policy,
+            key.tags,
+            tuple(sorted(context.items())) if context else (),
+            alias,
+            tuple(sorted(keys.items())) if keys else (),
+            self.iam.generation(),
+        )
+
+    def _cacheable(self, caller: RequestContext, key: KeyRecord) -> bool:
+        """No policy behind this decision reads the time or the key's aliases."""
+        if self._identity(caller).volatile or self._key_policies.entry(key.policy)[1]:
+            return False
+        return not self._session_entry(caller)[1]
+
+    def _identity(self, caller: RequestContext) -> _Identity:
+        index = (caller.principal_arn, caller.role_arn, self.iam.generation())
+        found = self._identities.get(index)
+        if found is None:
+            named = self.iam.identity_policies(caller.principal_arn, caller.role_arn)
+            policies = [(p.label, p.document) for p in named]
+            found = _Identity(
+                policies,
+                volatile=any(_volatile(doc) for _, doc in policies),
+                uses_resource_aliases=any(
+                    condition.key.lower() == "kms:resourcealiases"
+                    for _, doc in policies
+                    for statement in doc.statements
+                    for condition in statement.conditions
+                ),
+            )
+            if len(self._identities) >= _POLICY_CACHE_SIZE:
+                self._identities.clear()
+            self._identities[index] = found
+        return found
+
     def _identity_policies(self, caller: RequestContext) -> list[tuple[str, PolicyDocument]]:
-        found = self.iam.identity_policies(caller.principal_arn, caller.role_arn)
-        return [(p.label, p.document) for p in found]
+        return self._identity(caller).policies
+
+    def _session_entry(self, caller: RequestContext) -> tuple[PolicyDocument | None, bool]:
+        if caller.session_policy is None:
+            return None, False
+        try:
+            return self._session_policies.entry(caller.session_policy)
+        except PolicyDocumentError:  # STS validated it when it issued the session
+            return None, False
 
     def _session_policy(self, caller: RequestContext) -> PolicyDocument | None:
-        if caller.session_policy is None:
-            return None
-        try:
-            return self._session_policies.get(caller.session_policy)
-        except PolicyDocumentError:  # STS validated it when it issued the session
-            return None
+        return self._session_entry(caller)[0]
 
     def _check_grant_tokens(self, caller: RequestContext) -> None:
         # Grants take effect at once here, so a token adds nothing but must still be one we
@@ -337,12 +456,7 @@ class AccessControl:
         )
 
     def _mentions_resource_aliases(self, caller: RequestContext) -> bool:
-        return any(
-            condition.key.lower() == "kms:resourcealiases"
-            for _, doc in self._identity_policies(caller)
-            for statement in doc.statements
-            for condition in statement.conditions
-        )
+        return self._identity(caller).uses_resource_aliases
 
     def _key_keys(
         self,

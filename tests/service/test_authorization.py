@@ -43,8 +43,16 @@ ROOT_STATEMENT = {
 USE = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"]
 
 
-def _iam(env: KmsEnv, *, alice: list[dict[str, Any]] | None = None, bob: Any = None) -> None:
-    """Write both accounts' IAM: tester may do anything; alice and bob get what is given."""
+def _iam(
+    env: KmsEnv,
+    *,
+    alice: list[dict[str, Any]] | None = None,
+    bob: Any = None,
+    reopen: bool = True,
+) -> None:
+    """Write both accounts' IAM: tester may do anything; alice and bob get what is given. With
+    `reopen`, the service gets a new directory object reading them; without, the one it has
+    (which re-reads on every call here) notices the edit."""
     home = Iam(ACCOUNT)
     home.user("tester", ALLOW_ALL)
     home.user("alice", *(alice or []))
@@ -52,8 +60,8 @@ def _iam(env: KmsEnv, *, alice: list[dict[str, Any]] | None = None, bob: Any = N
     other = Iam(OTHER_ACCOUNT, encoded=True)  # URL-encoded documents, as the IAM API returns
     other.user("bob", *([bob] if bob else []))
     other.write(env.root / "iam")
-    # Read at once (the service re-reads at most once a second).
-    env.svc.ctx.access.iam = IamDirectory(env.root / "iam", interval_s=0)
+    if reopen:  # read at once (the service re-reads at most once a second)
+        env.svc.ctx.access.iam = IamDirectory(env.root / "iam", interval_s=0)
 
 
 def _key(env: KmsEnv, *statements: dict[str, Any], bypass: bool = True) -> tuple[str, str]:
@@ -384,3 +392,36 @@ def test_grants_for_aws_resources_need_a_principal_acting_for_an_aws_service(fak
     assert [g.grant_id for g in svc.grants.list(ADMIN, key_id, None, None).items] == [
         grant.grant_id
     ]
+
+
+def test_cached_decisions_follow_iam_edits_key_policy_changes_and_the_clock(fake_env) -> None:
+    """Allowing decisions are cached per caller, key and inputs; every input that can change
+    them (an IAM file edit, a new key policy, the time a condition reads) is honoured at once."""
+    env, svc = fake_env, fake_env.svc
+    _iam(env, alice=[document(statement("Allow", "kms:Encrypt"))])
+    key_id, _ = _key(env, ROOT_STATEMENT)
+    for _ in range(3):
+        svc.crypto.encrypt(ALICE, key_id, b"x")
+    # An IAM edit, read by the same directory object (its generation changes).
+    deny = [document(statement("Allow", "kms:Encrypt"), statement("Deny", "kms:Encrypt"))]
+    _iam(env, alice=deny, reopen=False)
+    _denied(lambda: svc.crypto.encrypt(ALICE, key_id, b"x"), "explicit deny in an identity")
+    # A new key policy.
+    _iam(env, alice=[document(statement("Allow", "kms:Encrypt"))])
+    svc.crypto.encrypt(ALICE, key_id, b"x")
+    admin_only = {**ROOT_STATEMENT, "Principal": {"AWS": ADMIN_ARN}}
+    svc.policies.put(ADMIN, key_id, None, json.dumps({"Statement": [admin_only]}))
+    _denied(lambda: svc.crypto.encrypt(ALICE, key_id, b"x"), "no resource-based policy allows")
+    # A condition on the time: never cached.
+    until = {
+        "Effect": "Allow",
+        "Principal": {"AWS": ALICE_ARN},
+        "Action": "kms:Encrypt",
+        "Resource": "*",
+        "Condition": {"NumericLessThan": {"aws:EpochTime": str(int(env.clock()) + 60)}},
+    }
+    svc.policies.put(ADMIN, key_id, None, json.dumps({"Statement": [admin_only, until]}))
+    svc.crypto.encrypt(ALICE, key_id, b"x")
+    svc.crypto.encrypt(ALICE, key_id, b"x")
+    env.clock.advance(120)
+    _denied(lambda: svc.crypto.encrypt(ALICE, key_id, b"x"), "not authorized")
