@@ -12,6 +12,7 @@ Must not import anything from hsmbridge but `errors`.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import tomllib
@@ -71,6 +72,9 @@ class InventorySettings:
     path: Path | None = None  # static: a describe-clusters JSON document
     region: str | None = None  # cloudhsm: region of the cloudhsmv2 API
     endpoint_url: str | None = None  # cloudhsm: override (tests point this at moto_server)
+    # static: how long an HSM that CreateHsm/DeleteHsm (the CloudHSM v2 API hsmbridge serves)
+    # added or removed stays CREATE_IN_PROGRESS / DELETE_IN_PROGRESS, in seconds
+    hsm_transition_delay_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -230,13 +234,21 @@ def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterB
 def _load_inventory(raw: dict[str, Any], base: Path, where: str) -> InventorySettings:
     here = f"{where}: [inventory]"
     provider = _get(raw, "provider", str, here)
+    delay = _get(raw, "hsm_transition_delay_s", float, here, 10.0)
+    if not math.isfinite(delay) or delay < 0:
+        raise ConfigError(
+            f"{here}: 'hsm_transition_delay_s' must be a number of seconds >= 0, got {delay!r}"
+        )
     if provider == "static":
-        return InventorySettings("static", path=base / _get(raw, "path", str, here))
+        return InventorySettings(
+            "static", path=base / _get(raw, "path", str, here), hsm_transition_delay_s=delay
+        )
     if provider == "cloudhsm":
         return InventorySettings(
             "cloudhsm",
             region=_get(raw, "region", str, here, None),
             endpoint_url=_get(raw, "endpoint_url", str, here, None),
+            hsm_transition_delay_s=delay,
         )
     raise ConfigError(f"{here}: 'provider' must be 'static' or 'cloudhsm', got {provider!r}")
 

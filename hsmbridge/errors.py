@@ -227,3 +227,39 @@ class DependencyTimeoutException(KmsError):
 
 class ConfigError(HsmbridgeError):
     """The configuration, an HSM profile or an inventory file is missing or malformed."""
+
+
+# --- CloudHSM v2 errors (the cloudhsmv2 model's shapes; the `cloudhsm` API on this endpoint) ----
+
+
+class CloudHsmAccessDeniedException(ClientError):
+    code = "CloudHsmAccessDeniedException"
+
+
+class CloudHsmInvalidRequestException(ClientError):
+    code = "CloudHsmInvalidRequestException"
+
+
+class CloudHsmResourceNotFoundException(ClientError):
+    code = "CloudHsmResourceNotFoundException"
+
+
+class CloudHsmResourceLimitExceededException(ClientError):
+    code = "CloudHsmResourceLimitExceededException"
+
+
+class CloudHsmTagException(ClientError):
+    code = "CloudHsmTagException"
+
+
+class CloudHsmServiceException(ClientError):
+    """The model flags no fault on it: a client error (HTTP 400), unlike InternalFailure."""
+
+    code = "CloudHsmServiceException"
+
+
+class CloudHsmInternalFailureException(KmsError):
+    """The cloudhsmv2 model's one server fault (HTTP 500, retried by SDKs)."""
+
+    code = "CloudHsmInternalFailureException"
+    fault = True

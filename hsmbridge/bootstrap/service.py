@@ -47,7 +47,8 @@ def open_service(
         ctx = ServiceContext(
             settings=settings,
             meta=store,
-            inventory=inventory_from_settings(settings.inventory),
+            # The service's clock: delayed HSM transitions are stamped with it by the CloudHSM API.
+            inventory=inventory_from_settings(settings.inventory, clock),
             vault=PasswordVault(settings.master_key_file),
             connections=StoreConnections(connector or default_connector(settings)),
             clock=clock,

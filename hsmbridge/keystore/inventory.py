@@ -6,6 +6,12 @@ implementations: `StaticInventory` (a describe-clusters JSON file, for SoftHSM a
 picks one from `InventorySettings`. Both read the same document shape (spec §10), so one parser
 serves both.
 
+HSMs that hsmbridge's CloudHSM v2 API creates or deletes carry one private member,
+`HsmbridgeTransitionAt` (epoch seconds): the moment a `CREATE_IN_PROGRESS` HSM becomes `ACTIVE`,
+or a `DELETE_IN_PROGRESS` one disappears. The parser resolves it against a clock
+(`effective_hsm_state`), so every reader of the file agrees on the state without a background
+thread rewriting it. botocore ignores unknown members; the API strips it anyway.
+
 Must not import: hsmbridge.metadata, backend, service, protocol, http or cli (keystore sits
 beside metadata and below service). Only `hsmbridge.errors` and `hsmbridge.config` from the core.
 """
@@ -13,7 +19,9 @@ beside metadata and below service). Only `hsmbridge.errors` and `hsmbridge.confi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -22,6 +30,14 @@ from hsmbridge.config import InventorySettings
 from hsmbridge.errors import ConfigError, HsmbridgeError
 
 ACTIVE = "ACTIVE"  # the one cluster and HSM state that counts as usable (spec §10)
+CREATE_IN_PROGRESS = "CREATE_IN_PROGRESS"
+DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
+# Members of a document that are hsmbridge's own, not the cloudhsmv2 model's, start with this.
+PRIVATE_PREFIX = "Hsmbridge"
+# On an HSM: epoch seconds at which its CREATE_IN_PROGRESS / DELETE_IN_PROGRESS state ends.
+TRANSITION_AT = "HsmbridgeTransitionAt"
+
+Clock = Callable[[], float]
 
 
 class InventoryUnavailableError(HsmbridgeError):
@@ -89,13 +105,67 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, path: str, required: bo
     return value
 
 
-def _parse_hsm(raw: object, path: str) -> HsmInfo:
+def _transition_at(raw: Mapping[str, Any], path: str) -> float | None:
+    value = raw.get(TRANSITION_AT)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _ShapeError(f"{path}.{TRANSITION_AT}", "must be a number of epoch seconds")
+    return float(value)
+
+
+def effective_hsm_state(raw: Mapping[str, Any], now: float | None) -> str | None:
+    """The state an HSM entry of a document reads as at `now`; None when it no longer exists.
+
+    A CREATE_IN_PROGRESS HSM whose transition time has come reads as ACTIVE, a
+    DELETE_IN_PROGRESS one as gone. Without a clock (`now` None) states read as written.
+    The entry must be well formed (`parse_cluster` checks that)."""
+    state = str(raw.get("State"))
+    at = raw.get(TRANSITION_AT)
+    if now is None or at is None or now < at:
+        return state
+    if state == CREATE_IN_PROGRESS:
+        return ACTIVE
+    if state == DELETE_IN_PROGRESS:
+        return None
+    return state
+
+
+def resolve_transitions(doc: MutableMapping[str, Any], now: float) -> None:
+    """Apply due transitions to a well-formed document in place: an HSM whose creation is done
+    becomes ACTIVE (its transition member dropped), one whose deletion is done is removed."""
+    for cluster in doc.get("Clusters") or []:
+        hsms = cluster.get("Hsms")
+        if not hsms:
+            continue
+        kept = []
+        for hsm in hsms:
+            state = effective_hsm_state(hsm, now)
+            if state is None:
+                continue
+            if state != hsm.get("State"):
+                hsm["State"] = state
+                hsm["StateMessage"] = "HSM created."
+            if TRANSITION_AT in hsm and state not in (CREATE_IN_PROGRESS, DELETE_IN_PROGRESS):
+                del hsm[TRANSITION_AT]
+            kept.append(hsm)
+        cluster["Hsms"] = kept
+
+
+def _parse_hsm(raw: object, path: str, now: float | None) -> HsmInfo | None:
     if not isinstance(raw, dict):
         raise _ShapeError(path, f"must be an object, got {type(raw).__name__}")
+    hsm_id = _field(raw, "HsmId", str, path)
+    availability_zone = _field(raw, "AvailabilityZone", str, path)
+    _field(raw, "State", str, path)
+    _transition_at(raw, path)
+    state = effective_hsm_state(raw, now)
+    if state is None:
+        return None
     return HsmInfo(
-        hsm_id=_field(raw, "HsmId", str, path),
-        availability_zone=_field(raw, "AvailabilityZone", str, path),
-        state=_field(raw, "State", str, path),
+        hsm_id=hsm_id,
+        availability_zone=availability_zone,
+        state=state,
         subnet_id=_field(raw, "SubnetId", str, path, required=False),
         eni_ip=_field(raw, "EniIp", str, path, required=False),
     )
@@ -110,8 +180,9 @@ def _parse_subnets(raw: dict[str, Any] | None, path: str) -> dict[str, str]:
     return mapping
 
 
-def parse_cluster(raw: object, path: str = "$") -> ClusterInfo:
-    """One `Cluster` object of a describe-clusters reply; raises _ShapeError naming the field."""
+def parse_cluster(raw: object, path: str = "$", now: float | None = None) -> ClusterInfo:
+    """One `Cluster` object of a describe-clusters reply; raises _ShapeError naming the field.
+    With `now`, HSM transitions due by then are applied (`effective_hsm_state`)."""
     if not isinstance(raw, dict):
         raise _ShapeError(path, f"must be an object, got {type(raw).__name__}")
     hsms = _field(raw, "Hsms", list, path, required=False) or []
@@ -121,7 +192,11 @@ def parse_cluster(raw: object, path: str = "$") -> ClusterInfo:
     return ClusterInfo(
         cluster_id=_field(raw, "ClusterId", str, path),
         state=_field(raw, "State", str, path),
-        hsms=tuple(_parse_hsm(h, f"{path}.Hsms[{i}]") for i, h in enumerate(hsms)),
+        hsms=tuple(
+            hsm
+            for i, h in enumerate(hsms)
+            if (hsm := _parse_hsm(h, f"{path}.Hsms[{i}]", now)) is not None
+        ),
         subnet_mapping=_parse_subnets(_field(raw, "SubnetMapping", dict, path, False), path),
         cluster_certificate_pem=cert or None,
         hsm_type=_field(raw, "HsmType", str, path, required=False),
@@ -129,18 +204,42 @@ def parse_cluster(raw: object, path: str = "$") -> ClusterInfo:
     )
 
 
-def parse_clusters_document(doc: object) -> list[ClusterInfo]:
-    """Every cluster of a whole `{"Clusters": [...]}` document, validated."""
+def parse_clusters_document(doc: object, now: float | None = None) -> list[ClusterInfo]:
+    """Every cluster of a whole `{"Clusters": [...]}` document, validated (transitions due by
+    `now` applied, when given)."""
     if not isinstance(doc, dict):
         raise _ShapeError("$", f"must be an object, got {type(doc).__name__}")
     raw_clusters = _field(doc, "Clusters", list, "$")
-    clusters = [parse_cluster(c, f"$.Clusters[{i}]") for i, c in enumerate(raw_clusters)]
+    clusters = [parse_cluster(c, f"$.Clusters[{i}]", now) for i, c in enumerate(raw_clusters)]
     seen: set[str] = set()
     for i, cluster in enumerate(clusters):
         if cluster.cluster_id in seen:
             raise _ShapeError(f"$.Clusters[{i}].ClusterId", f"duplicate {cluster.cluster_id!r}")
         seen.add(cluster.cluster_id)
     return clusters
+
+
+def load_static_document(path: Path) -> Any:
+    """The JSON value of a static inventory file (ConfigError when unreadable or not JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cluster inventory {path} cannot be read: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"cluster inventory {path} is not valid JSON: {exc}") from None
+
+
+def parse_static_document(path: Path, doc: object, now: float | None) -> list[ClusterInfo]:
+    """`parse_clusters_document`, with a shape error as the ConfigError naming `path`."""
+    try:
+        return parse_clusters_document(doc, now)
+    except _ShapeError as exc:
+        raise ConfigError(
+            f"cluster inventory {path}: {exc.path}: {exc.problem} "
+            "(expected the shape `aws cloudhsmv2 describe-clusters` prints)"
+        ) from None
 
 
 # --- implementations -----------------------------------------------------------------------------
@@ -150,31 +249,20 @@ class StaticInventory:
     """A describe-clusters JSON file, re-read at every call so that edits take effect at once.
 
     Operators (and tests) simulate an HSM failure or an AZ move by editing the file; no reload
-    signal, no cache. The file is small, so reading it per call is cheap.
+    signal, no cache. The file is small, so reading it per call is cheap. `clock` (epoch
+    seconds) decides which HSM transitions (`TRANSITION_AT`) are due.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock = time.time) -> None:
         self.path = Path(path)
+        self.clock = clock
 
     def __repr__(self) -> str:
         return f"StaticInventory({str(self.path)!r})"
 
     def clusters(self) -> list[ClusterInfo]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cluster inventory {self.path} cannot be read: {exc}") from None
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"cluster inventory {self.path} is not valid JSON: {exc}") from None
-        try:
-            return parse_clusters_document(doc)
-        except _ShapeError as exc:
-            raise ConfigError(
-                f"cluster inventory {self.path}: {exc.path}: {exc.problem} "
-                "(expected the shape `aws cloudhsmv2 describe-clusters` prints)"
-            ) from None
+        doc = load_static_document(self.path)
+        return parse_static_document(self.path, doc, self.clock())
 
     def describe(self, cluster_id: str) -> ClusterInfo | None:
         return next((c for c in self.clusters() if c.cluster_id == cluster_id), None)
@@ -260,12 +348,15 @@ def _make_client(region: str | None, endpoint_url: str | None) -> _DescribeClust
     )
 
 
-def inventory_from_settings(settings: InventorySettings) -> ClusterInventory:
-    """The inventory named by `[inventory]` in hsmbridge.toml."""
+def inventory_from_settings(
+    settings: InventorySettings, clock: Clock = time.time
+) -> ClusterInventory:
+    """The inventory named by `[inventory]` in hsmbridge.toml; `clock` resolves the static
+    file's HSM transitions (pass the service's clock)."""
     if settings.provider == "static":
         if settings.path is None:
             raise ConfigError("[inventory] provider 'static' needs 'path'")
-        return StaticInventory(settings.path)
+        return StaticInventory(settings.path, clock)
     if settings.provider == "cloudhsm":
         return CloudHsmInventory(settings.region, settings.endpoint_url)
     raise ConfigError(
