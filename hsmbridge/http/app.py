@@ -1,15 +1,18 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol, and STS's Query
-protocol on the same endpoint.
+protocol and the CloudHSM v2 API (awsJson 1.1 and Smithy RPC v2 CBOR) on the same endpoint.
 
 Owns: `create_asgi_app` and the request pipeline
 (route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
 thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
 `protocol.errors`. A POST whose Content-Type is `application/x-www-form-urlencoded` is an STS
 call: the same pipeline with a form body, SigV4 for service `sts`, the STS operation table and
-XML answers and errors from `protocol.sts`. Each request runs inside an
-`trail.context.RequestScope` (copied into the worker thread) so the service can name the key and
-store it touched and the backend wrapper can add HSM latency; `ApiEvent` carries those facts to
-the one audit event per request.
+XML answers and errors from `protocol.sts`. A POST to `/` whose `X-Amz-Target` starts with
+`BaldrApiService.`, or any POST to `/service/...` (RPC v2 CBOR), is a CloudHSM v2 call: the same
+pipeline with SigV4 for service `cloudhsm`, the cloudhsmv2 model, `protocol.cloudhsm`'s table and
+its JSON or CBOR answers and errors, and `eventSource` cloudhsm.amazonaws.com. Each request runs
+inside a `trail.context.RequestScope` (copied into the worker thread) so the service can name the
+key and store it touched and the backend wrapper can add HSM latency; `ApiEvent` carries those
+facts to the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
 root, so this module does not import the service layer either. Only `hsmbridge.http` may import
 uvicorn, and this module does not need it (`http.server` runs it).
@@ -37,6 +40,8 @@ from hsmbridge.errors import (
 )
 from hsmbridge.http.sigv4 import SigV4Verifier
 from hsmbridge.identity.sessions import Caller
+from hsmbridge.protocol import cloudhsm
+from hsmbridge.protocol.cloudhsm import CloudHsmEndpoint
 from hsmbridge.protocol.errors import CONTENT_TYPE, encode_json, error_response, json_headers
 from hsmbridge.protocol.operations import Handler
 from hsmbridge.protocol.sts import (
@@ -81,6 +86,7 @@ class _Trace:
     params: Any = None
     source_ip: str | None = None
     sts: bool = False  # an STS (Query protocol) call
+    cloudhsm: str | None = None  # a CloudHSM v2 call: "json" or "cbor"
     close: bool = False  # answer with Connection: close (the client is misbehaving)
 
 
@@ -141,6 +147,7 @@ class KmsApi:
         verifier: SigV4Verifier | None,
         max_request_bytes: int,
         sts_operations: Mapping[str, StsHandler] | None,
+        cloudhsm_endpoint: CloudHsmEndpoint | None,
         health: Callable[[], tuple[int, dict[str, Any]]] | None,
         metrics: Callable[[], tuple[bytes, str]] | None,
         on_event: Callable[[ApiEvent], None] | None,
@@ -156,6 +163,8 @@ class KmsApi:
         self._operations = dict(operations)
         # None: no STS on this endpoint (form posts are then unknown KMS operations, as before).
         self._sts = dict(sts_operations) if sts_operations is not None else None
+        # None: no CloudHSM v2 API here (its requests are then unknown KMS operations).
+        self._cloudhsm = cloudhsm_endpoint
         self._verifier = verifier
         self._max_bytes = max_request_bytes
         self._health = health
@@ -180,7 +189,10 @@ class KmsApi:
             await self._lifespan(receive, send)
         elif scope["type"] != "http":
             return  # websockets are not part of the KMS protocol; uvicorn closes them
-        elif scope["method"] == "POST" and scope["path"] == "/":
+        elif scope["method"] == "POST" and (
+            scope["path"] == "/"
+            or (self._cloudhsm is not None and scope["path"].startswith(cloudhsm.CBOR_PATH_PREFIX))
+        ):
             await self._post(scope, receive, send)
         elif scope["method"] == "GET" and scope["path"] in {"/health", "/metrics"}:
             await self._ops_endpoint(scope["path"], send)
@@ -230,33 +242,68 @@ class KmsApi:
                 return media == FORM_CONTENT_TYPE
         return False
 
+    def _cloudhsm_protocol(self, scope: Scope) -> str | None:
+        """ "cbor" for an RPC v2 path, "json" for a BaldrApiService target, else None."""
+        if self._cloudhsm is None:
+            return None
+        if scope["path"] != "/":
+            return "cbor"  # the only other path __call__ posts here
+        prefix = cloudhsm.TARGET_PREFIX.encode()
+        for name, value in scope["headers"]:
+            if name.lower() == b"x-amz-target":
+                return "json" if bytes(value).startswith(prefix) else None
+        return None
+
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = str(uuid.uuid4())
         client = scope.get("client")
-        trace = _Trace(source_ip=client[0] if client else None, sts=self._is_sts(scope))
+        trace = _Trace(source_ip=client[0] if client else None)
+        trace.cloudhsm = self._cloudhsm_protocol(scope)
+        trace.sts = trace.cloudhsm is None and self._is_sts(scope)
         error_code: str | None = None
         with request_scope(RequestScope(request_id)) as annotations:
             if trace.sts:
                 annotations.additional["eventSource"] = EVENT_SOURCE
+            elif trace.cloudhsm:
+                annotations.additional["eventSource"] = cloudhsm.EVENT_SOURCE
             try:
                 if trace.sts:
                     body = await self._sts_pipeline(scope, receive, annotations, trace)
                     status, headers = 200, xml_headers(request_id, len(body))
+                elif trace.cloudhsm:
+                    body = await self._cloudhsm_pipeline(scope, receive, annotations, trace)
+                    status, headers = 200, self._cloudhsm_headers(trace, request_id, len(body))
                 else:
                     body = await self._pipeline(scope, receive, annotations, trace)
                     status, headers = 200, json_headers(request_id, len(body))
             except Exception as exc:  # the outermost guard; it logs non-hsmbridge errors
-                if trace.sts:
-                    status, headers, body, error_code = sts_error_response(exc, request_id)
-                else:
-                    status, headers, body, error_code = error_response(exc, request_id)
+                status, headers, body, error_code = self._error_response(trace, exc, request_id)
             if trace.close:
                 headers.append(_CLOSE)
             await _respond(send, status, headers, body)
             if self._on_event is not None:
                 duration_ms = (time.perf_counter() - started) * 1000.0
                 self._emit(annotations, trace, status, error_code, duration_ms)
+
+    @staticmethod
+    def _cloudhsm_headers(trace: _Trace, request_id: str, length: int) -> list[tuple[bytes, bytes]]:
+        if trace.cloudhsm == "cbor":
+            return cloudhsm.cbor_headers(request_id, length)
+        return json_headers(request_id, length)
+
+    @staticmethod
+    def _error_response(
+        trace: _Trace, exc: Exception, request_id: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, str]:
+        """The error answer in the request's own protocol."""
+        if trace.sts:
+            return sts_error_response(exc, request_id)
+        if trace.cloudhsm == "cbor":
+            return cloudhsm.cbor_error_response(exc, request_id)
+        if trace.cloudhsm == "json":
+            return cloudhsm.json_error_response(exc, request_id)
+        return error_response(exc, request_id)
 
     async def _pipeline(
         self, scope: Scope, receive: Receive, annotations: RequestScope, trace: _Trace
@@ -325,6 +372,33 @@ class KmsApi:
         handler = self._sts[action]
         result = await self._call_sts(handler, caller, context, params)
         return encode_result(action, result, annotations.request_id)
+
+    async def _cloudhsm_pipeline(
+        self, scope: Scope, receive: Receive, annotations: RequestScope, trace: _Trace
+    ) -> bytes:
+        assert self._cloudhsm is not None
+        cbor = trace.cloudhsm == "cbor"
+        headers = _headers(scope)
+        if cbor:
+            operation = cloudhsm.cbor_operation(scope["path"])
+        else:
+            cloudhsm.check_json_headers(headers)
+            operation = cloudhsm.json_operation(headers.get("x-amz-target", ""))
+        trace.operation = annotations.operation = operation
+        handler = self._cloudhsm.handler(operation)  # not served here: refused before the body
+        body = await self._read_body(receive, headers, trace)
+        if cbor:
+            cloudhsm.check_cbor_headers(headers, body)
+        params = trace.params = cloudhsm.parse_cbor(body) if cbor else parse_json(body)
+        if self._verifier is not None:
+            query = scope["query_string"].decode("latin-1")
+            trace.principal = self._verifier.verify(
+                "POST", scope["path"], query, headers, body, service=cloudhsm.SIGNING_SERVICE
+            )
+        typed = cloudhsm.validate(operation, params)
+        context = self._context(scope, headers, trace, annotations.request_id)
+        result = await self._call(handler, context, typed)
+        return cloudhsm.encode_cbor(result) if cbor else cloudhsm.encode_json_result(result)
 
     async def _call_sts(
         self, handler: StsHandler, caller: Caller, context: RequestContext, params: dict[str, str]
@@ -431,6 +505,8 @@ class KmsApi:
             params_redacted=(
                 redact_sts_params(trace.params)
                 if trace.sts
+                else cloudhsm.audit_params(trace.operation, trace.params)
+                if trace.cloudhsm
                 else redact_params(trace.operation, trace.params)
             ),
         )
@@ -447,6 +523,7 @@ def create_asgi_app(
     region: str,
     max_request_bytes: int,
     sts_operations: Mapping[str, StsHandler] | None = None,
+    cloudhsm_endpoint: CloudHsmEndpoint | None = None,
     health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     on_event: Callable[[ApiEvent], None] | None = None,
@@ -456,7 +533,8 @@ def create_asgi_app(
     anonymous_account: str = "",
 ) -> KmsApi:
     """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers;
-    `sts_operations` (from `protocol.sts.build_sts_operations`) serves STS on the same endpoint."""
+    `sts_operations` (from `protocol.sts.build_sts_operations`) serves STS on the same endpoint,
+    `cloudhsm_endpoint` (from `protocol.cloudhsm`) the CloudHSM v2 API."""
     if verifier is not None and verifier.region != region:
         raise ValueError(f"verifier is for {verifier.region}, the app for {region}")
     return KmsApi(
@@ -464,6 +542,7 @@ def create_asgi_app(
         verifier=verifier,
         max_request_bytes=max_request_bytes,
         sts_operations=sts_operations,
+        cloudhsm_endpoint=cloudhsm_endpoint,
         health=health,
         metrics=metrics,
         on_event=on_event,

@@ -4,8 +4,9 @@ Owns: `create_app()` and `start_maintenance()`, which take the service, the defa
 the audit trail file from `hsmbridge.bootstrap` (which also refuses to start over secret files
 other users can read) and add what only HTTP needs: the connector wrapped so every HSM call is
 timed, SigV4 (with STS temporary credentials), STS on the same endpoint (`bootstrap.sessions`:
-the server key in `sts.key` and the STS service over the IAM directory), one audit event per API
-call, `/metrics` (a private Prometheus registry) and the
+the server key in `sts.key` and the STS service over the IAM directory), the CloudHSM v2 API
+(`service.cloudhsm` over the static inventory file; refused when the inventory is the real
+CloudHSM API), one audit event per API call, `/metrics` (a private Prometheus registry) and the
 deep `/health` check, for `hsmbridge serve`, the tests and the benchmark.
 Must not import pkcs11 directly (the backend package does).
 """
@@ -25,9 +26,16 @@ from hsmbridge.http.app import KmsApi, create_asgi_app
 from hsmbridge.http.health import HealthChecker
 from hsmbridge.http.metrics import Metrics, StoreCollector
 from hsmbridge.http.sigv4 import SigV4Verifier
+from hsmbridge.keystore.inventory_file import InventoryFile
 from hsmbridge.model import ConnectionState
+from hsmbridge.protocol.cloudhsm import (
+    CloudHsmEndpoint,
+    build_cloudhsm_endpoint,
+    unavailable_endpoint,
+)
 from hsmbridge.protocol.operations import build_operations
 from hsmbridge.protocol.sts import build_sts_operations
+from hsmbridge.service.cloudhsm import CloudHsmService
 from hsmbridge.service.context import Clock
 from hsmbridge.service.kms import KmsService
 from hsmbridge.trail.calls import ApiEvent, audit_event
@@ -78,6 +86,24 @@ def _store_collector(service: KmsService) -> StoreCollector:
     return StoreCollector(stores, backends)
 
 
+def _cloudhsm_endpoint(settings: Settings, service: KmsService, clock: Clock) -> CloudHsmEndpoint:
+    """The CloudHSM v2 API over the static inventory file (the source of truth the KMS service
+    reads too); with the `cloudhsm` provider the real CloudHSM API is, so every call is refused."""
+    inventory = settings.inventory
+    if inventory.provider != "static" or inventory.path is None:
+        return unavailable_endpoint(
+            "This hsmbridge does not serve the CloudHSM v2 API: its cluster inventory is the real"
+            ' CloudHSM API ([inventory] provider = "cloudhsm"); call that instead.'
+        )
+    # The service's clock: HSM transitions run on the time the service keeps (tests move it).
+    cloudhsm = CloudHsmService(
+        service.ctx,
+        InventoryFile(inventory.path, clock=clock),
+        transition_delay_s=inventory.hsm_transition_delay_s,
+    )
+    return build_cloudhsm_endpoint(cloudhsm)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -115,6 +141,7 @@ def create_app(
     # STS shares the service's clock and IAM directory: sessions expire by the same time the
     # service keeps (tests move it), and policies are read from one cache.
     sts = open_sts_service(settings, iam=service.ctx.iam, issuer=issuer, clock=clock)
+    cloudhsm = _cloudhsm_endpoint(settings, service, clock)
     verifier = (
         SigV4Verifier.from_file(
             settings.credentials_file,
@@ -131,6 +158,7 @@ def create_app(
         region=settings.region,
         max_request_bytes=settings.max_request_bytes,
         sts_operations=build_sts_operations(sts),
+        cloudhsm_endpoint=cloudhsm,
         health=health,
         metrics=metrics.render,
         on_event=_on_event(sink, metrics),

@@ -1,4 +1,5 @@
-"""SigV4 request authentication for the `kms` and `sts` services in one configured region.
+"""SigV4 request authentication for the `kms`, `sts` and `cloudhsm` (CloudHSM v2) services in one
+configured region.
 
 Owns: `SigV4Verifier`, a pure function of (method, path, query, headers, body, now, service)
 returning the authenticated `identity.sessions.Caller` or raising the KMS-named auth error AWS
@@ -33,7 +34,7 @@ from hsmbridge.identity.sessions import INVALID_TOKEN, Caller, SessionIssuer, is
 
 ALGORITHM: Final = "AWS4-HMAC-SHA256"
 SERVICE: Final = "kms"
-SERVICES: Final = frozenset({"kms", "sts"})
+SERVICES: Final = frozenset({"kms", "sts", "cloudhsm"})
 MAX_SKEW: Final = timedelta(minutes=15)
 _AMZ_DATE_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 _SPACES_RE: Final = re.compile(r"\s+")
@@ -147,7 +148,7 @@ def _default_clock() -> datetime:
 
 
 class SigV4Verifier:
-    """Verifies AWS Signature Version 4 for `kms` or `sts` in one region against known
+    """Verifies AWS Signature Version 4 for `kms`, `sts` or `cloudhsm` in one region against known
     credentials and, with a `sessions` issuer, STS temporary credentials."""
 
     def __init__(
@@ -193,7 +194,7 @@ class SigV4Verifier:
         now: datetime | None = None,
         service: str = SERVICE,
     ) -> Caller:
-        """Authenticate one request for `service` (the route decides: `kms` or `sts`);
+        """Authenticate one request for `service` (the route decides: `kms`, `sts` or `cloudhsm`);
         `headers` has lower-case names, repeated values comma-joined.
 
         Raises MissingAuthenticationTokenException, IncompleteSignatureException,

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from hsmbridge.errors import (
+    CloudHsmInternalFailureException,
     DependencyTimeoutException,
     KeyUnavailableException,
     KmsError,
@@ -41,6 +42,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = {
     KMSInternalException.code: 500,
     KeyUnavailableException.code: 500,
     DependencyTimeoutException.code: 503,
+    CloudHsmInternalFailureException.code: 500,
 }
 CLIENT_ERROR_STATUS: Final = 400
 

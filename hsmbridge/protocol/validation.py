@@ -1,7 +1,10 @@
-"""Request shape validation driven by botocore's KMS service model (never a hand-kept copy).
+"""Request shape validation driven by botocore's service models (never a hand-kept copy).
 
-Owns: `validate_input` (JSON params -> typed-ish params or SerializationException /
-ValidationException worded as AWS words them), `operation_names` and `redacted_members`. The
+Owns: `ModelValidator` (one per botocore service model: `validate_input`, `operation_names`,
+`redacted_members`, `redact_params`) and the KMS functions of the same names over `kms`'s
+validator; `validator(service)` gives any other model's (`protocol.cloudhsm` uses `cloudhsmv2`).
+`validate_input` turns decoded params (JSON, or CBOR with bytes and datetimes) into typed-ish
+params or raises SerializationException / ValidationException worded as AWS words them. Each
 model is loaded once; each operation's validator is compiled once, so the request hot path does
 no model lookups. (The tests' check of responses against the model is tests/output_shapes.py.)
 Must not import: uvicorn, pkcs11, service or backend modules. Shape checks only; meaning (key
@@ -16,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import botocore.session
 from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Shape, StructureShape
@@ -33,22 +36,32 @@ from hsmbridge.trail.events import REDACTED, SECRET_MEMBERS
 _Check = Callable[[Any, str, list[str]], Any]
 
 
+_Compile = Callable[[Shape], _Check]
+
+# Java regex classes botocore models use that Python's `re` lacks, as `re` classes (used inside
+# a bracket class). \w is Python's letters, numbers and `_`: it stands for \p{L} and \p{N}
+# (cloudhsmv2's TagKey/TagValue, the only users, allow `_` anyway). \p{Z}: Unicode separators.
+_UNICODE_CLASSES: Final[Mapping[str, str]] = {
+    r"\p{L}": r"\w",
+    r"\p{N}": r"\w",
+    r"\p{Z}": "\u0020\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000",
+}
+
+
+def _python_pattern(pattern: str) -> str:
+    for java, python in _UNICODE_CLASSES.items():
+        pattern = pattern.replace(java, python)
+    return pattern
+
+
 @cache
+def _load_model(service: str) -> ServiceModel:
+    return botocore.session.get_session().get_service_model(service)
+
+
 def kms_model() -> ServiceModel:
     """botocore's KMS model, loaded once per process."""
-    return botocore.session.get_session().get_service_model("kms")
-
-
-@cache
-def operation_names() -> frozenset[str]:
-    """Every operation KMS has, to tell 'not implemented here' from 'no such operation'."""
-    return frozenset(kms_model().operation_names)
-
-
-def _operation(name: str) -> OperationModel:
-    if name not in operation_names():
-        raise UnknownOperationException(f"Unknown operation {name}")
-    return kms_model().operation_model(name)
+    return _load_model("kms")
 
 
 def _lower_camel(name: str) -> str:
@@ -81,9 +94,11 @@ def _check_size(size: int, value: object, shape: Shape, path: str, errors: list[
         _fail(errors, value, shape, path, f"have {what} less than or equal to {high}")
 
 
-def _string_check(shape: Shape) -> _Check:
+def _string_check(shape: Shape, compile_: _Compile) -> _Check:
     pattern = shape.metadata.get("pattern")
-    regex = re.compile(pattern) if pattern else None  # Java `matches`: the whole value
+    regex = (
+        re.compile(_python_pattern(pattern)) if pattern else None
+    )  # Java `matches`: the whole value
     enum = shape.metadata.get("enum")
     allowed = frozenset(enum) if enum else None
     enum_text = ", ".join(enum or ())
@@ -101,7 +116,7 @@ def _string_check(shape: Shape) -> _Check:
     return check
 
 
-def _integer_check(shape: Shape) -> _Check:
+def _integer_check(shape: Shape, compile_: _Compile) -> _Check:
     def check(value: Any, path: str, errors: list[str]) -> Any:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -113,8 +128,11 @@ def _integer_check(shape: Shape) -> _Check:
     return check
 
 
-def _blob_check(shape: Shape) -> _Check:
+def _blob_check(shape: Shape, compile_: _Compile) -> _Check:
     def check(value: Any, path: str, errors: list[str]) -> Any:
+        if isinstance(value, bytes):  # CBOR carries blobs as byte strings
+            _check_size(len(value), value, shape, path, errors)
+            return value
         if not isinstance(value, str):
             raise _type_error(path, "a base64-encoded string")
         try:
@@ -127,7 +145,7 @@ def _blob_check(shape: Shape) -> _Check:
     return check
 
 
-def _scalar_check(shape: Shape) -> _Check:
+def _scalar_check(shape: Shape, compile_: _Compile) -> _Check:
     kind = shape.type_name
 
     def check(value: Any, path: str, errors: list[str]) -> Any:
@@ -135,7 +153,9 @@ def _scalar_check(shape: Shape) -> _Check:
             if not isinstance(value, bool):
                 raise _type_error(path, "a boolean")
             return value
-        # timestamp: awsJson sends epoch seconds as a JSON number.
+        # timestamp: awsJson sends epoch seconds as a JSON number, CBOR a tag-1 datetime.
+        if isinstance(value, datetime):
+            return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise _type_error(path, "a timestamp in epoch seconds")
         return datetime.fromtimestamp(value, UTC)
@@ -143,8 +163,8 @@ def _scalar_check(shape: Shape) -> _Check:
     return check
 
 
-def _list_check(shape: Shape) -> _Check:
-    member = _compile(cast(ListShape, shape).member)
+def _list_check(shape: Shape, compile_: _Compile) -> _Check:
+    member = compile_(cast(ListShape, shape).member)
 
     def check(value: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, list):
@@ -156,9 +176,9 @@ def _list_check(shape: Shape) -> _Check:
     return check
 
 
-def _map_check(shape: Shape) -> _Check:
-    key_check = _compile(cast(MapShape, shape).key)
-    value_check = _compile(cast(MapShape, shape).value)
+def _map_check(shape: Shape, compile_: _Compile) -> _Check:
+    key_check = compile_(cast(MapShape, shape).key)
+    value_check = compile_(cast(MapShape, shape).value)
 
     def check(value: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
@@ -172,7 +192,7 @@ def _map_check(shape: Shape) -> _Check:
     return check
 
 
-def _structure_check(shape: Shape) -> _Check:
+def _structure_check(shape: Shape, compile_: _Compile) -> _Check:
     struct = cast(StructureShape, shape)
     members: dict[str, tuple[str, _Check]] = {}
     required = tuple(struct.required_members)
@@ -180,7 +200,7 @@ def _structure_check(shape: Shape) -> _Check:
     def check(value: Any, path: str, errors: list[str]) -> Any:
         if not members:  # filled on first use, so recursive shapes terminate
             for name, child in struct.members.items():
-                members[name] = (_lower_camel(name), _compile(child))
+                members[name] = (_lower_camel(name), compile_(child))
         if not isinstance(value, dict):
             raise _type_error(path or "body", "a JSON object")
         prefix = f"{path}." if path else ""
@@ -201,7 +221,7 @@ def _structure_check(shape: Shape) -> _Check:
     return check
 
 
-_BUILDERS: Mapping[str, Callable[[Shape], _Check]] = {
+_BUILDERS: Mapping[str, Callable[[Shape, _Compile], _Check]] = {
     "structure": _structure_check,
     "list": _list_check,
     "map": _map_check,
@@ -212,58 +232,104 @@ _BUILDERS: Mapping[str, Callable[[Shape], _Check]] = {
     "boolean": _scalar_check,
     "timestamp": _scalar_check,
 }
-_COMPILED: dict[str, _Check] = {}
 
 
-def _compile(shape: Shape) -> _Check:
-    check = _COMPILED.get(shape.name)
-    if check is None:
-        check = _BUILDERS[shape.type_name](shape)
-        _COMPILED[shape.name] = check
-    return check
+class ModelValidator:
+    """Input validation and audit redaction for one botocore service model."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.model = _load_model(service)
+        self.operation_names = frozenset(self.model.operation_names)
+        self._compiled: dict[str, _Check] = {}  # by shape name: names are unique per model
+        self._inputs: dict[str, _Check | None] = {}
+        self._redacted: dict[str, frozenset[str]] = {}
+
+    def _operation(self, name: str) -> OperationModel:
+        if name not in self.operation_names:
+            raise UnknownOperationException(f"Unknown operation {name}")
+        return self.model.operation_model(name)
+
+    def _compile(self, shape: Shape) -> _Check:
+        check = self._compiled.get(shape.name)
+        if check is None:
+            check = _BUILDERS[shape.type_name](shape, self._compile)
+            self._compiled[shape.name] = check
+        return check
+
+    def _input_check(self, operation: str) -> _Check | None:
+        if operation not in self._inputs:
+            shape = self._operation(operation).input_shape
+            self._inputs[operation] = None if shape is None else self._compile(shape)
+        return self._inputs[operation]
+
+    def validate_input(self, operation: str, params: Any) -> dict[str, Any]:
+        """Check `params` against the operation's input shape; blobs come back as bytes and
+        timestamps as aware datetimes. Raises SerializationException or ValidationException."""
+        check = self._input_check(operation)
+        if check is None:
+            if not isinstance(params, dict):
+                raise _type_error("body", "a JSON object")
+            return {}
+        errors: list[str] = []
+        result: dict[str, Any] = check(params, "", errors)
+        if errors:
+            count = len(errors)
+            noun = "error" if count == 1 else "errors"
+            raise ValidationException(f"{count} validation {noun} detected: {'; '.join(errors)}")
+        return result
+
+    def redacted_members(self, operation: str) -> frozenset[str]:
+        """Top-level input members of `operation` that audit events must not carry in clear."""
+        found = self._redacted.get(operation)
+        if found is None:
+            shape = self._operation(operation).input_shape
+            found = frozenset(
+                ()
+                if shape is None
+                else (
+                    name
+                    for name, child in shape.members.items()
+                    if child.type_name == "blob"
+                    or child.metadata.get("sensitive")
+                    or name in SECRET_MEMBERS
+                )
+            )
+            self._redacted[operation] = found
+        return found
+
+    def redact_params(self, operation: str | None, params: Any) -> dict[str, Any]:
+        """A request's parameters as the audit trail may carry them: the operation's blob and
+        sensitive members, and every name in the trail's secret list at any depth, hidden."""
+        known = operation is not None and operation in self.operation_names
+        hidden = self.redacted_members(operation) if known and operation else frozenset()
+        return _redact(params, hidden) if isinstance(params, dict) else {}
 
 
 @cache
-def _input_check(operation: str) -> _Check | None:
-    shape = _operation(operation).input_shape
-    return None if shape is None else _compile(shape)
+def validator(service: str) -> ModelValidator:
+    """The validator of botocore's `service` model (e.g. "kms", "cloudhsmv2"), built once."""
+    return ModelValidator(service)
+
+
+def operation_names() -> frozenset[str]:
+    """Every operation KMS has, to tell 'not implemented here' from 'no such operation'."""
+    return validator("kms").operation_names
 
 
 def validate_input(operation: str, params: Any) -> dict[str, Any]:
-    """Check `params` against the operation's input shape; blobs come back as bytes and
-    timestamps as aware datetimes. Raises SerializationException or ValidationException."""
-    check = _input_check(operation)
-    if check is None:
-        if not isinstance(params, dict):
-            raise _type_error("body", "a JSON object")
-        return {}
-    errors: list[str] = []
-    result: dict[str, Any] = check(params, "", errors)
-    if errors:
-        count = len(errors)
-        noun = "error" if count == 1 else "errors"
-        raise ValidationException(f"{count} validation {noun} detected: {'; '.join(errors)}")
-    return result
+    """KMS's `ModelValidator.validate_input`."""
+    return validator("kms").validate_input(operation, params)
 
 
-@cache
 def redacted_members(operation: str) -> frozenset[str]:
-    """Top-level input members of `operation` that audit events must not carry in clear."""
-    shape = _operation(operation).input_shape
-    if shape is None:
-        return frozenset()
-    return frozenset(
-        name
-        for name, child in shape.members.items()
-        if child.type_name == "blob" or child.metadata.get("sensitive") or name in SECRET_MEMBERS
-    )
+    """KMS's `ModelValidator.redacted_members`."""
+    return validator("kms").redacted_members(operation)
 
 
 def redact_params(operation: str | None, params: Any) -> dict[str, Any]:
-    """A request's parameters as the audit trail may carry them: the operation's blob and
-    sensitive members, and every name in the trail's secret list at any depth, hidden."""
-    hidden = redacted_members(operation) if operation else frozenset()
-    return _redact(params, hidden) if isinstance(params, dict) else {}
+    """KMS's `ModelValidator.redact_params`."""
+    return validator("kms").redact_params(operation, params)
 
 
 def _redact(value: Any, hidden: frozenset[str]) -> Any:

@@ -51,6 +51,7 @@ SERVER_FAULT_STATUS = {
     "KMSInternalException": 500,
     "KeyUnavailableException": 500,
     "DependencyTimeoutException": 503,  # hsmbridge: "try again later", as a load balancer says
+    "CloudHsmInternalFailureException": 500,  # the CloudHSM v2 API's one server fault
 }
 
 
