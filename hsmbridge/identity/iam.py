@@ -358,6 +358,8 @@ def _load_file(path: Path) -> _Account:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
     try:
         return _Parser(account_id).account(raw)
     except _FieldError as exc:

@@ -303,6 +303,11 @@ def _document(doc: Any, kind: str) -> PolicyDocument:
     return PolicyDocument(version, policy_id, statements, _implicit_resource=kind == "trust")
 
 
+# json.loads recurses once per nesting level; a 32 KiB document can nest past the interpreter's
+# limit, which must be the caller's error, not a crash.
+_TOO_DEEP = "is nested too deeply to be a policy document"
+
+
 def _decode(doc: str | Mapping[str, Any]) -> Any:
     if not isinstance(doc, str):
         return doc
@@ -314,6 +319,8 @@ def _decode(doc: str | Mapping[str, Any]) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise PolicyDocumentError(f"the policy is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PolicyDocumentError(f"the policy {_TOO_DEEP}") from None
 
 
 def parse_key_policy(text: str) -> PolicyDocument:
@@ -331,6 +338,8 @@ def parse_key_policy(text: str) -> PolicyDocument:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MalformedPolicyDocumentException(f"The key policy is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedPolicyDocumentException(f"The key policy {_TOO_DEEP}.") from None
     try:
         return _document(doc, "key")
     except _InvalidPrincipalError as exc:

@@ -208,6 +208,10 @@ class StsService:
         try:
             doc = json.loads(policy)
             parse_identity_policy(doc)
+        except RecursionError:
+            raise MalformedPolicyDocumentStsException(
+                "The policy is nested too deeply to be a policy document."
+            ) from None
         except (ValueError, PolicyDocumentError) as exc:  # JSONDecodeError is a ValueError
             detail = (
                 str(exc)
@@ -230,7 +234,7 @@ class StsService:
             return None
         try:
             return parse_identity_policy(json.loads(text))
-        except (ValueError, PolicyDocumentError):  # checked when the session was issued
+        except (ValueError, RecursionError, PolicyDocumentError):  # checked at issue
             return None
 
     def _facts(

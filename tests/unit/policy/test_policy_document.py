@@ -345,3 +345,11 @@ def test_trust_policy_refusals(doc: Any, message: str) -> None:
     with pytest.raises(PolicyDocumentError) as caught:
         parse_trust_policy(doc)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_documents_nested_past_the_interpreters_limit_are_malformed_not_a_crash() -> None:
+    deep = "[" * 16_000 + "]" * 16_000  # within the 32 KiB quota
+    with pytest.raises(MalformedPolicyDocumentException, match="nested too deeply"):
+        parse_key_policy(deep)
+    with pytest.raises(PolicyDocumentError, match="nested too deeply"):
+        parse_identity_policy(deep)
