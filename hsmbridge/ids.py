@@ -57,6 +57,7 @@ class KeyRef:
     value: str  # key id or alias name, without any ARN prefix
     region: str | None = None
     account: str | None = None
+    partition: str | None = None  # set for the ARN forms only
 
     @property
     def is_alias(self) -> bool:
@@ -88,12 +89,12 @@ def parse_key_ref(text: str, *, allow_alias: bool) -> KeyRef:
         if arn is None:
             raise InvalidArnException(f"Invalid arn {text}")
         if arn.kind == "key":
-            return KeyRef(RefKind.KEY_ARN, arn.resource, arn.region, arn.account)
+            return KeyRef(RefKind.KEY_ARN, arn.resource, arn.region, arn.account, arn.partition)
         if not allow_alias:
             raise NotFoundException(
                 f"Alias ARN {text} is not accepted here; use a key ID or key ARN."
             )
-        return KeyRef(RefKind.ALIAS_ARN, arn.resource, arn.region, arn.account)
+        return KeyRef(RefKind.ALIAS_ARN, arn.resource, arn.region, arn.account, arn.partition)
     if text.startswith("alias/"):
         if not allow_alias:
             raise NotFoundException(f"Alias {text} is not accepted here; use a key ID or key ARN.")

@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -33,6 +34,7 @@ from typing import Any, Final
 
 from hsmbridge.errors import (
     DependencyTimeoutException,
+    IncompleteSignatureException,
     SerializationException,
     UnknownOperationException,
     UnsupportedOperationException,
@@ -75,6 +77,7 @@ MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for 
 # otherwise hold a connection (and count against limit_concurrency) for as long as it likes.
 BODY_TIMEOUT_S: Final = 10.0
 _CLOSE: Final = (b"connection", b"close")
+_SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -91,11 +94,16 @@ class _Trace:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    # Lower-case names (uvicorn already lowers them); repeats joined with "," as SigV4 expects.
+    """Lower-case names (uvicorn already lowers them); repeats joined with "," as SigV4 expects.
+
+    Raises IncompleteSignatureException for a repeated Authorization header: joined, a valid
+    signature in either copy would otherwise authenticate the whole request."""
     out: dict[str, str] = {}
     for raw_name, raw_value in scope["headers"]:
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
+        if name in out and name == "authorization":
+            raise IncompleteSignatureException("The request must carry one Authorization header.")
         out[name] = f"{out[name]},{value}" if name in out else value
     return out
 
@@ -116,17 +124,40 @@ def _check_depth(obj: Any) -> None:
             stack.extend((v, depth + 1) for v in node)
 
 
+def _check_surrogates(obj: Any) -> None:
+    # json.loads turns an escaped pair (`\ud83d\ude00`) into one code point, so any surrogate
+    # left in a string is unpaired: not Unicode text, and AWS's JSON parser refuses it.
+    stack: list[Any] = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE_RE.search(node):
+                raise SerializationException(
+                    "Request body is not valid JSON: a string holds an unpaired UTF-16 surrogate"
+                )
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def parse_json(body: bytes) -> Any:
-    """The request document; an empty body means no parameters (NOTE: KMS may reject it)."""
+    """The request document; an empty body means no parameters (NOTE: KMS may reject it).
+
+    The body must be UTF-8 (json.loads would also guess UTF-16 and UTF-32 from bytes) and its
+    strings Unicode text (no unpaired surrogate escapes); otherwise SerializationException."""
     if not body:
         return {}
     try:
-        obj = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise SerializationException("Request body is not valid JSON") from None
     # Cheap pre-check: a document with few brackets cannot be deep, so skip the walk.
     if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:
         _check_depth(obj)
+    if b"\\u" in body:  # a surrogate can only come from a \u escape (UTF-8 cannot encode one)
+        _check_surrogates(obj)
     return obj
 
 

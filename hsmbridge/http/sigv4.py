@@ -35,7 +35,7 @@ from hsmbridge.identity.sessions import INVALID_TOKEN, Caller, SessionIssuer, is
 ALGORITHM: Final = "AWS4-HMAC-SHA256"
 SERVICE: Final = "kms"
 SERVICES: Final = frozenset({"kms", "sts", "cloudhsm"})
-MAX_SKEW: Final = timedelta(minutes=15)
+MAX_SKEW: Final = timedelta(minutes=5)
 _AMZ_DATE_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 _SPACES_RE: Final = re.compile(r"\s+")
 _MISMATCH: Final = (
@@ -275,12 +275,12 @@ class SigV4Verifier:
         if signed_at < now - MAX_SKEW:
             raise InvalidSignatureException(
                 f"Signature expired: {amz_date} is now earlier than "
-                f"{(now - MAX_SKEW).strftime(fmt)} ({now.strftime(fmt)} - 15 min.)"
+                f"{(now - MAX_SKEW).strftime(fmt)} ({now.strftime(fmt)} - 5 min.)"
             )
         if signed_at > now + MAX_SKEW:
             raise InvalidSignatureException(
                 f"Signature not yet current: {amz_date} is still later than "
-                f"{(now + MAX_SKEW).strftime(fmt)} ({now.strftime(fmt)} + 15 min.)"
+                f"{(now + MAX_SKEW).strftime(fmt)} ({now.strftime(fmt)} + 5 min.)"
             )
         if auth.date != amz_date[:8]:
             raise InvalidSignatureException(

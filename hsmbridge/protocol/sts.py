@@ -103,10 +103,13 @@ def sts_code(error: KmsError) -> tuple[str, int]:
 
 
 def parse_form(body: bytes) -> Params:
-    """The form parameters of a Query request (a repeated name keeps its last value)."""
+    """The form parameters of a Query request (a repeated name keeps its last value).
+
+    Percent-escapes must decode as UTF-8 too (`%ED%A0%80`, a UTF-16 surrogate, does not): the
+    default would replace them with U+FFFD and act on a value the caller never sent."""
     try:
         text = body.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise SerializationException("The request body is not a valid query string") from None
     return dict(pairs)

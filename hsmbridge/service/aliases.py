@@ -28,7 +28,8 @@ def check_alias_name(name: str) -> None:
             f"Alias name {name!r} must begin with 'alias/' and contain only letters, digits, "
             "'/', '_', '-' and ':' (256 characters at most)."
         )
-    if name.startswith(ids.RESERVED_ALIAS_PREFIX):
+    # KMS reserves the prefix in any letter case: `alias/AWS/x` is refused as `alias/aws/x` is.
+    if name.lower().startswith(ids.RESERVED_ALIAS_PREFIX):
         raise InvalidAliasNameException(
             f"{name}: the alias/aws/ prefix is reserved for AWS managed keys."
         )

@@ -51,13 +51,19 @@ class KeyLookup:
         if account is None and caller is not None and not caller.is_service:
             account = caller.account_id
         account = account or settings.account_id
-        if (ref.region or settings.region) != settings.region or account != settings.account_id:
-            # NOTE: one endpoint keeps the keys of its configured account only (principals of any
-            # account may use them across accounts); other accounts hold no keys here.
+        partition = ref.partition or settings.partition
+        if (
+            (ref.region or settings.region) != settings.region
+            or account != settings.account_id
+            or partition != settings.partition
+        ):
+            # NOTE: one endpoint keeps the keys of its configured partition, region and account
+            # only (principals of any account may use them across accounts); an ARN naming any
+            # other (`arn:aws-cn:...` at an `aws` endpoint) names no key here.
             name = (
-                self._alias_arn(ref.value, account)
+                self._alias_arn(ref.value, account, partition)
                 if ref.is_alias
-                else self._key_arn(ref.value, account)
+                else self._key_arn(ref.value, account, partition)
             )
             raise NotFoundException(f"{name} does not exist in this endpoint's Region and account.")
         key_id = ref.value
@@ -99,10 +105,14 @@ class KeyLookup:
             else None,
         )
 
-    def _key_arn(self, key_id: str, account: str | None = None) -> str:
+    def _key_arn(
+        self, key_id: str, account: str | None = None, partition: str | None = None
+    ) -> str:
         s = self._ctx.settings
-        return ids.key_arn(s.partition, s.region, account or s.account_id, key_id)
+        return ids.key_arn(partition or s.partition, s.region, account or s.account_id, key_id)
 
-    def _alias_arn(self, name: str, account: str | None = None) -> str:
+    def _alias_arn(
+        self, name: str, account: str | None = None, partition: str | None = None
+    ) -> str:
         s = self._ctx.settings
-        return ids.alias_arn(s.partition, s.region, account or s.account_id, name)
+        return ids.alias_arn(partition or s.partition, s.region, account or s.account_id, name)

@@ -59,13 +59,15 @@ def test_missing_authorization(verifier):
 def test_future_signature(verifier):
     headers = _signed()
     past = datetime.now(UTC) - timedelta(minutes=20)
-    with pytest.raises(InvalidSignatureException, match=r"Signature not yet current: .* \+ 15"):
+    with pytest.raises(
+        InvalidSignatureException, match=r"Signature not yet current: .* \+ 5 min\.\)$"
+    ):
         verifier.verify("POST", "/", "", headers, b"{}", now=past)
 
 
 def test_within_skew_is_accepted(verifier):
     headers = _signed()
-    later = datetime.now(UTC) + timedelta(minutes=14)
+    later = datetime.now(UTC) + timedelta(minutes=4)
     assert verifier.verify("POST", "/", "", headers, b"{}", now=later).arn == PRINCIPAL_ARN
 
 

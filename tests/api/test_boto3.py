@@ -119,7 +119,7 @@ def test_expired_signature_via_server_clock(server, stand):
     assert code == "InvalidSignatureException"
     assert message.startswith("Signature expired: ")
     assert "is now earlier than" in message
-    assert message.endswith(" - 15 min.)")
+    assert message.endswith(" - 5 min.)")
 
 
 def test_unsupported_kms_operation(kms):
