@@ -1,18 +1,17 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol, and STS's Query
 protocol and the CloudHSM v2 API (awsJson 1.1 and Smithy RPC v2 CBOR) on the same endpoint.
 
-Owns: `create_asgi_app` and the request pipeline
-(route -> body limit and deadline -> JSON -> SigV4 -> model validation -> handler in a worker
-thread -> JSON), with one outermost guard that turns every failure into a KMS error response via
-`protocol.errors`. A POST whose Content-Type is `application/x-www-form-urlencoded` is an STS
-call: the same pipeline with a form body, SigV4 for service `sts`, the STS operation table and
-XML answers and errors from `protocol.sts`. A POST to `/` whose `X-Amz-Target` starts with
-`BaldrApiService.`, or any POST to `/service/...` (RPC v2 CBOR), is a CloudHSM v2 call: the same
-pipeline with SigV4 for service `cloudhsm`, the cloudhsmv2 model, `protocol.cloudhsm`'s table and
-its JSON or CBOR answers and errors, and `eventSource` cloudhsm.amazonaws.com. Each request runs
-inside a `trail.context.RequestScope` (copied into the worker thread) so the service can name the
-key and store it touched and the backend wrapper can add HSM latency; `ApiEvent` carries those
-facts to the one audit event per request.
+Owns: `create_asgi_app` and the request pipeline (route -> body limit and deadline -> JSON -> SigV4
+-> implemented? -> model validation -> handler in a worker thread -> JSON), with one outermost guard
+that turns every failure into a KMS error response via `protocol.errors`. A POST whose Content-Type
+is `application/x-www-form-urlencoded` is an STS call: the same pipeline with a form body, SigV4 for
+service `sts`, the STS operation table and XML answers and errors from `protocol.sts`. A POST to `/`
+whose `X-Amz-Target` starts with `BaldrApiService.`, or any POST to `/service/...` (RPC v2 CBOR), is
+a CloudHSM v2 call: the same pipeline with SigV4 for service `cloudhsm`, the cloudhsmv2 model,
+`protocol.cloudhsm`'s table and its JSON or CBOR answers and errors, and `eventSource`
+cloudhsm.amazonaws.com. Each request runs inside a `trail.context.RequestScope` (copied into the
+worker thread) so the service can name the key and store it touched and the backend wrapper can add
+HSM latency; `ApiEvent` carries those facts to the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
 root, so this module does not import the service layer either. Only `hsmbridge.http` may import
 uvicorn, and this module does not need it (`http.server` runs it).
@@ -341,12 +340,18 @@ class KmsApi:
     ) -> bytes:
         request_id = annotations.request_id
         headers = _headers(scope)
-        trace.operation = annotations.operation = operation = self._route(headers, trace)
+        trace.operation = annotations.operation = operation = self._route(headers)
         body = await self._read_body(receive, headers, trace)
         params = trace.params = parse_json(body)
         if self._verifier is not None:
             query = scope["query_string"].decode("latin-1")
             trace.principal = self._verifier.verify("POST", scope["path"], query, headers, body)
+        if operation not in self._operations:
+            # A real KMS operation (the audit event names it), refused only once the request is
+            # known to be signed: an unsigned one gets the signature error, as from KMS.
+            raise UnsupportedOperationException(
+                f"{operation} is not supported by this KMS endpoint (hsmbridge)"
+            )
         typed = validate_input(operation, params)
         context = self._context(
             scope, headers, trace, request_id, tuple(typed.get("GrantTokens") or ())
@@ -440,7 +445,7 @@ class KmsApi:
             self._pool, run, handler, caller, context, params
         )
 
-    def _route(self, headers: Mapping[str, str], trace: _Trace) -> str:
+    def _route(self, headers: Mapping[str, str]) -> str:
         content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != CONTENT_TYPE:
             # AWS's front end picks the protocol by Content-Type; with no match it cannot find an
@@ -450,11 +455,6 @@ class KmsApi:
         service, dot, operation = target.partition(".")
         if not dot or service + dot != TARGET_PREFIX or operation not in operation_names():
             raise UnknownOperationException(f"Unknown operation {target!r}")
-        if operation not in self._operations:
-            trace.operation = operation  # a real KMS operation: the audit event names it
-            raise UnsupportedOperationException(
-                f"{operation} is not supported by this KMS endpoint (hsmbridge)"
-            )
         return operation
 
     def _too_large(self) -> ValidationException:

@@ -14,6 +14,13 @@ from hsmbridge.errors import ValidationException
 from hsmbridge.model import Alias, CustomKeyStore, Grant, KeyIdentity, KeyMetadata, Page, Tag
 
 Json = dict[str, Any]
+TIMESTAMP_DIGITS = 3  # KMS sends epoch seconds with millisecond precision
+
+
+def timestamp(epoch_seconds: float) -> float:
+    """A wire timestamp: epoch seconds rounded to milliseconds, as KMS sends them
+    (`1795919210.005`, never the stored `1795919210.0051818`)."""
+    return round(epoch_seconds, TIMESTAMP_DIGITS)
 
 
 def key_metadata(m: KeyMetadata) -> Json:
@@ -21,7 +28,7 @@ def key_metadata(m: KeyMetadata) -> Json:
         "AWSAccountId": m.aws_account_id,
         "KeyId": m.key_id,
         "Arn": m.arn,
-        "CreationDate": m.creation_date,
+        "CreationDate": timestamp(m.creation_date),
         "Enabled": m.enabled,
         "Description": m.description,
         "KeyUsage": m.key_usage.value,
@@ -36,7 +43,7 @@ def key_metadata(m: KeyMetadata) -> Json:
         "MultiRegion": m.multi_region,
     }
     if m.deletion_date is not None:
-        out["DeletionDate"] = m.deletion_date
+        out["DeletionDate"] = timestamp(m.deletion_date)
     return out
 
 
@@ -47,7 +54,7 @@ def custom_key_store(s: CustomKeyStore) -> Json:
         "CloudHsmClusterId": s.cluster_id,
         "TrustAnchorCertificate": s.trust_anchor_pem,
         "ConnectionState": s.connection_state.value,
-        "CreationDate": s.creation_date,
+        "CreationDate": timestamp(s.creation_date),
         "CustomKeyStoreType": s.store_type.value,
     }
     if s.connection_error_code is not None:
@@ -60,8 +67,8 @@ def alias(a: Alias) -> Json:
         "AliasName": a.name,
         "AliasArn": a.arn,
         "TargetKeyId": a.target_key_id,
-        "CreationDate": a.creation_date,
-        "LastUpdatedDate": a.last_updated_date,
+        "CreationDate": timestamp(a.creation_date),
+        "LastUpdatedDate": timestamp(a.last_updated_date),
     }
 
 
@@ -70,7 +77,7 @@ def grant(g: Grant) -> Json:
     out: Json = {
         "KeyId": g.key_arn,
         "GrantId": g.grant_id,
-        "CreationDate": g.creation_date,
+        "CreationDate": timestamp(g.creation_date),
         "GranteePrincipal": g.grantee_principal,
         "IssuingAccount": g.issuing_account,
         "Operations": list(g.operations),

@@ -62,8 +62,9 @@ def _json_default(value: object) -> object:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, datetime):
-        # awsJson timestamps are epoch seconds, a JSON number (botocore: `unixtimestamp`).
-        return value.timestamp()
+        # awsJson timestamps are epoch seconds, a JSON number (botocore: `unixtimestamp`), with
+        # millisecond precision as KMS sends them.
+        return round(value.timestamp(), 3)
     raise TypeError(f"cannot encode {type(value).__name__} as KMS JSON")
 
 

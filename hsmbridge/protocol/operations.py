@@ -4,7 +4,10 @@ Owns: `build_operations()`, one literal entry per supported operation (no getatt
 data), each decoding validated params into a service call and encoding the result with `codec`.
 Operations KMS has but hsmbridge does not implement are answered by `app.py` as
 UnsupportedOperationException; the rotation operations are here because KMS itself refuses them
-for custom key store keys. Must not import uvicorn, backend or pkcs11.
+for custom key store keys, and Sign, Verify, GenerateMac and VerifyMac because KMS refuses them
+for a symmetric encryption key (InvalidKeyUsageException, after finding the key). The
+`Recipient` member (a Nitro Enclaves attestation document) is refused: hsmbridge cannot verify
+one, and KMS would withhold the plaintext for it. Must not import uvicorn, backend or pkcs11.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hsmbridge.errors import UnsupportedOperationException
+from hsmbridge.errors import UnsupportedOperationException, ValidationException
 from hsmbridge.protocol import codec
 from hsmbridge.request import RequestContext
 from hsmbridge.service.grants import CreateGrantRequest
@@ -117,7 +120,7 @@ def _key_handlers(s: KmsService) -> dict[str, Handler]:
         r = keys.schedule_deletion(c, p["KeyId"], p.get("PendingWindowInDays"))
         return {
             "KeyId": r.arn,
-            "DeletionDate": r.deletion_date,
+            "DeletionDate": codec.timestamp(r.deletion_date),
             "KeyState": "PendingDeletion",
             "PendingWindowInDays": r.pending_window_days,
         }
@@ -206,6 +209,7 @@ def _crypto_handlers(s: KmsService) -> dict[str, Handler]:
         }
 
     def decrypt(c: C, p: P) -> P:
+        _refuse_recipient(p)
         out = cr.decrypt(
             c,
             codec.require(p, "CiphertextBlob"),
@@ -228,6 +232,8 @@ def _crypto_handlers(s: KmsService) -> dict[str, Handler]:
             source_key_ref=p.get("SourceKeyId"),
             source_context=codec.context_in(p.get("SourceEncryptionContext")),
             destination_context=codec.context_in(p.get("DestinationEncryptionContext")),
+            source_algorithm=p.get("SourceEncryptionAlgorithm"),
+            destination_algorithm=p.get("DestinationEncryptionAlgorithm"),
             dry_run=bool(p.get("DryRun")),
         )
         return {
@@ -240,6 +246,8 @@ def _crypto_handlers(s: KmsService) -> dict[str, Handler]:
 
     def data_key(with_plaintext: bool) -> Handler:
         def handler(c: C, p: P) -> P:
+            if with_plaintext:
+                _refuse_recipient(p)
             out = cr.generate_data_key(
                 c,
                 p["KeyId"],
@@ -256,16 +264,41 @@ def _crypto_handlers(s: KmsService) -> dict[str, Handler]:
 
         return handler
 
+    def generate_random(c: C, p: P) -> P:
+        _refuse_recipient(p)
+        return {
+            "Plaintext": cr.generate_random(c, p.get("NumberOfBytes"), p.get("CustomKeyStoreId"))
+        }
+
+    def wrong_key_usage(operation: str) -> Handler:
+        def handler(c: C, p: P) -> P:
+            cr.refuse_key_usage(c, p["KeyId"], operation)
+
+        return handler
+
     return {
         "Encrypt": encrypt,
         "Decrypt": decrypt,
         "ReEncrypt": re_encrypt,
         "GenerateDataKey": data_key(True),
         "GenerateDataKeyWithoutPlaintext": data_key(False),
-        "GenerateRandom": lambda c, p: {
-            "Plaintext": cr.generate_random(c, p.get("NumberOfBytes"), p.get("CustomKeyStoreId"))
-        },
+        "GenerateRandom": generate_random,
+        "Sign": wrong_key_usage("Sign"),
+        "Verify": wrong_key_usage("Verify"),
+        "GenerateMac": wrong_key_usage("GenerateMac"),
+        "VerifyMac": wrong_key_usage("VerifyMac"),
     }
+
+
+def _refuse_recipient(p: P) -> None:
+    """NOTE: KMS verifies the attestation document and returns the plaintext only encrypted to
+    its public key (CiphertextForRecipient). hsmbridge cannot verify one, so rather than return
+    the plaintext in the clear it refuses the request."""
+    if p.get("Recipient") is not None:
+        raise ValidationException(
+            "Recipient is not supported: this KMS endpoint (hsmbridge) cannot verify a Nitro "
+            "Enclaves attestation document and does not return plaintext for one."
+        )
 
 
 def _grant_handlers(s: KmsService) -> dict[str, Handler]:

@@ -1,5 +1,5 @@
 """Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext),
-GenerateRandom (spec §7).
+GenerateRandom (spec §7); Sign, Verify, GenerateMac and VerifyMac, which every key here refuses.
 
 Owns: key-state checks for cryptography (spec §6.2), the algorithm and size rules, DryRun, and
 turning HSM AES-GCM results into versioned ciphertext blobs via `envelope`. Plaintext and data
@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from hsmbridge.backend import HsmBackend, Sealed
 from hsmbridge.errors import (
@@ -187,9 +188,15 @@ class CryptoService:
         source_key_ref: str | None = None,
         source_context: Context | None = None,
         destination_context: Context | None = None,
+        source_algorithm: str | None = None,
+        destination_algorithm: str | None = None,
         dry_run: bool = False,
     ) -> ReEncrypted:
-        """ReEncrypt. https://docs.aws.amazon.com/kms/latest/APIReference/API_ReEncrypt.html"""
+        """ReEncrypt. https://docs.aws.amazon.com/kms/latest/APIReference/API_ReEncrypt.html
+
+        Both algorithms must be SYMMETRIC_DEFAULT (or absent), as for Encrypt and Decrypt."""
+        _check_algorithm(source_algorithm, "SourceEncryptionAlgorithm")
+        _check_algorithm(destination_algorithm, "DestinationEncryptionAlgorithm")
         destination = self._lookup.resolve(caller, destination_key_ref, allow_alias=True)
         self._ctx.authorize_key(
             caller, "kms:ReEncryptTo", destination, context=destination_context or {}
@@ -247,12 +254,22 @@ class CryptoService:
         with self._hsm.translated(retryable=DependencyTimeoutException):
             return backend.random(number_of_bytes)
 
+    def refuse_key_usage(self, caller: RequestContext, key_ref: str, operation: str) -> NoReturn:
+        """Sign, Verify, GenerateMac, VerifyMac: every key here is a SYMMETRIC_DEFAULT
+        ENCRYPT_DECRYPT key, which KMS refuses for them with InvalidKeyUsageException, after
+        finding the key (NotFound) and authorizing the caller (AccessDenied)."""
+        record = self._lookup.resolve(caller, key_ref, allow_alias=True)
+        self._ctx.authorize_key(caller, f"kms:{operation}", record)
+        raise InvalidKeyUsageException(
+            f"{record.arn} key usage is {record.key_usage.value} which is not valid for "
+            f"{operation}."
+        )
 
-def _check_algorithm(algorithm: str | None) -> None:
+
+def _check_algorithm(algorithm: str | None, member: str = "EncryptionAlgorithm") -> None:
     if algorithm not in (None, SYMMETRIC_DEFAULT):
         raise InvalidKeyUsageException(
-            f"EncryptionAlgorithm {algorithm} is not valid for a symmetric KMS key; "
-            "use SYMMETRIC_DEFAULT."
+            f"{member} {algorithm} is not valid for a symmetric KMS key; use SYMMETRIC_DEFAULT."
         )
 
 

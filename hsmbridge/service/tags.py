@@ -17,6 +17,7 @@ from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.lookup import KeyLookup, require_not_pending
 
 MAX_TAGS_PER_KEY = 50
+MAX_TAG_KEY_LENGTH = 128
 
 
 def validate_tags(tags: Iterable[Tag]) -> None:
@@ -27,7 +28,7 @@ def validate_tags(tags: Iterable[Tag]) -> None:
         )
     seen: set[str] = set()
     for tag in tags:
-        if not 1 <= len(tag.key) <= 128:
+        if not 1 <= len(tag.key) <= MAX_TAG_KEY_LENGTH:
             raise TagException(f"Tag key {tag.key!r} must be 1 to 128 characters long.")
         if len(tag.value) > 256:
             raise TagException(f"The value of tag {tag.key!r} must be at most 256 characters.")
@@ -76,15 +77,17 @@ class TagService:
     def list(
         self, caller: RequestContext, key_ref: str, limit: int | None, marker: str | None
     ) -> Page[Tag]:
-        """ListResourceTags (Limit 1-50, default 50); the marker is the last tag key returned."""
+        """ListResourceTags (Limit 1-50, default 50); the marker is the last tag key returned.
+
+        The next page starts after the marker in key order, so a marker whose tag was removed
+        (or changed) between pages still resumes where the previous page ended. Only a marker
+        that cannot be a tag key is refused (InvalidMarkerException)."""
         record = self._lookup.resolve(caller, key_ref, allow_alias=False)
         self._ctx.authorize_key(caller, "kms:ListResourceTags", record)
+        if marker is not None and not 1 <= len(marker) <= MAX_TAG_KEY_LENGTH:
+            raise InvalidMarkerException("The Marker is not one that ListResourceTags returned.")
         ordered = sorted(record.tags, key=lambda t: t.key)
         if marker is not None:
-            if marker not in {t.key for t in ordered}:
-                raise InvalidMarkerException(
-                    "The Marker is not one that ListResourceTags returned."
-                )
             ordered = [t for t in ordered if t.key > marker]
         size = limit or 50
         items = tuple(ordered[:size])

@@ -226,6 +226,7 @@ FUZZED = sorted(
         "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies", "Encrypt", "Decrypt", "ReEncrypt",
         "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "GenerateRandom",
         "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant",
+        "Sign", "Verify", "GenerateMac", "VerifyMac",
     }
 )  # fmt: skip
 
@@ -316,6 +317,21 @@ GOOD: dict[str, Callable[[_Known], dict[str, Any]]] = {
     "ListRetirableGrants": lambda v: {"RetiringPrincipal": v["RetiringPrincipal"][0]},
     "RetireGrant": lambda v: {"GrantToken": v["GrantToken"][0]},
     "RevokeGrant": lambda v: {**_key(v), "GrantId": "0" * 64},  # names no grant: NotFound
+    # Past the edge to InvalidKeyUsageException: every key here is a symmetric encryption key.
+    "Sign": lambda v: {**_key(v), "Message": _b64(b"fuzz"), "SigningAlgorithm": "ECDSA_SHA_256"},
+    "Verify": lambda v: {
+        **_key(v),
+        "Message": _b64(b"fuzz"),
+        "Signature": _b64(b"signature"),
+        "SigningAlgorithm": "ECDSA_SHA_256",
+    },
+    "GenerateMac": lambda v: {**_key(v), "Message": _b64(b"fuzz"), "MacAlgorithm": "HMAC_SHA_256"},
+    "VerifyMac": lambda v: {
+        **_key(v),
+        "Message": _b64(b"fuzz"),
+        "Mac": _b64(b"mac"),
+        "MacAlgorithm": "HMAC_SHA_256",
+    },
 }
 
 

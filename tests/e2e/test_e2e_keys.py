@@ -188,8 +188,8 @@ def test_rotation_is_unsupported_for_custom_key_store_keys(kms, key, call):
     ("operation", "call"),
     [
         (
-            "Sign",
-            lambda kms: kms.sign(KeyId=UNKNOWN_KEY, Message=b"m", SigningAlgorithm="ECDSA_SHA_256"),
+            "GenerateDataKeyPair",
+            lambda kms: kms.generate_data_key_pair(KeyId=UNKNOWN_KEY, KeyPairSpec="RSA_2048"),
         ),
         (
             "GetPublicKey",

@@ -66,11 +66,11 @@ def test_exactly_one_event_per_call_with_matching_request_ids(live):
 
 def test_an_unsupported_kms_operation_is_audited_under_its_name(live):
     with pytest.raises(ClientError) as caught:
-        live.kms.sign(KeyId="alias/x", Message=b"m", SigningAlgorithm="RSASSA_PSS_SHA_256")
+        live.kms.get_public_key(KeyId="alias/x")
     assert caught.value.response["Error"]["Code"] == "UnsupportedOperationException"
     event = _api_events(live)[-1]
     assert (event["eventName"], event["errorCode"]) == (
-        "Sign",
+        "GetPublicKey",
         "UnsupportedOperationException",
     )
 
