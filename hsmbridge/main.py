@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 findings/failed, 2 usage or config error, 3 HSM unreachable, "
         "4 internal error",
     )
-    parser.add_argument("--version", action="version", version=f"hsmbridge {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"hsmbridge {__version__}",
+        help="print the version and exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     top = parser.add_subparsers(dest="command", required=True)
 
@@ -60,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(top)
     add_audit(top)
     groups = {
-        "keystore": top.add_parser("keystore", help="custom key stores").add_subparsers(
-            dest="subcommand", required=True
-        ),
-        "key": top.add_parser("key", help="KMS keys").add_subparsers(
-            dest="subcommand", required=True
-        ),
+        "keystore": top.add_parser(
+            "keystore",
+            help="custom key stores",
+            description="CloudHSM custom key stores, like `aws kms ...-custom-key-store(s)`.",
+        ).add_subparsers(dest="subcommand", required=True),
+        "key": top.add_parser(
+            "key", help="KMS keys", description="KMS keys, like `aws kms create-key` and co."
+        ).add_subparsers(dest="subcommand", required=True),
     }
     kms_commands.add_commands(groups)
     return parser

@@ -71,9 +71,9 @@ severities: missing_material critical; duplicate_label, non_compliant high; orph
 misplaced_material medium; foreign_label, not_kms_arn, id_mismatch low; in_flight info.
 
 exit codes: 0 clean (no finding at or above --fail-on); 1 findings at or above --fail-on (find: not
-exactly one compliant key; delete-orphans: orphans listed in a dry run, or a deletion failed);
-2 usage or configuration error; 3 HSM or KMS endpoint unreachable (or login refused); 4 internal
-error."""
+exactly one compliant key, e.g. nothing matched; delete-orphans: orphans listed in a dry run, or a
+deletion failed); 2 usage or configuration error; 3 HSM or KMS endpoint unreachable (or login
+refused); 4 internal error."""
 
 
 def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,15 +91,28 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_common(p, suppress=False)
     p.set_defaults(handler=run, audit_command="scan")
     sub = p.add_subparsers(dest="audit_command", metavar="{find,delete-orphans}")
+    find_help = "show the HSM key(s) of one KMS key"
     find = sub.add_parser(
-        "find", help="show the HSM key(s) of one KMS key", epilog=EPILOG, allow_abbrev=False
+        "find",
+        help=find_help,
+        description=find_help,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    find.add_argument("key", help="KMS key ARN (or key id of this account and region)")
+    find.add_argument(
+        "key",
+        metavar="KEY",
+        help="KMS key ARN (or key id of this account and region), not an alias",
+    )
     _add_common(find, suppress=True)
+    clean_help = "destroy orphaned key material (dry run unless --yes)"
     clean = sub.add_parser(
         "delete-orphans",
-        help="destroy orphaned key material (dry run unless --yes)",
+        help=clean_help,
+        description=clean_help,
         epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     clean.add_argument("--yes", action="store_true", help="destroy without asking")
@@ -112,18 +125,50 @@ def _add_common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     def d(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    p.add_argument("--config", type=Path, default=d(None), help="path to hsmbridge.toml")
+    p.add_argument(
+        "--config", type=Path, default=d(None), metavar="FILE", help="path to hsmbridge.toml"
+    )
     p.add_argument("--keystore", default=d(None), metavar="ID", help="custom key store id")
     p.add_argument("--cluster", default=d(None), metavar="ID", help="standalone: cluster id")
     p.add_argument(
-        "--password-file", type=Path, default=d(None), help="standalone: kmsuser password"
+        "--password-file",
+        type=Path,
+        default=d(None),
+        metavar="FILE",
+        help=f"standalone: a file holding the kmsuser password (or ${PASSWORD_ENV})",
     )
-    p.add_argument("--source", choices=("metadata", "kms"), default=d(None), help="metadata side")
-    p.add_argument("--kms-endpoint-url", default=d(None), help="KMS endpoint for --source kms")
-    p.add_argument("--region", default=d(None), help="KMS region (default: the config's)")
-    p.add_argument("--output", choices=[f.value for f in view.AuditFormat], default=d(None))
-    p.add_argument("--fail-on", default=d("medium"), metavar="SEVERITY", help="default: medium")
-    p.add_argument("--progress", action="store_true", default=d(False), help="force progress bar")
+    p.add_argument(
+        "--source",
+        choices=("metadata", "kms"),
+        default=d(None),
+        help="compare with hsmbridge's metadata or a KMS endpoint (default: metadata with "
+        "--keystore, kms with --cluster or --kms-endpoint-url)",
+    )
+    p.add_argument(
+        "--kms-endpoint-url", default=d(None), metavar="URL", help="KMS endpoint for --source kms"
+    )
+    p.add_argument(
+        "--region", default=d(None), metavar="REGION", help="KMS region (default: the config's)"
+    )
+    p.add_argument(
+        "--output",
+        choices=[f.value for f in view.AuditFormat],
+        default=d(None),
+        help="default: table on a terminal, json otherwise",
+    )
+    p.add_argument(
+        "--fail-on",
+        default=d("medium"),
+        metavar="SEVERITY",
+        help="exit 1 on findings of this severity or worse: critical, high, medium, low or info "
+        "(default: medium)",
+    )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        default=d(False),
+        help="show the progress bar on stderr even when it is not a terminal",
+    )
     p.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
 
 
@@ -159,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         fmt = view.AuditFormat(args.output) if args.output else view.default_format(sys.stdout)
         progress = view.StderrProgress() if args.progress or sys.stderr.isatty() else None
+        if args.audit_command == "find":
+            _refuse_alias(args.key)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -285,10 +332,29 @@ def _read_password(path: Path | None) -> str:
     return text
 
 
+def _refuse_alias(key: str) -> None:
+    """HSM keys carry their KMS key's ARN, never an alias: an alias would match nothing."""
+    if key.startswith("alias/") or ":alias/" in key:
+        raise ConfigError(
+            f"audit find takes a key ARN or key id, not an alias ({key}): HSM keys are labelled "
+            f"with their KMS key's ARN; `hsmbridge key describe --key-id {key}` prints it"
+        )
+
+
 def _find(target: _Target, key: str, fmt: view.AuditFormat) -> int:
     arn = target.scope.key_arn(key) if is_key_id(key) else key
     infos = find_material(target.hsm, arn)
     view.print_keys([material_dict(i) for i in infos], fmt)
+    if not infos:
+        # Exit 1 like any finding: a KMS key without an HSM key is missing_material.
+        scope = target.scope
+        where = f"cluster {scope.cluster_id}"
+        if scope.custom_key_store_id is not None:
+            where = f"{scope.custom_key_store_id} ({where})"
+        print(
+            f"nothing matched: no secret key labelled {arn} on the token of {where}",
+            file=sys.stderr,
+        )
     compliant = len(infos) == 1 and not violations(infos[0])
     return EXIT_OK if compliant else EXIT_FINDINGS
 

@@ -1,26 +1,7 @@
 """`hsmbridge init --data-dir DIR`: a complete local environment on SoftHSM2, idempotently.
 
-Owns: writing the demo environment. Every file, and why it is there:
-
-- `hsmbridge.toml`    the configuration every command takes with `--config`.
-- `softhsm2.conf`     SoftHSM2's configuration; its token directory is `DIR/tokens`.
-- `tokens/`           the SoftHSM2 token that plays the demo cluster (label = the cluster id),
-                      provisioned by `softhsm/init-token.sh`.
-- `clusters.json`     the static cluster inventory, in `aws cloudhsmv2 describe-clusters` shape:
-                      one ACTIVE cluster with two ACTIVE HSMs in two Availability Zones. Edit it to
-                      change an HSM's state or AZ; it is re-read at every check.
-- `customerCA.crt`    the trust anchor that signed the demo cluster certificate.
-- `kmsuser.password`  (0600) the demo kmsuser password (the token's user PIN).
-- `softhsm-so.pin`    (0600) the token's security-officer PIN, for resetting kmsuser's password.
-- `credentials`       (0600) AWS shared-credentials file: the local principal for the HTTP API.
-- `iam/ACCOUNT.json`  (0600) the account's IAM, in `aws iam get-account-authorization-details`
-                      shape: the demo administrator with an inline policy allowing everything.
-                      Add users, groups, roles and policies here (or paste a real export); it is
-                      re-read when it changes.
-- `master.key`, `metadata.sqlite3`, `audit.jsonl` (0600) are created by the service itself.
-
-It then creates the custom key store `ExampleKeyStore` on the demo cluster and connects it.
-Running it again reuses everything that exists.
+Owns: writing the demo environment; what it writes, file by file, is `DESCRIPTION` (the command's
+`--help`).
 """
 
 from __future__ import annotations
@@ -55,18 +36,57 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_PORT = 4599
 _ALNUM = string.ascii_letters + string.digits
 
+DESCRIPTION = """\
+Set up a complete local environment in DIR on SoftHSM2, then create the custom key store
+ExampleKeyStore on the demo cluster and connect it. Running it again reuses everything that exists.
+
+files written in DIR:
+  hsmbridge.toml    the configuration every command takes with --config
+  softhsm2.conf     SoftHSM2's configuration; its token directory is DIR/tokens
+  tokens/           the SoftHSM2 token that plays the demo cluster (label = the cluster id)
+  clusters.json     the cluster inventory, in `aws cloudhsmv2 describe-clusters` shape: one ACTIVE
+                    cluster with two ACTIVE HSMs in two Availability Zones; edit it to change an
+                    HSM's state or AZ (re-read at every check)
+  customerCA.crt    the trust anchor that signed the demo cluster certificate
+  kmsuser.password  (0600) the demo kmsuser password (the token's user PIN)
+  softhsm-so.pin    (0600) the token's security-officer PIN, for resetting kmsuser's password
+  credentials       (0600) AWS shared-credentials file: the local principal for the HTTP API
+  iam/ACCOUNT.json  (0600) the account's IAM, in `aws iam get-account-authorization-details`
+                    shape: the demo administrator may do everything; add users, groups, roles
+                    and policies here (or paste a real export), re-read when it changes
+  master.key, metadata.sqlite3, audit.jsonl  (0600) created by the service itself
+"""
+
 
 def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = top.add_parser(
         "init",
         help="set up a local demo environment (SoftHSM2 + SQLite)",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--region", default=DEFAULT_REGION)
-    p.add_argument("--account-id", default=DEFAULT_ACCOUNT)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--data-dir", type=Path, required=True, metavar="DIR", help="where to write everything"
+    )
+    p.add_argument(
+        "--region",
+        default=DEFAULT_REGION,
+        metavar="REGION",
+        help="the demo's AWS region (%(default)s)",
+    )
+    p.add_argument(
+        "--account-id",
+        default=DEFAULT_ACCOUNT,
+        metavar="ACCOUNT",
+        help="the demo's 12-digit AWS account id (%(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help="the port `hsmbridge serve` listens on, written to hsmbridge.toml (%(default)s)",
+    )
     p.set_defaults(handler=run)
 
 

@@ -21,10 +21,7 @@ from hsmbridge.errors import ValidationException
 from hsmbridge.policy.console import console_key_policy
 
 PASSWORD_ENV = "HSMBRIDGE_KEY_STORE_PASSWORD"  # noqa: S105 - a variable name
-CONSOLE_HELP = (
-    "key policy as the KMS console writes it: administrators (IAM ARNs), users (IAM ARNs) and "
-    "external accounts (12-digit ids) get the console's statements"
-)
+CONSOLE_HELP = "writes the key policy the way the KMS console does (not with --policy)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +32,8 @@ class Opt:
     # console-bool: inputs of the console's key policy generator, not KMS request members
     kind: str = "str"
     required: bool = False
+    help: str = ""
+    metavar: str | None = None  # like the `aws kms` docs' placeholders: ID, NAME, JSON, ...
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,34 @@ class Command:
     help: str
 
 
-STORE_ID = Opt("--custom-key-store-id", "CustomKeyStoreId", required=True)
-KEY_ID = Opt("--key-id", "KeyId", required=True)
+STORE_ID = Opt(
+    "--custom-key-store-id",
+    "CustomKeyStoreId",
+    required=True,
+    help="the store's id (cks-...)",
+    metavar="ID",
+)
+KEY_ID = Opt(
+    "--key-id",
+    "KeyId",
+    required=True,
+    metavar="KEY_ID",
+    help="key id, key ARN, alias name (alias/NAME) or alias ARN",
+)
+LIMIT = Opt("--limit", "Limit", "int", help="one page of at most N items (1-1000)", metavar="N")
+MARKER = Opt(
+    "--marker",
+    "Marker",
+    help="the page after this NextMarker of a previous call",
+    metavar="MARKER",
+)
+PASSWORD = Opt(
+    "--key-store-password",
+    "KeyStorePassword",
+    "password",
+    help="the kmsuser password",
+    metavar="PASSWORD",
+)
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -55,10 +80,29 @@ COMMANDS: tuple[Command, ...] = (
         "create",
         "CreateCustomKeyStore",
         (
-            Opt("--custom-key-store-name", "CustomKeyStoreName", required=True),
-            Opt("--cloud-hsm-cluster-id", "CloudHsmClusterId", required=True),
-            Opt("--trust-anchor-certificate", "TrustAnchorCertificate", "text", required=True),
-            Opt("--key-store-password", "KeyStorePassword", "password"),
+            Opt(
+                "--custom-key-store-name",
+                "CustomKeyStoreName",
+                required=True,
+                help="a name unique in the account and region",
+                metavar="NAME",
+            ),
+            Opt(
+                "--cloud-hsm-cluster-id",
+                "CloudHsmClusterId",
+                required=True,
+                help="the cluster (cluster-...) whose HSMs hold the keys",
+                metavar="ID",
+            ),
+            Opt(
+                "--trust-anchor-certificate",
+                "TrustAnchorCertificate",
+                "text",
+                required=True,
+                help="the cluster's customerCA.crt (PEM)",
+                metavar="PEM",
+            ),
+            PASSWORD,
         ),
         "create a CloudHSM custom key store (state DISCONNECTED)",
     ),
@@ -67,10 +111,20 @@ COMMANDS: tuple[Command, ...] = (
         "describe",
         "DescribeCustomKeyStores",
         (
-            Opt("--custom-key-store-id", "CustomKeyStoreId"),
-            Opt("--custom-key-store-name", "CustomKeyStoreName"),
-            Opt("--limit", "Limit", "int"),
-            Opt("--marker", "Marker"),
+            Opt(
+                "--custom-key-store-id",
+                "CustomKeyStoreId",
+                help="only this store",
+                metavar="ID",
+            ),
+            Opt(
+                "--custom-key-store-name",
+                "CustomKeyStoreName",
+                help="only the store so named",
+                metavar="NAME",
+            ),
+            LIMIT,
+            MARKER,
         ),
         "describe one or all custom key stores",
     ),
@@ -94,9 +148,19 @@ COMMANDS: tuple[Command, ...] = (
         "UpdateCustomKeyStore",
         (
             STORE_ID,
-            Opt("--new-custom-key-store-name", "NewCustomKeyStoreName"),
-            Opt("--cloud-hsm-cluster-id", "CloudHsmClusterId"),
-            Opt("--key-store-password", "KeyStorePassword", "password"),
+            Opt(
+                "--new-custom-key-store-name",
+                "NewCustomKeyStoreName",
+                help="the new name",
+                metavar="NAME",
+            ),
+            Opt(
+                "--cloud-hsm-cluster-id",
+                "CloudHsmClusterId",
+                metavar="ID",
+                help="a related cluster (one with the same cluster certificate)",
+            ),
+            PASSWORD,
         ),
         "rename a store, or change its kmsuser password or cluster (when disconnected)",
     ),
@@ -112,19 +176,72 @@ COMMANDS: tuple[Command, ...] = (
         "create",
         "CreateKey",
         (
-            Opt("--origin", "Origin"),
-            Opt("--custom-key-store-id", "CustomKeyStoreId"),
-            Opt("--description", "Description"),
-            Opt("--key-usage", "KeyUsage"),
-            Opt("--key-spec", "KeySpec"),
-            Opt("--policy", "Policy", "text"),
-            Opt("--bypass-policy-lockout-safety-check", "BypassPolicyLockoutSafetyCheck", "bool"),
-            Opt("--tags", "Tags", "tags"),
-            Opt("--multi-region", "MultiRegion", "bool"),
-            Opt("--key-administrators", "KeyAdministrators", "console-list"),
-            Opt("--key-users", "KeyUsers", "console-list"),
-            Opt("--external-accounts", "ExternalAccounts", "console-list"),
-            Opt("--administrator-delete", "AdministratorDelete", "console-bool"),
+            Opt(
+                "--origin",
+                "Origin",
+                help="AWS_CLOUDHSM for a key in a custom key store",
+                metavar="ORIGIN",
+            ),
+            Opt(
+                "--custom-key-store-id",
+                "CustomKeyStoreId",
+                help="the store (cks-...)",
+                metavar="ID",
+            ),
+            Opt("--description", "Description", help="free text", metavar="TEXT"),
+            Opt(
+                "--key-usage",
+                "KeyUsage",
+                help="ENCRYPT_DECRYPT (the only one here)",
+                metavar="USAGE",
+            ),
+            Opt(
+                "--key-spec",
+                "KeySpec",
+                help="SYMMETRIC_DEFAULT (the only one here)",
+                metavar="SPEC",
+            ),
+            Opt("--policy", "Policy", "text", help="the key policy document", metavar="JSON"),
+            Opt(
+                "--bypass-policy-lockout-safety-check",
+                "BypassPolicyLockoutSafetyCheck",
+                "bool",
+                help="skip the check that the caller can still manage the key",
+            ),
+            Opt("--tags", "Tags", "tags", help="tags", metavar="TAG"),
+            Opt(
+                "--multi-region",
+                "MultiRegion",
+                "bool",
+                help="multi-Region key (refused: not in a custom key store)",
+            ),
+            Opt(
+                "--key-administrators",
+                "KeyAdministrators",
+                "console-list",
+                metavar="ARN",
+                help="IAM users or roles that may administer the key",
+            ),
+            Opt(
+                "--key-users",
+                "KeyUsers",
+                "console-list",
+                metavar="ARN",
+                help="IAM users or roles that may use the key",
+            ),
+            Opt(
+                "--external-accounts",
+                "ExternalAccounts",
+                "console-list",
+                metavar="ACCOUNT",
+                help="12-digit ids of other accounts that may use the key",
+            ),
+            Opt(
+                "--administrator-delete",
+                "AdministratorDelete",
+                "console-bool",
+                help="let the key administrators delete the key (the console's default)",
+            ),
         ),
         "create a KMS key whose material is generated in the store's HSM",
     ),
@@ -133,10 +250,7 @@ COMMANDS: tuple[Command, ...] = (
         "key",
         "list",
         "ListKeys",
-        (
-            Opt("--limit", "Limit", "int"),
-            Opt("--marker", "Marker"),
-        ),
+        (LIMIT, MARKER),
         "list KMS keys",
     ),
 )
@@ -149,7 +263,9 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
         parser = groups[cmd.group].add_parser(
             cmd.name, help=cmd.help, description=cmd.help, allow_abbrev=False
         )
-        parser.add_argument("--config", required=True, type=Path, help="path to hsmbridge.toml")
+        parser.add_argument(
+            "--config", required=True, type=Path, metavar="FILE", help="path to hsmbridge.toml"
+        )
         for opt in cmd.options:
             _add_option(parser, opt)
         parser.set_defaults(kms_command=cmd)
@@ -158,31 +274,48 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
 def _add_option(parser: argparse.ArgumentParser, opt: Opt) -> None:
     dest = opt.member
     if opt.kind == "console-list":
-        parser.add_argument(opt.flag, dest=dest, nargs="+", metavar="ARN_OR_ID", help=CONSOLE_HELP)
+        parser.add_argument(
+            opt.flag, dest=dest, nargs="+", metavar=opt.metavar, help=f"{opt.help}; {CONSOLE_HELP}"
+        )
     elif opt.kind in ("bool", "console-bool"):
-        parser.add_argument(opt.flag, dest=dest, action="store_true", default=None)
-        parser.add_argument("--no-" + opt.flag[2:], dest=dest, action="store_false")
+        parser.add_argument(opt.flag, dest=dest, action="store_true", default=None, help=opt.help)
+        parser.add_argument(
+            "--no-" + opt.flag[2:],
+            dest=dest,
+            action="store_false",
+            help=f"the opposite of {opt.flag}",
+        )
     elif opt.kind == "tags":
         parser.add_argument(
-            opt.flag, dest=dest, nargs="+", help="TagKey=k,TagValue=v ... or a JSON list"
+            opt.flag,
+            dest=dest,
+            nargs="+",
+            metavar=opt.metavar,
+            help="TagKey=k,TagValue=v ... or a JSON list",
         )
     elif opt.kind == "password":
         parser.add_argument(
-            opt.flag, dest=dest, help=f"or set {PASSWORD_ENV}, or use {opt.flag}-file"
+            opt.flag,
+            dest=dest,
+            metavar=opt.metavar,
+            help=f"{opt.help}; or set {PASSWORD_ENV}, or use {opt.flag}-file",
         )
         parser.add_argument(
             opt.flag + "-file",
             dest=dest + "_file",
             type=Path,
+            metavar="FILE",
             help="read the password from this file",
         )
     else:
+        text = f"{opt.help} (file://PATH reads it from a file)" if opt.kind == "text" else opt.help
         parser.add_argument(
             opt.flag,
             dest=dest,
             required=opt.required,
             type=int if opt.kind == "int" else str,
-            help="file://PATH reads the value from a file" if opt.kind == "text" else None,
+            metavar=opt.metavar,
+            help=text,
         )
 
 

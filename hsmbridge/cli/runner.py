@@ -32,6 +32,10 @@ from hsmbridge.trail.hsm_calls import TimedConnector
 from hsmbridge.trail.sinks import RequestAwareSink
 
 EXIT_OK, EXIT_FAILED = 0, 1
+# Operations `aws kms` pages through (botocore's kms paginators-1.json), and each one's result key.
+# Without --limit or --marker the AWS CLI fetches every page and prints the merged result key
+# only (no Truncated, no NextMarker); with either one it prints the single response as is.
+PAGINATED = {"ListKeys": "Keys", "DescribeCustomKeyStores": "CustomKeyStores"}
 
 
 def open_cli_service(settings: Settings) -> tuple[KmsService, JsonLinesSink]:
@@ -73,7 +77,10 @@ def run_kms_command(args: argparse.Namespace) -> int:
     caller = cli_caller(settings)
     service, sink = open_cli_service(settings)
     try:
-        response = run_audited(service, sink, caller, cmd.operation, request)
+        if cmd.operation in PAGINATED and "Limit" not in request and "Marker" not in request:
+            response = _all_pages(service, sink, caller, cmd.operation, request)
+        else:
+            response = run_audited(service, sink, caller, cmd.operation, request)
         print_json(response)
         if cmd.operation == "ConnectCustomKeyStore":
             return _connect_outcome(service, caller, request["CustomKeyStoreId"])
@@ -114,6 +121,26 @@ def run_audited(
                 params_redacted=redact_params(operation, request),
             )
             sink.emit(audit_event(event))
+
+
+def _all_pages(
+    service: KmsService,
+    sink: AuditSink,
+    caller: RequestContext,
+    operation: str,
+    request: dict[str, Any],
+) -> dict[str, Any]:
+    """Every page of a list operation merged, shaped like `aws kms` auto-pagination prints it."""
+    key = PAGINATED[operation]
+    items: list[Any] = []
+    page_request = dict(request)
+    while True:
+        page = run_audited(service, sink, caller, operation, page_request)
+        items.extend(page.get(key, []))
+        marker = page.get("NextMarker")
+        if not page.get("Truncated") or not marker:
+            return {key: items}
+        page_request = {**request, "Marker": marker}
 
 
 def _connect_outcome(service: KmsService, caller: RequestContext, store_id: str) -> int:

@@ -175,3 +175,25 @@ def test_find_exits_1_for_missing_or_duplicated_material(kms_env, audit):
     assert dup.code == 1
     assert len(dup.json["keys"]) == 2
     assert sum(bool(k["violations"]) for k in dup.json["keys"]) == 1
+
+
+def test_find_that_matches_nothing_says_so_on_stderr(kms_env, audit):
+    absent = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    for key in (absent, absent.rsplit("/", 1)[1]):
+        result = audit(kms_env, sub=("find", key))
+        assert result.code == 1  # a KMS key without HSM key: missing material, a finding
+        assert result.json == {"keys": []}
+        assert result.err.count("\n") == 1
+        assert result.err.startswith("nothing matched: ")
+        assert absent in result.err
+        assert kms_env.store_id in result.err
+        assert kms_env.cluster_id in result.err
+
+
+@pytest.mark.parametrize("alias", ["alias/NAME", f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/NAME"])
+def test_find_of_an_alias_is_a_usage_error_that_says_why(kms_env, audit, alias):
+    result = audit(kms_env, sub=("find", alias))
+    assert (result.code, result.out) == (2, "")
+    assert result.err.count("\n") == 1
+    assert "not an alias" in result.err
+    assert f"hsmbridge key describe --key-id {alias}" in result.err

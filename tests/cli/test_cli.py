@@ -59,7 +59,7 @@ def test_keystore_and_key_commands_end_to_end(make_kms_env, capsys, tmp_path: Pa
     code, out, _ = run(capsys, *cmd(env, "keystore", "describe"))
     assert code == 0
     assert output_validate("DescribeCustomKeyStores", out) == []
-    assert out["Truncated"] is False
+    assert set(out) == {"CustomKeyStores"}  # all pages, like `aws kms`: no Truncated, no marker
     [store] = out["CustomKeyStores"]
     assert (store["CustomKeyStoreId"], store["ConnectionState"]) == (sid, "DISCONNECTED")
     assert store["TrustAnchorCertificate"] == env.pki.ca_cert_pem
@@ -95,6 +95,10 @@ def test_keystore_and_key_commands_end_to_end(make_kms_env, capsys, tmp_path: Pa
     assert "NextMarker" not in rest
     listed = {k["KeyId"] for k in out["Keys"] + rest["Keys"]}
     assert listed == {meta["KeyId"], second}
+    # Without --limit/--marker every page, merged, like `aws kms list-keys`: `Keys` only.
+    code, every, _ = run(capsys, *cmd(env, "key", "list"))
+    assert (code, set(every)) == (0, {"Keys"})
+    assert {k["KeyId"] for k in every["Keys"]} == listed
 
     code, out, _ = run(capsys, *cmd(env, "keystore", "update", "--custom-key-store-id", sid,
         "--new-custom-key-store-name", "Renamed"))  # fmt: skip
