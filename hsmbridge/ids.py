@@ -1,6 +1,7 @@
 """Parse, generate and format KMS identifiers: key ids, key ARNs, alias names and ARNs, store ids.
 
-Owns: the identifier grammar of spec §1. Pure functions; must not import anything but the
+Owns: the identifier grammar of KMS key ids, ARNs and aliases. Pure functions; must not import
+anything but the
 standard library and `hsmbridge.errors`.
 """
 

@@ -129,7 +129,7 @@ class ScheduledDeletion:
 
 @dataclass(frozen=True)
 class KeyMetadata:
-    """What DescribeKey returns for a custom key store key (spec §5.4)."""
+    """What DescribeKey returns for a custom key store key."""
 
     aws_account_id: str
     key_id: str
@@ -172,7 +172,7 @@ class Page(Generic[T]):
 
 @dataclass(frozen=True)
 class GrantConstraints:
-    """A grant's encryption-context constraint (spec §8.5): at most one of the two is set.
+    """A grant's encryption-context constraint: at most one of the two is set.
     Pairs are kept as the caller wrote them; keys compare case-insensitively, values exactly."""
 
     equals: tuple[tuple[str, str], ...] | None = None

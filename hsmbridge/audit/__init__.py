@@ -1,4 +1,4 @@
-"""hsmbridge.audit: audit events, and the key-label audit of custom key stores (spec §6.5).
+"""hsmbridge.audit: audit events, and the key-label audit of custom key stores.
 
 The importable API for audit scripts:
 

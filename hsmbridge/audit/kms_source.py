@@ -1,6 +1,6 @@
 """Option (b) of the audit's metadata side: any KMS endpoint (real AWS KMS in staging) via boto3.
 
-Owns: `KmsApiSource`, which lists a custom key store's keys the way spec §6.5 says KMS allows it:
+Owns: `KmsApiSource`, which lists a custom key store's keys the only way KMS allows it:
 ListKeys (paginated), then DescribeKey on each key, keeping those whose CustomKeyStoreId (or,
 without a store id, CloudHsmClusterId) matches. KMS has no server-side filter, so this costs one
 DescribeKey per key in the account and region. Must not import service, protocol, http or cli.

@@ -241,5 +241,5 @@ def orphan_detail(tomb: Tombstone | None) -> str:
         return f"the KMS key's deletion completed at {when} and reported its material destroyed"
     return (
         f"the KMS key's deletion completed at {when} while the store was disconnected; its "
-        "material was never destroyed (spec §6.4)"
+        "material was never destroyed"
     )

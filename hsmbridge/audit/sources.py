@@ -39,7 +39,7 @@ class KnownKey:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """A KMS key whose deletion completed (spec §6.4)."""
+    """A KMS key whose deletion completed."""
 
     key_id: str
     arn: str

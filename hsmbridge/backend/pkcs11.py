@@ -264,7 +264,7 @@ class Pkcs11Backend:
             key = self._key(worker, label)
             if hsm_iv:
                 # CloudHSM writes its own IV into pIv, which must be zeroed; python-pkcs11 passes
-                # this buffer itself as pIv (field notes §0.3, §2.5), so a fresh mutable one per
+                # this buffer itself as pIv, so a fresh mutable one per
                 # call. `cast`: GCMParams is typed `bytes` but accepts any buffer.
                 buf = bytearray(GCM_IV_BYTES)
                 out = key.encrypt(
@@ -358,7 +358,7 @@ def _ms_since(start: float) -> float:
 
 def _p11_template(template: Mapping[str, object]) -> dict[Any, Any]:
     """Names -> `pkcs11.Attribute`; attributes dropped by the profile become `pkcs11.DEFAULT`,
-    which removes them from python-pkcs11's own default template too (field notes §2.3)."""
+    which removes them from python-pkcs11's own default template too."""
     out: dict[Any, Any] = {Attribute[name]: pkcs11.DEFAULT for name in BASE_TEMPLATE}
     for name, value in template.items():
         if name == "CLASS":

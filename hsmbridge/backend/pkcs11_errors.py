@@ -2,7 +2,7 @@
 
 Owns: `translate()` and the transient sub-kinds the session pool acts on (`SessionLostError`,
 `StaleHandleError`, `LoginLostError`, `HsmBusyError`). Everything else in hsmbridge sees only the
-classes of `hsmbridge.backend.errors`. Matching is by exception *class* (field notes §2.7: python-
+classes of `hsmbridge.backend.errors`. Matching is by exception *class* (python-
 pkcs11 exceptions carry no CKR code); message text is read only for the two documented fallbacks
 python-pkcs11 leaves us: the bare `PKCS11Error("Unmapped error code 0x..")` and its fixed
 "Initialisation error (not initialized)" text for CKR_CRYPTOKI_NOT_INITIALIZED, which has no class.
@@ -33,7 +33,7 @@ from hsmbridge.backend.errors import (
 from hsmbridge.config import HsmProfile
 from hsmbridge.model import ConnectionErrorCode
 
-# A DeviceError is a throttled call on CloudHSM (field notes §4.7) until it repeats this many
+# A DeviceError is a throttled call on CloudHSM until it repeats this many
 # times in a row on one library; then the device is treated as lost and the library re-initialised
 # (the xks-proxy `is_ckr_fatal` pattern).
 DEVICE_ERROR_STREAK_LIMIT = 3

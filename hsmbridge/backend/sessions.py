@@ -4,7 +4,7 @@ Owns: `Library` (one loaded module: its `pkcs11.lib`, call lock and generation) 
 (one login plus PIN-less worker sessions for one token). Must not import anything in hsmbridge
 above `hsmbridge.backend.errors`, `hsmbridge.backend.pkcs11_errors` and `hsmbridge.config`.
 
-Concurrency design (field notes §0.1, §2.8, §3.3):
+Concurrency design:
 * python-pkcs11 calls `C_Initialize(NULL)`, so SoftHSM runs with its internal mutexes off, and it
   releases the GIL around every C call: two threads in SoftHSM at once crash it (SIGSEGV, heap
   corruption) even on separate sessions. When `profile.serialize_calls` is true every PKCS#11

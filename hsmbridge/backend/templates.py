@@ -19,7 +19,7 @@ KEY_BYTES = 32  # AES-256, what KMS SYMMETRIC_DEFAULT keys are
 
 # Names are `pkcs11.Attribute` member names; CLASS and KEY_TYPE values are `pkcs11.ObjectClass`
 # and `pkcs11.KeyType` member names. Every usage flag is stated: SoftHSM turns omitted SIGN/VERIFY
-# on for AES (field notes §2.3).
+# on for AES.
 BASE_TEMPLATE: Mapping[str, object] = MappingProxyType(
     {
         "CLASS": "SECRET_KEY",

@@ -1,4 +1,4 @@
-"""`hsmbridge audit`: the key-label audit of a custom key store (spec §6.5), from the command line.
+"""`hsmbridge audit`: the key-label audit of a custom key store, from the command line.
 
 Owns: the `audit`, `audit find` and `audit delete-orphans` parsers, and composing an audit run:
 the HSM login (the store's stored kmsuser password with `--keystore`; a password file or env var
@@ -255,7 +255,7 @@ def _open_target(
         if store.connection_state is not ConnectionState.CONNECTED:
             print(
                 f"note: {store.store_id} is {store.connection_state.value}; logging in as the "
-                "crypto user with its stored password for this audit (spec §6.5)",
+                "crypto user with its stored password for this audit",
                 file=sys.stderr,
             )
         hsm = service.ctx.connections.get(

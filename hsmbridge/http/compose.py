@@ -184,8 +184,9 @@ def start_maintenance(settings: Settings, *, sweep_interval_s: float | None = 60
     """Run start-up recovery once and start the deletion sweeper, for `serve` with workers.
 
     Call it before any worker starts (recovery rolls back CreateKeys in flight). Its HSM login
-    is this process's own; workers are spawned, not forked, so none inherits it (field notes
-    §2.1). Sweeper events go to the same audit file as the workers' (O_APPEND, whole lines).
+    is this process's own; workers are spawned, not forked, so none inherits it (a PKCS#11
+    library initialised before a fork is unusable in the child). Sweeper events go to the same
+    audit file as the workers' (O_APPEND, whole lines).
     """
     # The STS key first: workers then all read the one the supervisor made (they would agree on
     # one anyway, see bootstrap.sessions), and a bad key file stops the server before they start.

@@ -5,7 +5,7 @@ puts in the environment for it) and `default_workers()`.
 
 Design (see `http.server.serve_workers` for the supervisor):
 * Each worker is a fresh interpreter (uvicorn spawns them), so PKCS#11 is initialised in the
-  worker, after the fork, never inherited (field notes §2.1); each logs in once per token.
+  worker, after the fork, never inherited; each logs in once per token.
 * Workers neither recover nor sweep: the supervisor ran recovery before starting them and runs
   the sweeper (`compose.start_maintenance`). A ConnectCustomKeyStore runs in the worker that
   took the request; the others log in lazily when they see the store CONNECTED in the DB.

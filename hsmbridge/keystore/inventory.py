@@ -3,7 +3,7 @@
 Owns: the `ClusterInfo`/`HsmInfo` value types, the `ClusterInventory` Protocol, and its two
 implementations: `StaticInventory` (a describe-clusters JSON file, for SoftHSM and demos) and
 `CloudHsmInventory` (the cloudhsmv2 `DescribeClusters` API, for staging), plus the factory that
-picks one from `InventorySettings`. Both read the same document shape (spec §10), so one parser
+picks one from `InventorySettings`. Both read the same document shape, so one parser
 serves both.
 
 HSMs that hsmbridge's CloudHSM v2 API creates or deletes carry one private member,
@@ -29,7 +29,7 @@ from typing import Any, Protocol, cast
 from hsmbridge.config import InventorySettings
 from hsmbridge.errors import ConfigError, HsmbridgeError
 
-ACTIVE = "ACTIVE"  # the one cluster and HSM state that counts as usable (spec §10)
+ACTIVE = "ACTIVE"  # the one cluster and HSM state that counts as usable
 CREATE_IN_PROGRESS = "CREATE_IN_PROGRESS"
 DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
 # Members of a document that are hsmbridge's own, not the cloudhsmv2 model's, start with this.

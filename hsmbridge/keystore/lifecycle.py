@@ -1,4 +1,4 @@
-"""Which custom key store operations are legal in which ConnectionState (spec §3.4), as data.
+"""Which custom key store operations are legal in which ConnectionState, as data.
 
 Owns: the operation-by-state table and `require()`, which raises
 CustomKeyStoreInvalidStateException with a message that says what to do. Pure; must not import
@@ -25,7 +25,7 @@ class StoreOp(enum.StrEnum):
     GENERATE_RANDOM = "GenerateRandom"
 
 
-# NOTE: [U] in the spec for name-only updates while CONNECTING, FAILED or DISCONNECTING; KMS
+# NOTE: KMS does not document name-only updates while CONNECTING, FAILED or DISCONNECTING; KMS
 # documents name changes for CONNECTED and DISCONNECTED only, so the others are refused.
 LEGAL: dict[StoreOp, frozenset[ConnectionState]] = {
     StoreOp.CONNECT: frozenset({C.DISCONNECTED, C.CONNECTING, C.CONNECTED}),

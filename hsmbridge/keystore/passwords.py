@@ -1,4 +1,4 @@
-"""Encryption at rest for the kmsuser passwords of custom key stores (spec §3.5).
+"""Encryption at rest for the kmsuser passwords of custom key stores.
 
 Owns: `PasswordVault`, which keeps a 32-byte master key in a 0600 file and seals each password
 with AES-256-GCM, binding the blob to its custom key store id so that a blob copied onto another

@@ -1,4 +1,4 @@
-"""The AZ-quorum rules KMS applies to a CloudHSM cluster, per operation, as data (spec §3.7, §10).
+"""The AZ-quorum rules KMS applies to a CloudHSM cluster, per operation, as data.
 
 Owns: the rule tables, the `Operation` and `Reason` enums, and the pure `check()` that returns a
 `Verdict`. It raises no KMS errors: the service maps `Reason.NOT_ACTIVE` to
@@ -33,8 +33,8 @@ class Reason(enum.StrEnum):
 
 
 # {operation: (min_active_hsms, min_distinct_azs)}; only HSMs whose State is exactly ACTIVE
-# count. NOTE: whether KMS counts DEGRADED HSMs is unverified; spec §10 recommends not counting
-# them, because a degraded HSM may not hold every key (CloudHSM key-availability quorum).
+# count. NOTE: whether KMS counts DEGRADED HSMs is not documented; we do not count them,
+# because a degraded HSM may not hold every key (CloudHSM key-availability quorum).
 HSM_RULES: Final[Mapping[Operation, tuple[int, int]]] = {
     Operation.CREATE_CUSTOM_KEY_STORE: (2, 2),
     Operation.UPDATE_CUSTOM_KEY_STORE: (2, 2),
@@ -49,7 +49,7 @@ SUBNET_RULES: Final[Mapping[Operation, int]] = {
 }
 
 # Operations that require cluster State == ACTIVE. CreateKey is deliberately absent: the KMS
-# model does not list CloudHsmClusterNotActiveException among CreateKey's errors (spec §3.7).
+# model does not list CloudHsmClusterNotActiveException among CreateKey's errors.
 ACTIVE_CLUSTER_REQUIRED: Final[frozenset[Operation]] = frozenset(
     {
         Operation.CREATE_CUSTOM_KEY_STORE,

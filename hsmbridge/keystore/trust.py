@@ -1,4 +1,4 @@
-"""Trust-anchor checks for CloudHSM key stores (spec §3.6, §3.7).
+"""Trust-anchor checks for CloudHSM key stores.
 
 Owns: parsing the customer's trust anchor (`customerCA.crt`), checking that the cluster
 certificate from DescribeClusters was issued by it, and the "related cluster" test (equal
@@ -90,7 +90,7 @@ def verify_cluster_certificate(anchor_pem: str, cluster_cert_pem: str) -> None:
 
 
 def same_cluster_identity(cert_a_pem: str, cert_b_pem: str) -> bool:
-    """True when two ClusterCertificate values are the same certificate (spec §3.7 "related").
+    """True when two ClusterCertificate values are the same certificate.
 
     Compared as DER so that line endings or trailing whitespace in stored PEM do not matter; an
     unparseable value is never related to anything.

@@ -30,7 +30,7 @@ _SCHEMA_V1: Final = (
         creation_date REAL NOT NULL,
         password_blob BLOB NOT NULL
     )""",
-    # RESTRICT: a store with keys cannot vanish underneath them (spec §4.6), even by a bug.
+    # RESTRICT: a store with keys cannot vanish underneath them, even by a bug.
     """CREATE TABLE keys (
         id TEXT PRIMARY KEY,
         arn TEXT NOT NULL,
@@ -74,7 +74,7 @@ _SCHEMA_V1: Final = (
 )
 
 
-# v2: grants (spec §8.5). A grant dies with its key; the explicit delete in delete_key keeps that
+# v2: grants. A grant dies with its key; the explicit delete in delete_key keeps that
 # true with foreign keys off too.
 _SCHEMA_V2: Final = (
     """CREATE TABLE grants (

@@ -26,7 +26,7 @@ class StoredKeyStore:
 
 @dataclass(frozen=True)
 class DeletedKey:
-    """A tombstone kept after a key's deletion completed, for audits (spec §6.4)."""
+    """A tombstone kept after a key's deletion completed, for audits."""
 
     key_id: str
     arn: str

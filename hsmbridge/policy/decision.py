@@ -2,7 +2,7 @@
 
 Owns: `Decision` (allowed or not, which policy decided, and the AccessDenied wording), and the
 two ways of deciding: on a resource that has its own policy (a KMS key and its key policy, an IAM
-role and its trust policy), and on actions that IAM policies alone decide. The rules (spec §8.4):
+role and its trust policy), and on actions that IAM policies alone decide. The rules:
 an explicit deny anywhere wins; in the resource's account the resource policy must allow the
 principal directly, or delegate to the account (naming its root) with an IAM policy allowing
 too, or a grant must allow; across accounts only listed actions work, and the resource policy and

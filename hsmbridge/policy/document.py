@@ -3,7 +3,7 @@ role trust policies; build the default key policy.
 
 Owns: the policy grammar (Version, Id, Statement; Sid, Effect, Principal/NotPrincipal,
 Action/NotAction, Resource/NotResource, Condition) and what makes a document acceptable:
-PutKeyPolicy/CreateKey's rules for key policies (spec §8.3: characters, size, JSON, a principal in
+PutKeyPolicy/CreateKey's rules for key policies (characters, size, JSON, a principal in
 every statement, principal ARN forms), IAM's for identity and trust policies. Documents are
 stored as the caller wrote them; parsing yields the immutable `PolicyDocument` that
 `evaluation` compiles and evaluates. Must not import anything above `errors`.
@@ -28,7 +28,7 @@ from hsmbridge.policy.matching import (
 )
 
 # NOTE: differs from the model's 131,072 characters because the KMS Developer Guide documents a
-# 32 KiB key-policy quota that is not adjustable; we follow the documented quota (spec §13.4).
+# 32 KiB key-policy quota that is not adjustable; we follow the documented quota.
 MAX_POLICY_BYTES: Final = 32 * 1024
 _ALLOWED_CHARS: Final = re.compile(r"^[\t\n\r\u0020-\u00FF]*$")
 _VERSIONS: Final = ("2008-10-17", "2012-10-17")
@@ -257,7 +257,7 @@ def _statement(raw: Any, where: str, kind: str, *, variables: bool) -> Statement
     resources, not_resources = _pair(raw, "Resource", where)
     if kind != "key":
         # IAM insists on these; KMS accepts a key policy statement without them (it has no
-        # effect, spec §8.3).
+        # effect).
         if actions is None and not_actions is None:
             raise PolicyDocumentError(f"{where}: has no Action or NotAction")
         for action in actions or not_actions or ():

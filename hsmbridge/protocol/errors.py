@@ -35,7 +35,7 @@ GENERIC_INTERNAL_MESSAGE: Final = "We encountered an internal error. Please try 
 #   KeyUnavailableException   500  model fault=server; e.g. a CloudHSM key not yet on two HSMs.
 #   DependencyTimeoutException 503 model fault=server; the HSM is busy or unreachable. 503 (not
 #                                  500) matches the model's httpError and reads "come back later".
-# Every other code is a client fault and gets 400, as real KMS sends (spec section 2): a retry of
+# Every other code is a client fault and gets 400, as real KMS sends: a retry of
 # a validation, key-state, policy or signature error cannot succeed. ThrottlingException is 400
 # too; botocore retries it by its code, not its status.
 STATUS_BY_CODE: Final[Mapping[str, int]] = {

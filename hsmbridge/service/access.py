@@ -1,8 +1,8 @@
 """Authorization: may this caller perform this KMS action, on this key or account-wide?
 
 Owns: `AccessControl`, the one decision every service operation asks for before it acts, whichever
-edge (HTTP, CLI, console) the request came through. It gathers what AWS evaluates together (spec
-§8.4): the key policy (parsed once per policy text), the caller's IAM policies (from the account's
+edge (HTTP, CLI, console) the request came through. It gathers what AWS evaluates together: the
+key policy (parsed once per policy text), the caller's IAM policies (from the account's
 `iam/ACCOUNT.json`, parsed once per file change), the session policy of temporary credentials, and
 the key's grants (read only when the policies do not allow, so the common path never touches
 them). It builds the request's condition keys, lets `policy.decision` decide, records the decision
@@ -63,7 +63,7 @@ _GRANT_TOKEN_ACTIONS: Final = frozenset(
 )
 GRANT_TOKEN_PREFIX: Final = b"hsmbridge-grant/v1:"
 # Operations whose requests carry an encryption context: the kms:EncryptionContext* keys and
-# grant constraints apply to them (spec §8.4, §8.5).
+# grant constraints apply to them.
 _CONTEXT_ACTIONS: Final = frozenset(
     {
         "kms:Encrypt",
@@ -109,7 +109,7 @@ def decode_grant_token(token: str) -> str:
 
 def grant_allows(grant: Grant, action: str, context: Context | None) -> bool:
     """Does `grant` cover `action` with this encryption context? Constraint keys compare
-    case-insensitively and values exactly (spec §8.5)."""
+    case-insensitively and values exactly."""
     if action.removeprefix("kms:") not in grant.operations:
         return False
     constraints = grant.constraints
@@ -308,7 +308,7 @@ class AccessControl:
         *,
         bypass_lockout_check: bool,
     ) -> PolicyDocument:
-        """CreateKey's and PutKeyPolicy's checks (spec §8.3): a valid document whose principals
+        """CreateKey's and PutKeyPolicy's checks: a valid document whose principals
         exist and which still lets the caller change it, unless the caller bypasses that."""
         doc = self._key_policies.get(policy_text)
         for principal in sorted(doc.aws_principals()):
@@ -484,7 +484,7 @@ class AccessControl:
             keys["kms:RequestAlias"] = alias
         if self._aliases_of is not None and self._mentions_resource_aliases(caller):
             # A metadata read per request only for callers whose IAM policies use the key
-            # (it works in IAM policies only, spec §8.1).
+            # (it works in IAM policies only).
             keys["kms:ResourceAliases"] = tuple(self._aliases_of(key.key_id))
         if extra:
             keys.update(extra)

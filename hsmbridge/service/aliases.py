@@ -1,4 +1,4 @@
-"""Aliases: CreateAlias, UpdateAlias, DeleteAlias, ListAliases (spec §8.1).
+"""Aliases: CreateAlias, UpdateAlias, DeleteAlias, ListAliases.
 
 Owns: alias name rules (prefix `alias/`, 1-256 characters, `alias/aws/` reserved, 50 per key),
 which key states allow aliasing, and alias listing. Must not import protocol, http or cli.
@@ -48,7 +48,7 @@ class AliasService:
         """CreateAlias. Raises AlreadyExists, NotFound, InvalidAliasName, KMSInvalidState,
         LimitExceeded."""
         check_alias_name(name)
-        # Two permissions (spec §8.1): on the alias (IAM) and on the key (key policy).
+        # Two permissions: on the alias (IAM) and on the key (key policy).
         self._ctx.authorize(caller, "kms:CreateAlias", self._arn(name))
         self._ctx.require_home_account(caller, "kms:CreateAlias")
         with self._ctx.meta.write():
@@ -80,7 +80,7 @@ class AliasService:
             alias = self._ctx.meta.get_alias(name)
             if alias is None:
                 raise NotFoundException(f"Alias {self._arn(name)} is not found.")
-            # On the alias, the key it names now and the key it will name (spec §8.1).
+            # On the alias, the key it names now and the key it will name.
             old = self._ctx.meta.get_key(alias.target_key_id)
             if old is not None:
                 self._ctx.authorize_key(caller, "kms:UpdateAlias", old)

@@ -4,7 +4,7 @@ for the cryptographic hot path.
 Owns: `ClusterFacts`, and the one place a quorum verdict becomes a KMS error. Management
 operations (create/connect/update a store, CreateKey) read the inventory fresh, because their
 answer decides what is created. Cryptographic operations need only "does the cluster still have an
-ACTIVE HSM" (spec §3.7) on every request, so that answer is cached for a couple of seconds instead
+ACTIVE HSM" on every request, so that answer is cached for a couple of seconds instead
 of re-reading a file or calling DescribeClusters per request.
 Must not import protocol, http or cli.
 """
@@ -57,7 +57,7 @@ class ClusterFacts:
             ) from exc
 
     def require_quorum(self, op: quorum.Operation, cluster: ClusterInfo) -> None:
-        """The AZ-quorum rule of `op` (spec §3.7), as the KMS error that operation lists: the
+        """The AZ-quorum rule of `op`, as the KMS error that operation lists: the
         store operations distinguish a cluster that is not ACTIVE; CreateKey's model lists only
         CloudHsmClusterInvalidConfigurationException."""
         verdict = quorum.check(op, cluster)

@@ -4,7 +4,7 @@ Owns: the map from custom key store id to a logged-in `HsmBackend`. The metadata
 truth about whether a store is CONNECTED; this registry follows it lazily. A process that finds a
 store CONNECTED but holds no login (the CLI connected it, or this server restarted) logs in on first
 use; a process holding a login for a store that is no longer CONNECTED closes it. PKCS#11 logins are
-per process (field notes §2.2), so every process keeps its own registry.
+per process, so every process keeps its own registry.
 Must not import protocol, http or cli.
 """
 
@@ -31,7 +31,7 @@ class StoreConnections:
         self._connector = connector
         self._live: dict[str, _Live] = {}
         # WARNING: held while logging in, so two threads never log in to one token at once
-        # (a second C_Login on the token leaks a session, field notes §2.2).
+        # (a second C_Login on the token leaks a session).
         self._lock = threading.Lock()
 
     def attach(self, store_id: str, cluster_id: str, password: str) -> HsmBackend:

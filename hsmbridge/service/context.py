@@ -95,7 +95,7 @@ class ServiceContext:
 
         NOTE: differs from KMS, which keeps resources for every account: one hsmbridge endpoint
         keeps the keys, aliases and key stores of its configured account. Principals of other
-        accounts use its keys across accounts, as KMS allows (spec §8.4).
+        accounts use its keys across accounts, as KMS allows.
         """
         if self.is_foreign(caller):
             raise UnsupportedOperationException(

@@ -1,7 +1,7 @@
 """Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext),
-GenerateRandom (spec §7); Sign, Verify, GenerateMac and VerifyMac, which every key here refuses.
+GenerateRandom; Sign, Verify, GenerateMac and VerifyMac, which every key here refuses.
 
-Owns: key-state checks for cryptography (spec §6.2), the algorithm and size rules, DryRun, and
+Owns: key-state checks for cryptography, the algorithm and size rules, DryRun, and
 turning HSM AES-GCM results into versioned ciphertext blobs via `envelope`. Plaintext and data
 keys never leave this module except in the response. Must not import protocol, http or cli.
 """

@@ -4,7 +4,7 @@ Owns: `KeyDeletion`. `sweep()` deletes every key whose deletion date has passed;
 deletes one. The row is flipped to DELETING before the material is destroyed, so a crash in
 between is finished by recovery. A store that is not CONNECTED cannot reach its HSM: the key is
 deleted anyway and its material left as a recorded orphan (a tombstone with
-material_deleted=False and a DeleteKey event with FAILURE), as KMS does (spec §6.4).
+material_deleted=False and a DeleteKey event with FAILURE), as KMS does.
 Must not import protocol, http or cli.
 """
 

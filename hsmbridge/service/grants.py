@@ -1,4 +1,4 @@
-"""Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant (spec §8.5).
+"""Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant.
 
 Owns: the grant rules: which operations a grant on a CloudHSM-store key may allow, constraints,
 `Name` idempotency, the 50,000-grants-per-key quota, the key states that refuse new grants, who
@@ -38,7 +38,7 @@ from hsmbridge.service.lookup import KeyLookup
 DRY_RUN_MESSAGE: Final = "The request would have succeeded, but the DryRun flag is set."
 MAX_GRANTS_PER_KEY: Final = 50_000
 MAX_CONSTRAINT_PAIRS: Final = 8
-# What a grant may allow on a symmetric encryption key (spec §8.5).
+# What a grant may allow on a symmetric encryption key.
 SYMMETRIC_GRANT_OPERATIONS: Final = frozenset(
     {
         "Decrypt",
@@ -319,7 +319,7 @@ class GrantService:
     def list_retirable(
         self, caller: RequestContext, retiring_principal: str, limit: int | None, marker: str | None
     ) -> Page[Grant]:
-        """ListRetirableGrants: authorized by IAM policies alone (spec §8.4)."""
+        """ListRetirableGrants: authorized by IAM policies alone."""
         self._ctx.authorize(caller, "kms:ListRetirableGrants")
         if not _PRINCIPAL_RE.match(retiring_principal):
             raise InvalidArnException(f"{retiring_principal!r} is not a valid principal ARN.")
@@ -342,7 +342,7 @@ class GrantService:
     ) -> None:
         """RetireGrant by token, or by KeyId and GrantId. Allowed for the retiring principal,
         the grantee when the grant allows RetireGrant, and principals whose policies allow
-        kms:RetireGrant on the key (spec §8.5)."""
+        kms:RetireGrant on the key."""
         if grant_token is not None:
             token_grant_id = decode_grant_token(grant_token)
             if grant_id is not None and grant_id != token_grant_id:

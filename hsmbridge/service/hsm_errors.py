@@ -28,7 +28,7 @@ from hsmbridge.errors import (
 )
 
 # NOTE: differs from KMS, which answers KMSInvalidStateException (400, not retried) with "KMS
-# cannot communicate with your CloudHSM cluster" (spec §7.6); a retryable 500 lets SDKs ride out
+# cannot communicate with your CloudHSM cluster"; a retryable 500 lets SDKs ride out
 # HSM blips and throttling, which is what a stand-in under CI load needs.
 # None: the operation's retryable fault class (see `to_kms_error`).
 _TABLE: dict[type[BackendError], tuple[type[KmsError] | None, str]] = {

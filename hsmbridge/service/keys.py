@@ -271,7 +271,7 @@ class KeyService:
             return updated
 
     def enable(self, caller: RequestContext, key_ref: str) -> None:
-        """EnableKey; on an Unavailable key the change takes effect at reconnect (spec §6.2)."""
+        """EnableKey; on an Unavailable key the change takes effect at reconnect."""
         self._mutate(
             caller,
             "kms:EnableKey",
@@ -280,7 +280,7 @@ class KeyService:
         )
 
     def disable(self, caller: RequestContext, key_ref: str) -> None:
-        """DisableKey; on an Unavailable key the change takes effect at reconnect (spec §6.2)."""
+        """DisableKey; on an Unavailable key the change takes effect at reconnect."""
         self._mutate(
             caller,
             "kms:DisableKey",
@@ -323,7 +323,7 @@ class KeyService:
         return ScheduledDeletion(record.arn, when, days)
 
     def cancel_deletion(self, caller: RequestContext, key_ref: str) -> KeyIdentity:
-        """CancelKeyDeletion: the key becomes Disabled, not Enabled (spec §6.4)."""
+        """CancelKeyDeletion: the key becomes Disabled, not Enabled."""
 
         def change(r: KeyRecord) -> KeyRecord:
             if r.base_state is not KeyState.PENDING_DELETION:
@@ -348,7 +348,7 @@ def _destroy_quietly(backend: HsmBackend, label: str) -> None:
 
 
 def _create_key_conditions(req: CreateKeyRequest) -> dict[str, ConditionValue]:
-    """CreateKey's request condition keys (spec §8.4)."""
+    """CreateKey's request condition keys."""
     keys: dict[str, ConditionValue] = {
         "kms:KeyOrigin": req.origin or "AWS_KMS",
         "kms:KeySpec": req.key_spec or req.customer_master_key_spec or "SYMMETRIC_DEFAULT",
@@ -363,7 +363,7 @@ def _create_key_conditions(req: CreateKeyRequest) -> dict[str, ConditionValue]:
 
 
 def _check_create_request(req: CreateKeyRequest) -> str:
-    """Shape rules of CreateKey for this service (spec §5.1, §5.2); returns the store id."""
+    """Shape rules of CreateKey for this service; returns the store id."""
     spec = req.key_spec or req.customer_master_key_spec or KeySpec.SYMMETRIC_DEFAULT.value
     if (
         req.key_spec

@@ -1,4 +1,4 @@
-"""Custom key store operations: Create, Describe, Connect, Disconnect, Update, Delete (spec §4).
+"""Custom key store operations: Create, Describe, Connect, Disconnect, Update, Delete.
 
 Owns: the KMS semantics of the key store lifecycle: preconditions, the order of checks, the
 asynchronous connect (CONNECTING → CONNECTED or FAILED with a ConnectionErrorCode), and turning
@@ -82,7 +82,7 @@ class KeyStoreService:
             existing = ctx.meta.get_key_store_by_name(name)
             if existing is not None:
                 if self._is_identical(existing, cluster_id, trust_anchor, password):
-                    return existing.store.store_id  # KMS: silently idempotent (spec §4.1)
+                    return existing.store.store_id  # KMS: silently idempotent
                 raise CustomKeyStoreNameInUseException(
                     f"A custom key store named {name!r} already exists in this account and Region."
                 )
@@ -151,7 +151,7 @@ class KeyStoreService:
         ctx = self._ctx
         ctx.authorize(caller, "kms:DescribeCustomKeyStores")
         if ctx.is_foreign(caller):
-            # Custom key stores are never shared across accounts (spec §8.4); the caller's own
+            # Custom key stores are never shared across accounts; the caller's own
             # account holds none at this endpoint.
             if store_id is not None or name is not None:
                 raise CustomKeyStoreNotFoundException("No custom key store has that ID or name.")
@@ -179,7 +179,7 @@ class KeyStoreService:
 
     # -- Connect ------------------------------------------------------------------------------
     def connect(self, caller: RequestContext, store_id: str) -> None:
-        """ConnectCustomKeyStore: returns once the connection has *started* (spec §4.2).
+        """ConnectCustomKeyStore: returns once the connection has *started*.
 
         Raises CustomKeyStoreNotFound, CustomKeyStoreInvalidState (FAILED, DISCONNECTING),
         CloudHsmClusterNotActive. Everything else ends as FAILED + ConnectionErrorCode.
@@ -192,7 +192,7 @@ class KeyStoreService:
             state = row.store.connection_state
             require(StoreOp.CONNECT, store_id, state)
             if state in (C.CONNECTED, C.CONNECTING):
-                return  # NOTE: [U] in the spec; treated as a no-op, as the model's wording allows
+                return  # NOTE: undocumented in KMS; a no-op, as the model's wording allows
             cluster = self._describe_cluster(row.store.cluster_id)
             if cluster is not None and cluster.state != "ACTIVE":
                 raise CloudHsmClusterNotActiveException(
@@ -220,7 +220,7 @@ class KeyStoreService:
             self.on_connected(store_id)
 
     def _try_login(self, store_id: str) -> ConnectionErrorCode | None:  # noqa: PLR0911
-        # One return per ConnectionErrorCode the connect can end with (spec §3.3).
+        # One return per ConnectionErrorCode the connect can end with.
         ctx = self._ctx
         row = ctx.store_row(store_id)
         cluster_id = row.store.cluster_id

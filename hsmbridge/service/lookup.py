@@ -1,8 +1,9 @@
 """Resolve a `KeyId` member to a key, derive its effective state, and build its KeyMetadata.
 
-Owns: the rules of spec §1 for which identifier forms each operation accepts, the account/region
-check on ARNs, the derived `Unavailable` state (spec §6.1: keys of a store that is not CONNECTED
-are Unavailable, except PendingDeletion), and the KeyMetadata shape of spec §5.4.
+Owns: KMS's rules for which identifier forms each operation accepts, the account/region
+check on ARNs, the derived `Unavailable` state (keys of a store that is not CONNECTED are
+Unavailable, except PendingDeletion), and the KeyMetadata shape KMS returns for a custom key
+store key.
 Must not import protocol, http or cli.
 """
 
@@ -18,7 +19,7 @@ from hsmbridge.trail import context as audit_context
 
 
 def require_not_pending(record: KeyRecord) -> KeyRecord:
-    """The [3] rule of spec §6.2: management operations refused while deletion is pending."""
+    """Management operations are refused while deletion is pending (KMSInvalidState)."""
     if record.base_state is KeyState.PENDING_DELETION:
         raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
     return record
@@ -42,7 +43,7 @@ class KeyLookup:
         """The LIVE key a `KeyId` names, or NotFoundException in KMS's words.
 
         A key id or alias name means a key of the caller's account; keys of other accounts are
-        named by ARN (spec §8.4). `caller=None` looks in the endpoint's account (a ciphertext
+        named by ARN. `caller=None` looks in the endpoint's account (a ciphertext
         names its key, whoever presents it).
         """
         ref = ids.parse_key_ref(key_ref, allow_alias=allow_alias)

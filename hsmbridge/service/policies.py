@@ -1,4 +1,4 @@
-"""Key policies: GetKeyPolicy, PutKeyPolicy, ListKeyPolicies (spec §8.3).
+"""Key policies: GetKeyPolicy, PutKeyPolicy, ListKeyPolicies.
 
 Owns: the `default` policy name rule and storing validated documents; the checks on a new
 document (existing principals, lockout safety) are access control's, evaluation too.

@@ -1,4 +1,4 @@
-"""Tags on KMS keys: validation (spec §8.2) and TagResource / UntagResource / ListResourceTags.
+"""Tags on KMS keys: validation and TagResource / UntagResource / ListResourceTags.
 
 Owns: the tag rules (key 1-128, value 0-256, at most 50 per key, `aws:` prefix reserved) and the
 three tag operations. Must not import protocol, http or cli.

@@ -124,7 +124,7 @@ def test_tombstone_says_the_deletion_completed():
         1,
         SCOPE.key_arn(key_id),
         "the KMS key's deletion completed at 2027-01-15T08:00:00Z while the store was "
-        "disconnected; its material was never destroyed (spec §6.4)",
+        "disconnected; its material was never destroyed",
     )
 
 

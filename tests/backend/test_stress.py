@@ -1,7 +1,7 @@
 """Many threads on one SoftHSM-backed backend: the per-library lock must keep SoftHSM alive.
 
 Without serialisation SoftHSM (mutexes off under C_Initialize(NULL)) segfaults within seconds
-with two threads (field notes §2.8), so finishing this run with zero errors is the test.
+with two threads, so finishing this run with zero errors is the test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Aliases, tags and key policies through boto3 against the real server (spec §8.1-§8.3)."""
+"""Aliases, tags and key policies through boto3 against the real server."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_alias_errors(kms, lax, key):
     expect_error(
         "NotFoundException", lambda: kms.create_alias(AliasName=_name(), TargetKeyId=UNKNOWN_KEY)
     )
-    # CreateAlias's target takes a key ID or ARN, not another alias (spec §1).
+    # CreateAlias's target takes a key ID or ARN, not another alias.
     name = _name()
     kms.create_alias(AliasName=name, TargetKeyId=kid)
     expect_error("NotFoundException", lambda: kms.create_alias(AliasName=_name(), TargetKeyId=name))

@@ -24,7 +24,7 @@ from tests.output_shapes import output_validate
 pytestmark = pytest.mark.softhsm
 
 # Errors AWS's front end or every awsJson service may answer for any operation, although the KMS
-# model lists none of them (spec §2, "Common errors not in the model").
+# model lists none of them (AWS's list of common errors).
 COMMON_ERRORS = frozenset(
     {
         "ValidationException",  # shape checks: length, range, pattern, enum, required

@@ -1,4 +1,4 @@
-"""Cryptographic operations through boto3 against the real server, AES-GCM in SoftHSM (spec §7):
+"""Cryptographic operations through boto3 against the real server, AES-GCM in SoftHSM:
 Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext), GenerateRandom, and the
 label -> handle cache the crypto path relies on."""
 
@@ -112,7 +112,7 @@ def test_dry_run(kms, key):
         "DryRunOperationException",
         lambda: kms.encrypt(KeyId=key["KeyId"], Plaintext=b"x", DryRun=True),
     )
-    # A dry run that would fail answers the real error (spec §7.8).
+    # A dry run that would fail answers the real error.
     expect_error(
         "NotFoundException", lambda: kms.encrypt(KeyId=UNKNOWN_KEY, Plaintext=b"x", DryRun=True)
     )

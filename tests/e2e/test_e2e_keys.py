@@ -32,7 +32,7 @@ def test_create_key_metadata(shared):
     assert meta["KeyManager"] == "CUSTOMER"
     assert meta["KeySpec"] == "SYMMETRIC_DEFAULT"
     assert meta["Arn"] == f"arn:aws:kms:us-east-1:111122223333:key/{meta['KeyId']}"
-    # The material is in the token, labelled with the key ARN (spec §6.5).
+    # The material is in the token, labelled with the key ARN.
     backend = shared.runtime.service.ctx.connections.peek(shared.store_id)
     assert [k.label for k in backend.find_keys(meta["Arn"])] == [meta["Arn"]]
 
@@ -110,7 +110,7 @@ def test_enable_disable(kms, key):
     assert kms.describe_key(KeyId=kid)["KeyMetadata"]["KeyState"] == "Enabled"
     expect_error("NotFoundException", lambda: kms.enable_key(KeyId=UNKNOWN_KEY))
     expect_error("NotFoundException", lambda: kms.disable_key(KeyId=UNKNOWN_KEY))
-    # Management operations do not accept aliases (spec §1).
+    # Management operations do not accept aliases.
     alias = _alias("e2e-enable")
     kms.create_alias(AliasName=alias, TargetKeyId=kid)
     expect_error("NotFoundException", lambda: kms.disable_key(KeyId=alias))
@@ -136,7 +136,7 @@ def test_schedule_and_cancel_deletion(shared, kms, key):
 
     assert kms.cancel_key_deletion(KeyId=kid)["KeyId"] == key["Arn"]
     meta = kms.describe_key(KeyId=kid)["KeyMetadata"]
-    assert meta["KeyState"] == "Disabled"  # not Enabled (spec §6.4)
+    assert meta["KeyState"] == "Disabled"  # not Enabled
     assert "DeletionDate" not in meta
     expect_error("KMSInvalidStateException", lambda: kms.cancel_key_deletion(KeyId=kid))
     expect_error("NotFoundException", lambda: kms.cancel_key_deletion(KeyId=UNKNOWN_KEY))

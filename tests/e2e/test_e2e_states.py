@@ -1,4 +1,4 @@
-"""Custom key store lifecycle, key states (spec §6.2, §6.3) and the deletion sweeper (§6.4),
+"""Custom key store lifecycle, key states and the deletion sweeper (§6.4),
 over HTTP against a server of their own (they disconnect the store or move the clock)."""
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_disconnected_store_makes_keys_unavailable(fresh):
         "CustomKeyStoreInvalidStateException",
         lambda: kms.generate_random(NumberOfBytes=8, CustomKeyStoreId=fresh.store_id),
     )
-    # Management stays allowed; DisableKey takes effect at reconnect (spec §6.2 [12]).
+    # Management stays allowed; DisableKey takes effect at reconnect, as in KMS.
     kms.disable_key(KeyId=enabled)
     kms.enable_key(KeyId=disabled)
     kms.tag_resource(KeyId=enabled, Tags=[{"TagKey": "while", "TagValue": "disconnected"}])
@@ -209,7 +209,7 @@ def test_sweeper_while_disconnected_orphans_the_material(fresh):
     (status,) = deleted[0].additional["backingKeysDeletionStatus"]
     assert status["deletionStatus"] == "FAILURE"
     assert deleted[0].additional["clusterId"] == fresh.env.cluster_id
-    # The material is still in the token: an orphan, as the audit event says (spec §6.4).
+    # The material is still in the token: an orphan, as the audit event says.
     fresh.connect()
     live = service.ctx.connections.get(
         fresh.store_id, fresh.env.cluster_id, lambda: fresh.env.password

@@ -220,7 +220,7 @@ def _hsm(cluster_id, n, az, state="ACTIVE"):
 @pytest.fixture
 def moto_cluster_id(moto_endpoint, aws_env, demo_pki):
     """A moto cluster with 2 ACTIVE HSMs in 2 AZs, injected into the server's backend (moto has
-    no create_hsm; field notes §5.2)."""
+    no create_hsm)."""
     client = boto3.client("cloudhsmv2", region_name=REGION, endpoint_url=moto_endpoint)
     created = client.create_cluster(HsmType="hsm2m.medium", SubnetIds=["subnet-a", "subnet-b"])
     cluster_id = created["Cluster"]["ClusterId"]

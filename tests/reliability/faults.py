@@ -34,7 +34,7 @@ from hsmbridge.backend.pkcs11_errors import HsmBusyError, SessionLostError
 from hsmbridge.backend.sessions import Library, load_library
 
 # What a CloudHSM or SoftHSM really raises when throttled, failing over or losing its device
-# (field notes §2.7, §4.7), as python-pkcs11 exception classes.
+# , as python-pkcs11 exception classes.
 PKCS11_FAULTS: tuple[type[Exception], ...] = (
     p11e.DeviceError,
     p11e.SessionHandleInvalid,

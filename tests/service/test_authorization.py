@@ -1,5 +1,5 @@
 """Authorization at the service layer on a fake HSM: key policies, IAM policies, cross-account
-use, grants and the key-policy checks on write, as AWS KMS evaluates them (spec §8.3-§8.5).
+use, grants and the key-policy checks on write, as AWS KMS evaluates them.
 
 The endpoint keeps the keys of `ACCOUNT` (111122223333). `tester` there has an IAM policy
 allowing everything (what `hsmbridge init` writes); the other principals get exactly the IAM
@@ -181,7 +181,7 @@ def test_cross_account_use_needs_the_key_policy_and_the_callers_iam(fake_env) ->
     assert svc.keys.describe(BOB, arn).arn == arn
     with pytest.raises(NotFoundException):
         svc.crypto.encrypt(BOB, key_id, b"x")  # a bare key id means a key of bob's account
-    # Only some operations work across accounts, whatever the policies say (spec §8.4).
+    # Only some operations work across accounts, whatever the policies say.
     _iam(env, bob=document(statement("Allow", "kms:*", arn)))
     _denied(lambda: svc.keys.disable(BOB, arn), "kms:DisableKey")
     _denied(lambda: svc.keys.schedule_deletion(BOB, arn, 7), "kms:ScheduleKeyDeletion")

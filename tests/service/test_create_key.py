@@ -1,7 +1,7 @@
-"""CreateKey request rules in a CloudHSM key store, on a fake HSM (issue 2, spec §5).
+"""CreateKey request rules in a CloudHSM key store, on a fake HSM (issue 2).
 
-Every refusal (an unknown or disconnected store, each request the spec says KMS refuses) raises
-the exception spec §5.1-5.2 recommends and creates nothing: no metadata row, no object on the
+Every refusal (an unknown or disconnected store, each request KMS refuses) raises
+the exception KMS answers and creates nothing: no metadata row, no object on the
 token (the fake's, as our backend lists it). The seed scenario, what lands in a real token, and
 the cluster quorum checked against it are in test_create_key_softhsm.py.
 """
@@ -36,7 +36,7 @@ def test_unknown_and_disconnected_store_create_nothing(fake_env) -> None:
     assert_nothing_created(fake_env)
 
 
-# (request overrides, exception spec §5.1-5.2 recommends)
+# (request overrides, the exception KMS answers)
 BAD_REQUESTS = [
     ({"key_spec": "RSA_2048"}, UnsupportedOperationException),
     ({"customer_master_key_spec": "HMAC_256"}, UnsupportedOperationException),

@@ -1,7 +1,7 @@
-"""CreateKey in a CloudHSM key store, end to end on a real SoftHSM2 token (issue 2, spec §5).
+"""CreateKey in a CloudHSM key store, end to end on a real SoftHSM2 token (issue 2).
 
 The seed scenario: a CONNECTED store whose cluster has 2 ACTIVE HSMs in 2 AZs; CreateKey returns
-exactly the KeyMetadata of spec §5.4, the key is in the token with CKA_LABEL = ARN and CKA_ID = key
+exactly the KeyMetadata KMS returns, the key is in the token with CKA_LABEL = ARN and CKA_ID = key
 id (read once through our backend and once through OpenSC's pkcs11-tool), and DescribeKey/ListKeys
 answer the same metadata. Then ListKeys paging and the cluster quorum, each ending with the token
 checked against the metadata. The request refusals are in test_create_key.py, on a fake HSM.

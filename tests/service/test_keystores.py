@@ -1,4 +1,4 @@
-"""Custom key store lifecycle in the service, on a fake HSM (issue 2, spec §3, §4, §6.3).
+"""Custom key store lifecycle in the service, on a fake HSM (issue 2).
 
 Create (idempotency and every refusal), Describe paging, Connect (the ConnectionErrorCode each
 inventory fault produces, and the asynchronous path through CONNECTING), Update rules and Delete
@@ -126,7 +126,7 @@ def test_create_refusals_then_create_and_idempotent_retry(make_fake_env) -> None
     assert output_validate("DescribeCustomKeyStores", codec.page(
         env.svc.keystores.describe(ADMIN), "CustomKeyStores", "NextMarker", [wire]
     )) == []  # fmt: skip
-    # KMS: identical properties of a DISCONNECTED store → the same id, nothing new (spec §4.1).
+    # KMS: identical properties of a DISCONNECTED store → the same id, nothing new.
     assert ks.create(ADMIN, "S", env.cluster_id, anchor + "\n", pw) == store_id
     with pytest.raises(CustomKeyStoreNameInUseException):
         ks.create(ADMIN, "S", env.cluster_id, anchor, pw + "x")
@@ -196,7 +196,7 @@ def test_connect_error_codes_from_the_inventory(fake_env) -> None:
         assert store_state(fake_env) == (C.FAILED, code)
         assert fake_env.svc.ctx.connections.peek(sid) is None  # no login left behind
         ks.disconnect(ADMIN, sid)
-    # One ACTIVE HSM is enough to connect (spec §3.7), though not to create keys.
+    # One ACTIVE HSM is enough to connect, though not to create keys.
     fake_env.write_inventory(azs=("us-east-1a", "us-east-1b"), states=("ACTIVE", "DEGRADED"))
     ks.connect(ADMIN, sid)
     assert store_state(fake_env) == (C.CONNECTED, None)
@@ -309,7 +309,7 @@ def test_delete_only_when_disconnected_and_empty(fake_env) -> None:
         svc.keystores.describe(ADMIN, sid)
     with pytest.raises(CustomKeyStoreNotFoundException):
         svc.keystores.delete(ADMIN, sid)
-    # Deleting the store leaves the cluster usable for a new store (spec §4.6).
+    # Deleting the store leaves the cluster usable for a new store.
     new = svc.keystores.create(
         ADMIN, "Again", fake_env.cluster_id, fake_env.pki.ca_cert_pem, "newpass12"
     )

@@ -42,7 +42,7 @@ def test_wrong_password_fails_with_invalid_credentials_until_fixed(kms_env) -> N
     assert store_state(kms_env) == (C.FAILED, ConnectionErrorCode.INVALID_CREDENTIALS)
     wire = codec.custom_key_store(ks.describe(ADMIN, sid).items[0])
     assert wire["ConnectionErrorCode"] == "INVALID_CREDENTIALS"
-    # A FAILED store must be disconnected before it is connected again (spec §3.2).
+    # A FAILED store must be disconnected before it is connected again.
     with pytest.raises(CustomKeyStoreInvalidStateException, match="disconnected"):
         ks.connect(ADMIN, sid)
     ks.disconnect(ADMIN, sid)
@@ -96,7 +96,7 @@ def test_disconnect_makes_keys_unavailable_and_management_still_works(kms_env) -
         svc.crypto.decrypt(ADMIN, blob)
     with pytest.raises(CustomKeyStoreInvalidStateException):
         svc.crypto.generate_random(ADMIN, 16, sid)
-    # Enable/Disable are accepted while Unavailable and take effect at reconnect (spec §6.2 [12]).
+    # Enable/Disable are accepted while Unavailable and take effect at reconnect, as in KMS.
     svc.keys.disable(ADMIN, k_enabled)
     svc.keys.enable(ADMIN, k_disabled)
     assert svc.keys.describe(ADMIN, k_enabled).key_state is KeyState.UNAVAILABLE

@@ -1,4 +1,4 @@
-"""Crash safety of key creation and deletion, and the deletion sweeper (issue 2, spec §6.4).
+"""Crash safety of key creation and deletion, and the deletion sweeper (issue 2).
 
 A crash is simulated by a metadata store that raises at a chosen write, which is where a killed
 process would stop: after the HSM call, before the commit that makes the change visible. The
@@ -244,10 +244,10 @@ def test_sweeper_while_disconnected_orphans_material_and_records_failure(kms_env
     assert (status["deletionStatus"], status["objectsDestroyed"]) == ("FAILURE", 0)
     [tomb] = list(svc.ctx.meta.deleted_keys(kms_env.store_id))
     assert (tomb.key_id, tomb.arn, tomb.material_deleted) == (doomed, arn, False)
-    # KMS leaves the material orphaned in the cluster (spec §6.4 step 3); so do we.
+    # KMS leaves the material orphaned in the cluster; so do we.
     svc.keystores.connect(ADMIN, kms_env.store_id)
     assert [k.label for k in backend(kms_env).find_keys(arn)] == [arn]
-    # With the store empty of KMS keys it can be deleted, orphan or not (spec §4.6).
+    # With the store empty of KMS keys it can be deleted, orphan or not.
     svc.keystores.disconnect(ADMIN, kms_env.store_id)
     svc.keystores.delete(ADMIN, kms_env.store_id)
 

@@ -1,4 +1,4 @@
-"""Identifier grammar (spec §1): ids, ARNs, alias names, and how a `KeyId` member is parsed."""
+"""Identifier grammar: ids, ARNs, alias names, and how a `KeyId` member is parsed."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_parse_kms_arn() -> None:
 @pytest.mark.parametrize(
     ("cluster_id", "ok"),
     [
-        ("cluster-1a23b4cdefg", False),  # the spec's example uses 1, which the pattern excludes
+        ("cluster-1a23b4cdefg", False),  # AWS's docs' example uses 1, which the pattern excludes
         ("cluster-abcdefghijk", True),
         ("cluster-234567abcdefghij", True),
         ("cluster-abcdefghij", False),  # 10 characters: too short

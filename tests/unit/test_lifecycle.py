@@ -1,4 +1,4 @@
-"""The operation-by-ConnectionState legality table of spec §3.4, cell by cell."""
+"""The operation-by-ConnectionState legality table, cell by cell."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The kmsuser password vault: AES-GCM at rest, bound to the store id (spec §3.5)."""
+"""The kmsuser password vault: AES-GCM at rest, bound to the store id."""
 
 from __future__ import annotations
 

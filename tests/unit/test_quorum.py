@@ -1,4 +1,4 @@
-"""The AZ-quorum rule table and its messages (spec §3.7, §10)."""
+"""The AZ-quorum rule table and its messages."""
 
 from __future__ import annotations
 

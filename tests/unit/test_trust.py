@@ -1,4 +1,4 @@
-"""Trust-anchor parsing and cluster-certificate verification (spec §3.6)."""
+"""Trust-anchor parsing and cluster-certificate verification."""
 
 from __future__ import annotations
 
