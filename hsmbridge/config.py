@@ -110,6 +110,9 @@ class Settings:
     workers: int | None = None
     # The credentials-file section (profile) whose principal CLI commands act as.
     cli_profile: str = "default"
+    # HTTPS: the server's certificate chain and private key (PEM), both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def binding(self, cluster_id: str) -> ClusterBinding | None:
         return self.clusters.get(cluster_id)
@@ -335,6 +338,7 @@ def load_settings(path: Path | str) -> Settings:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{here}: 'listen_port' must be 0-65535, got {port}")
     metadata_url, metadata_db = _metadata(raw, paths, data_dir, where)
+    tls_cert, tls_key = _tls(service, base, here)
     return Settings(
         config_path=path,
         region=region,
@@ -359,7 +363,23 @@ def load_settings(path: Path | str) -> Settings:
         cli_profile=_get(
             _get(raw, "cli", dict, where, {}), "profile", str, f"{where}: [cli]", "default"
         ),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
+
+
+def _tls(service: dict[str, Any], base: Path, here: str) -> tuple[Path | None, Path | None]:
+    """`tls_cert` and `tls_key` (relative to the configuration file): both or neither."""
+    cert: str | None = _get(service, "tls_cert", str, here, None)
+    key: str | None = _get(service, "tls_key", str, here, None)
+    if (cert is None) != (key is None):
+        missing, given = ("tls_key", "tls_cert") if key is None else ("tls_cert", "tls_key")
+        raise ConfigError(
+            f"{here}: '{missing}' is required when '{given}' is set (both or neither)"
+        )
+    if cert is None or key is None:
+        return None, None
+    return base / cert, base / key
 
 
 def _workers(service: dict[str, Any], here: str) -> int | None:

@@ -137,10 +137,11 @@ def _token(data: Path, cluster_id: str, password: str) -> None:
     )
 
 
-def _credentials(data: Path, account: str, region: str) -> tuple[str, str, str]:
-    """The demo access key pair and its principal ARN, written once."""
+def _credentials(data: Path, account: str, region: str) -> tuple[str, str, str, bool]:
+    """The demo access key pair, its principal ARN, and whether this run wrote them (once)."""
     path = data / "credentials"
-    if not path.exists():
+    created = not path.exists()
+    if created:
         akid = "AKIA" + "".join(
             secrets.choice(string.ascii_uppercase + "234567") for _ in range(16)
         )
@@ -164,6 +165,7 @@ def _credentials(data: Path, account: str, region: str) -> tuple[str, str, str]:
         fields["aws_access_key_id"],
         fields["aws_secret_access_key"],
         fields["principal_arn"].strip(),
+        created,
     )
 
 
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     cluster_id, anchor = _cluster(data, args.region)
     password = _secret_file(data / "kmsuser.password", 24)
     _token(data, cluster_id, password)
-    akid, secret, admin_arn = _credentials(data, args.account_id, args.region)
+    akid, secret, admin_arn, created = _credentials(data, args.account_id, args.region)
     iam = _iam(data, args.account_id, admin_arn)
     config = _config(data, cluster_id, args.region, args.account_id, args.port)
     store_id, state = _store(config, cluster_id, anchor, password)
@@ -259,5 +261,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  cluster:           {cluster_id} (SoftHSM2 token, 2 ACTIVE HSMs in 2 AZs)")
     print(f"  custom key store:  {store_id} ({STORE_NAME}, {state})")
     print(f"  endpoint:          http://{settings.listen_host}:{settings.listen_port}")
-    print(f"  AWS credentials:   AWS_ACCESS_KEY_ID={akid} AWS_SECRET_ACCESS_KEY={secret}")
+    if created:  # the secret is shown once, when it is made; later runs say where it is
+        print(f"  AWS credentials:   AWS_ACCESS_KEY_ID={akid} AWS_SECRET_ACCESS_KEY={secret}")
+    else:
+        where = data / "credentials"
+        print(f"  AWS credentials:   AWS_ACCESS_KEY_ID={akid} (secret: unchanged, in {where})")
     return 0 if state == ConnectionState.CONNECTED.value else 1

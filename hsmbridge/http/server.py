@@ -1,7 +1,7 @@
 """Run the ASGI app under uvicorn: `serve` for the CLI's foreground process, `serve_workers` for
 N worker processes behind one listening socket, `ThreadedServer` for tests and embedding.
 
-Owns: uvicorn configuration (keep-alive, graceful shutdown, concurrency limit, no access log,
+Owns: uvicorn configuration (TLS, keep-alive, graceful shutdown, concurrency limit, no access log,
 no proxy headers, the HTTP parser and event loop) and the thread/signal plumbing around it.
 Parser and loop: httptools and uvloop when installed (both are dependencies). Under
 GenerateDataKey load h11's pure-Python state machine was ~30 % of the server's GIL time;
@@ -17,6 +17,8 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import uvicorn
@@ -34,6 +36,14 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 # client sending a header a byte at a time, or nothing at all, holds a slot of LIMIT_CONCURRENCY
 # forever (slowloris). The body has its own deadline in KmsApi._read_body.
 HEADER_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """HTTPS: the server's certificate chain and its private key, PEM files."""
+
+    cert_file: Path
+    key_file: Path
 
 
 class _HeaderDeadline(asyncio.Protocol):
@@ -93,6 +103,16 @@ class _DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
         self._disarm_header_timer()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        # Server shutdown, this connection idle between requests: under TLS, close() sends
+        # close_notify and waits (asyncio: up to 30 s) for a client that is not reading, which
+        # kept a graceful shutdown waiting on every pooled SDK connection. Nothing is in flight.
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.transport.get_extra_info("sslcontext") is not None:
+            self.transport.abort()
+            return
+        super().shutdown()
+
 
 class _Server(uvicorn.Server):
     """uvicorn.Server that reports readiness and returns after a signal. Signal handlers: uvicorn
@@ -121,9 +141,16 @@ class _Server(uvicorn.Server):
 
 
 def _config(
-    app: KmsApi | str, host: str, port: int, request_timeout_s: float, workers: int = 1
+    app: KmsApi | str,
+    host: str,
+    port: int,
+    request_timeout_s: float,
+    *,
+    workers: int = 1,
+    tls: Tls | None = None,
 ) -> uvicorn.Config:
-    """`app` is the app itself, or (workers > 1) an import string of a factory each worker calls."""
+    """`app` is the app itself, or (workers > 1) an import string of a factory each worker calls.
+    With `tls` uvicorn serves HTTPS only (each worker loads the files when it starts)."""
     return uvicorn.Config(
         app,
         factory=isinstance(app, str),
@@ -141,6 +168,8 @@ def _config(
         timeout_graceful_shutdown=max(1, round(request_timeout_s)),
         limit_concurrency=LIMIT_CONCURRENCY,
         log_config=None,  # the process's logging setup (CLI) decides handlers and levels
+        ssl_certfile=None if tls is None else str(tls.cert_file),
+        ssl_keyfile=None if tls is None else str(tls.key_file),
     )
 
 
@@ -152,6 +181,7 @@ def serve(
     request_timeout_s: float,
     max_request_bytes: int,
     ready: threading.Event | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (main thread) and then shut down gracefully.
 
@@ -159,11 +189,17 @@ def serve(
     limit); it is taken here so callers pass one settings object's worth of limits.
     """
     del max_request_bytes  # enforced in KmsApi._read_body; see the docstring
-    _Server(_config(app, host, port, request_timeout_s), ready).run()
+    _Server(_config(app, host, port, request_timeout_s, tls=tls), ready).run()
 
 
 def serve_workers(
-    factory: str, host: str, port: int, *, workers: int, request_timeout_s: float
+    factory: str,
+    host: str,
+    port: int,
+    *,
+    workers: int,
+    request_timeout_s: float,
+    tls: Tls | None = None,
 ) -> bool:
     """Serve with `workers` processes sharing one listening socket until SIGTERM/SIGINT.
 
@@ -173,7 +209,7 @@ def serve_workers(
     the import string of a zero-argument app factory each worker calls. Returns False when a
     worker could not start (the supervisor then stops: every restart would fail the same way).
     """
-    config = _config(factory, host, port, request_timeout_s, workers)
+    config = _config(factory, host, port, request_timeout_s, workers=workers, tls=tls)
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])
     try:

@@ -239,6 +239,16 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
     assert len({h["AvailabilityZone"] for h in hsms}) == 2
     password = (data / "kmsuser.password").read_text().strip()
     assert password not in first.stdout + first.stderr + second.stdout + second.stderr
+    # The demo secret access key is printed once, by the run that created it.
+    creds = dict(
+        line.split(" = ", 1) for line in (data / "credentials").read_text().splitlines()
+        if " = " in line
+    )  # fmt: skip
+    secret, akid = creds["aws_secret_access_key"], creds["aws_access_key_id"]
+    assert f"AWS_SECRET_ACCESS_KEY={secret}" in first.stdout
+    assert secret not in second.stdout + second.stderr
+    assert f"AWS_ACCESS_KEY_ID={akid}" in second.stdout
+    assert f"secret: unchanged, in {data.resolve() / 'credentials'}" in second.stdout
 
 
 def test_key_create_writes_the_consoles_key_policy(kms_env, capsys) -> None:

@@ -11,8 +11,7 @@ import pytest
 
 from hsmbridge.main import build_parser, main
 
-# `serve` is the HTTP edge's parser (hsmbridge/http/serve_cmd.py), checked with the HTTP edge.
-NOT_HERE = {("serve",)}
+NOT_HERE: set[tuple[str, ...]] = set()  # every command, `serve` (hsmbridge/http) included
 
 
 def _commands(
@@ -30,7 +29,8 @@ COMMANDS = dict(_commands(build_parser()))
 
 
 def test_every_command_is_covered() -> None:
-    assert {("init",), ("audit",), ("audit", "find"), ("audit", "delete-orphans")} <= set(COMMANDS)
+    assert {("init",), ("serve",), ("audit",), ("audit", "find")} <= set(COMMANDS)
+    assert ("audit", "delete-orphans") in COMMANDS
     assert {("keystore", "create"), ("key", "create"), ("key", "list")} <= set(COMMANDS)
 
 
@@ -71,3 +71,14 @@ def test_kms_options_use_aws_style_placeholders(capsys) -> None:
     out = capsys.readouterr().out
     assert "--custom-key-store-id ID" in out
     assert "--config FILE" in out
+
+
+def test_serve_help_describes_the_command_and_its_placeholders(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "Owns:" not in out
+    for shown in ("--config FILE", "--workers N", "--tls-cert FILE", "--tls-key FILE"):
+        assert shown in out, shown
+    assert "--insecure-http" in out
+    assert "HTTPS" in out  # the description, not only the options
