@@ -75,6 +75,18 @@ class Principal:
             raise ValueError(f"{self.arn!r} is not a principal ARN") from None
 
 
+def caller_principal_type(arn: str) -> str:
+    """aws:PrincipalType of any caller ARN (users, roots, roles and their sessions; anything
+    else is a service principal), for the request context's principal."""
+    if arn.endswith(":root"):
+        return "Account"
+    if ":assumed-role/" in arn or ":role/" in arn:
+        return "AssumedRole"
+    if ":user/" in arn:
+        return "User"
+    return "AWSService"
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     principal: Principal

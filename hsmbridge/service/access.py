@@ -27,6 +27,7 @@ from hsmbridge.errors import (
     InvalidGrantTokenException,
     MalformedPolicyDocumentException,
 )
+from hsmbridge.identity.credentials import caller_principal_type as principal_type
 from hsmbridge.identity.iam import IamDirectory
 from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.model import Grant, KeyRecord
@@ -75,17 +76,6 @@ _CONTEXT_ACTIONS: Final = frozenset(
         "kms:CreateGrant",
     }
 )
-
-
-def principal_type(arn: str) -> str:
-    """aws:PrincipalType of an IAM ARN."""
-    if arn.endswith(":root"):
-        return "Account"
-    if ":assumed-role/" in arn or ":role/" in arn:
-        return "AssumedRole"
-    if ":user/" in arn:
-        return "User"
-    return "AWSService"
 
 
 def encode_grant_token(grant_id: str, nonce: bytes) -> str:

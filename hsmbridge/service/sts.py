@@ -24,6 +24,7 @@ from hsmbridge.errors import (
     MalformedPolicyDocumentStsException,
     ValidationException,
 )
+from hsmbridge.identity.credentials import caller_principal_type as principal_type
 from hsmbridge.identity.iam import IamDirectory
 from hsmbridge.identity.sessions import Caller, SessionIssuer, TemporaryCredentials
 from hsmbridge.policy.decision import decide_resource_access
@@ -55,17 +56,6 @@ class CallerIdentity:
     user_id: str
     account: str
     arn: str
-
-
-def principal_type(arn: str) -> str:
-    """aws:PrincipalType of a caller ARN."""
-    if arn.endswith(":root"):
-        return "Account"
-    if ":assumed-role/" in arn or ":role/" in arn:
-        return "AssumedRole"
-    if ":user/" in arn:
-        return "User"
-    return "AWSService"
 
 
 def _partition(arn: str) -> str:
