@@ -58,6 +58,9 @@ class HsmProfile:
     max_sessions: int
     template_omit: tuple[str, ...]
     decrypt_auth_failure_errors: tuple[str, ...]
+    # Failed logins in a row after which the HSM locks the crypto user; 0: it never does.
+    # hsmbridge stops one attempt short of it (service/login_budget.py).
+    login_lockout_threshold: int = 0
     token_label: str | None = None  # None: first slot with a token present (CloudHSM)
 
     def login_pin(self, password: str) -> str:
@@ -83,6 +86,32 @@ class ClusterBinding:
 
     cluster_id: str
     profile: HsmProfile
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """`[quotas]`: KMS's request quotas for cryptographic operations, enforced only when enabled.
+
+    Rates are for the whole endpoint; each server process enforces its share (see
+    `hsmbridge.service.quotas`)."""
+
+    enabled: bool = False
+    # KMS's "Cryptographic operations (symmetric) request rate" per account (5,500/s in many
+    # Regions).
+    cryptographic_requests_per_s: float = 5500.0
+    # KMS's request quota of one AWS CloudHSM key store, shared by all its keys (not adjustable).
+    custom_key_store_requests_per_s: float = 1800.0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """`[audit]`: bounds that keep hostile volume from filling the disk through the audit trail."""
+
+    max_bytes: int = 100 << 20  # audit.jsonl is rotated once it is larger than this
+    backups: int = 5  # rotated files kept: audit.jsonl.1 (newest) to audit.jsonl.N (oldest)
+    max_entry_bytes: int = 16 << 10  # one line at most; a larger event loses its parameters
+    # Events of requests refused before authentication, per process; the rest are counted.
+    unauthenticated_per_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,12 @@ class Settings:
     # HTTPS: the server's certificate chain and private key (PEM), both or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # A file holding the bearer token GET /health and /metrics require; None: they are open.
+    ops_token_file: Path | None = None
+    # Open connections one client address may hold; 0: no cap (behind a proxy or load balancer).
+    max_connections_per_client: int = 256
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def binding(self, cluster_id: str) -> ClusterBinding | None:
         return self.clusters.get(cluster_id)
@@ -196,6 +231,13 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
     max_sessions = _get(raw, "max_sessions", int, where, 4)
     if max_sessions < 1:
         raise ConfigError(f"{where}: 'max_sessions' must be at least 1")
+    lockout = _get(raw, "login_lockout_threshold", int, where, 0)
+    if lockout < 0 or lockout == 1:
+        # 1 would leave no attempt that cannot lock the user: not even a first login.
+        raise ConfigError(
+            f"{where}: 'login_lockout_threshold' must be 0 (the HSM never locks) or at least 2,"
+            f" got {lockout}"
+        )
     return HsmProfile(
         name=_get(raw, "name", str, where),
         module_path=_get(raw, "module_path", str, where),
@@ -212,6 +254,7 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
         decrypt_auth_failure_errors=tuple(
             _get(raw, "decrypt_auth_failure_errors", list, where, [])
         ),
+        login_lockout_threshold=lockout,
         token_label=token_label,
     )
 
@@ -365,6 +408,10 @@ def load_settings(path: Path | str) -> Settings:
         ),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        ops_token_file=_optional_path(service, "ops_token_file", base, here),
+        max_connections_per_client=_connections_per_client(service, here),
+        quotas=_quotas(_get(raw, "quotas", dict, where, {}), f"{where}: [quotas]"),
+        audit=_audit(_get(raw, "audit", dict, where, {}), f"{where}: [audit]"),
     )
 
 
@@ -382,8 +429,79 @@ def _tls(service: dict[str, Any], base: Path, here: str) -> tuple[Path | None, P
     return base / cert, base / key
 
 
+def _connections_per_client(service: dict[str, Any], here: str) -> int:
+    cap: int = _get(service, "max_connections_per_client", int, here, 256)
+    if not 0 <= cap <= 1_000_000:
+        raise ConfigError(f"{here}: 'max_connections_per_client' must be 0-1000000, got {cap}")
+    return cap
+
+
+def _optional_path(table: dict[str, Any], key: str, base: Path, here: str) -> Path | None:
+    """A file named relative to the configuration file, or None when the key is absent."""
+    value: str | None = _get(table, key, str, here, None)
+    if value is not None and not value.strip():
+        raise ConfigError(f"{here}: '{key}' must name a file, got an empty string")
+    return None if value is None else base / value
+
+
 def _workers(service: dict[str, Any], here: str) -> int | None:
     workers: int | None = _get(service, "workers", int, here, None)
     if workers is not None and not 1 <= workers <= 64:
         raise ConfigError(f"{here}: 'workers' must be 1-64, got {workers}")
     return workers
+
+
+def _quotas(table: dict[str, Any], here: str) -> QuotaSettings:
+    """`[quotas]` (optional): off unless `enabled`; rates are requests per second, > 0."""
+    defaults = QuotaSettings()
+    return QuotaSettings(
+        enabled=_get(table, "enabled", bool, here, defaults.enabled),
+        cryptographic_requests_per_s=_rate(
+            table, "cryptographic_requests_per_s", here, defaults.cryptographic_requests_per_s
+        ),
+        custom_key_store_requests_per_s=_rate(
+            table, "custom_key_store_requests_per_s", here, defaults.custom_key_store_requests_per_s
+        ),
+    )
+
+
+def _rate(table: dict[str, Any], key: str, here: str, default: float) -> float:
+    rate: float = _get(table, key, float, here, default)
+    if not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(
+            f"{here}: '{key}' must be a number of requests per second > 0, got {rate!r}"
+        )
+    return rate
+
+
+_AUDIT_KEYS: Final = ("max_bytes", "backups", "max_entry_bytes", "unauthenticated_per_s")
+
+
+def _audit(table: dict[str, Any], here: str) -> AuditSettings:
+    """`[audit]` (optional). Unknown keys are refused: a misspelt bound would silently fall back
+    to its default, which is not what its author meant to protect."""
+    unknown = sorted(set(table) - set(_AUDIT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{here}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(_AUDIT_KEYS)}"
+        )
+    defaults = AuditSettings()
+    max_bytes: int = _get(table, "max_bytes", int, here, defaults.max_bytes)
+    if max_bytes < 1 << 20:
+        raise ConfigError(f"{here}: 'max_bytes' must be at least 1048576 (1 MiB), got {max_bytes}")
+    backups: int = _get(table, "backups", int, here, defaults.backups)
+    if not 1 <= backups <= 100:
+        raise ConfigError(f"{here}: 'backups' must be 1-100, got {backups}")
+    entry: int = _get(table, "max_entry_bytes", int, here, defaults.max_entry_bytes)
+    if not 1 << 10 <= entry <= 1 << 20:
+        raise ConfigError(
+            f"{here}: 'max_entry_bytes' must be 1024-1048576 (1 KiB to 1 MiB), got {entry}"
+        )
+    rate: float = _get(table, "unauthenticated_per_s", float, here, defaults.unauthenticated_per_s)
+    if not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(
+            f"{here}: 'unauthenticated_per_s' must be a number of events per second > 0, "
+            f"got {rate!r}"
+        )
+    return AuditSettings(max_bytes, backups, entry, rate)

@@ -124,6 +124,15 @@ BAD_PROFILES = [
     (("max_sessions = 4", "max_sessions = 0"), ["'max_sessions'"]),
     (("max_sessions = 4", 'max_sessions = "4"'), ["'max_sessions'", "int"]),
     (("serialize_calls = true", "serialize_calls = 1"), ["'serialize_calls'", "bool"]),
+    (
+        ("login_lockout_threshold = 5", "login_lockout_threshold = -1"),
+        ["'login_lockout_threshold'", "-1"],
+    ),
+    # 1: even a first login could lock the user, so no login would ever be safe.
+    (
+        ("login_lockout_threshold = 5", "login_lockout_threshold = 1"),
+        ["'login_lockout_threshold'", "at least 2"],
+    ),
 ]
 
 
@@ -151,6 +160,16 @@ def test_profile_without_module_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing required setting 'module_path'") as caught:
         load_profile(profile)
     assert str(profile) in str(caught.value)
+
+
+def test_profile_without_a_lockout_threshold_never_locks(tmp_path: Path) -> None:
+    text = "\n".join(
+        line
+        for line in SOFTHSM_PROFILE.read_text().splitlines()
+        if "login_lockout_threshold" not in line
+    )
+    assert load_profile(write(tmp_path, text, "no-lockout.toml")).login_lockout_threshold == 0
+    assert load_profile(SOFTHSM_PROFILE).login_lockout_threshold == 5
 
 
 # --- the static inventory ---------------------------------------------------------------------
