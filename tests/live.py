@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from botocore.config import Config
 
 from hsmbridge.http.compose import Runtime, create_app
 from hsmbridge.http.server import ThreadedServer
+from hsmbridge.trail.rotation import read_lines
 from hsmbridge.trail.sinks import BufferedJsonLinesSink
 from tests.harness import ACCESS_KEY, REGION, SECRET_KEY, FakeClock, KmsEnv
 
@@ -66,12 +68,12 @@ class Live:
         return status, json.loads(body)
 
     def events(self) -> list[dict[str, Any]]:
-        """Every audit record written so far (the buffered sink is flushed first)."""
+        """Every audit record written so far, rotated files first (the buffered sink is flushed
+        first)."""
         sink = self.runtime.audit
         if isinstance(sink, BufferedJsonLinesSink) and not self.closed:
             sink.flush()
-        text = self.audit_path.read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line]
+        return [json.loads(line) for line in read_lines(self.audit_path) if line]
 
     def create_store(self, password: str | None = None) -> str:
         resp = self.kms.create_custom_key_store(
@@ -107,6 +109,23 @@ class Live:
             self.server.stop()
             self.runtime.close()
             self.closed = True
+
+
+@contextmanager
+def served_with_store(
+    env: KmsEnv, *, prepare: Callable[[Live], None] | None = None, **create_kwargs: Any
+) -> Iterator[Live]:
+    """`start_live`, then a custom key store created and connected through boto3 (after
+    `prepare`, e.g. to choose whose client does it); closed after."""
+    live = start_live(env, **create_kwargs)
+    try:
+        if prepare is not None:
+            prepare(live)
+        live.create_store()
+        live.connect()
+        yield live
+    finally:
+        live.close()
 
 
 def start_live(env: KmsEnv, **create_kwargs: Any) -> Live:

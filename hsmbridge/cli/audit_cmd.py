@@ -287,7 +287,7 @@ def _standalone(
     source = _kms_source(args, settings, scope, progress)
     hsm = bootstrap.default_connector(settings).connect(args.cluster, password)
     del password  # WARNING: the password lives no longer than the login needs it
-    sink = JsonLinesSink(settings.audit_log)
+    sink = JsonLinesSink(settings.audit_log, settings.audit)
     try:
         yield _Target(hsm, source, scope, sink)
     finally:

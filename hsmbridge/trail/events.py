@@ -1,9 +1,10 @@
 """Structured audit events and where they go.
 
 Owns: the `AuditEvent` record and its one wire form (`to_json`: CloudTrail-style camelCase field
-names, see `AuditEvent.to_dict`), the `AuditSink` Protocol, a JSON-lines file sink flushed per
-event (the CLI's) and the null sink; the server's buffered sink is in `sinks.py`, the tests'
-in-memory one in tests/harness.py.
+names, see `AuditEvent.to_dict`), the bound on one line of it (`bounded_json`: what every file
+sink writes), the `AuditSink` Protocol, a JSON-lines file sink flushed per event (the CLI's) and
+the null sink; the server's buffered sink is in `sinks.py`, the tests' in-memory one in
+tests/harness.py.
 Events carry identifiers and outcomes only: never plaintext, data keys, passwords or PINs
 (`redact()` enforces it for request parameters). Must not import metadata, backend or anything
 above.
@@ -19,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+from hsmbridge.config import AuditSettings
 
 # The one list of member names the trail never carries in clear, wherever they appear (the edges
 # also hide every blob and every member the service model marks sensitive).
@@ -108,8 +111,65 @@ class AuditEvent:
         }
 
     def to_json(self) -> str:
-        # default=str: a stray non-JSON value in the extras must not lose the whole event.
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+        """The whole record, unbounded; file sinks write `bounded_json(event, cap)` instead."""
+        return _dumps(self.to_dict())
+
+
+# The smallest line cap `bounded_json` honours: its last-resort record always fits in it.
+MIN_ENTRY_BYTES: Final = 1024
+_CLIP_CHARS: Final = 128  # a string field kept when the record still does not fit (stage 3)
+_BARE_CHARS: Final = 16  # the names a bare record keeps (stage 4)
+
+
+def bounded_json(event: AuditEvent, max_bytes: int) -> str:
+    """The event's JSON, at most `max_bytes - 1` bytes so that the line with its newline fits.
+
+    An oversized record (a hostile 1 MiB parameter) shrinks in stages, stopping at the first that
+    fits: its requestParameters become `{"truncated": true, "originalBytes": N}`, then its
+    additionalEventData do, then every string field is clipped, and last a bare record keeps only
+    the time and clipped names. Every field stays present, so the line keeps its schema.
+    """
+    line = event.to_json()
+    if len(line) < max_bytes:  # json.dumps escapes to ASCII: characters are bytes
+        return line
+    record = event.to_dict()
+    for shrink in (_truncate_parameters, _truncate_additional, _clip_strings, _bare):
+        shrink(record)
+        line = _dumps(record)
+        if len(line) < max_bytes:
+            break
+    return line
+
+
+def _dumps(record: Mapping[str, Any]) -> str:
+    # default=str: a stray non-JSON value in the extras must not lose the whole event.
+    return json.dumps(record, separators=(",", ":"), default=str)
+
+
+def _truncated(value: Any) -> dict[str, Any]:
+    return {"truncated": True, "originalBytes": len(_dumps(value))}
+
+
+def _truncate_parameters(record: dict[str, Any]) -> None:
+    record["requestParameters"] = _truncated(record["requestParameters"])
+
+
+def _truncate_additional(record: dict[str, Any]) -> None:
+    record["additionalEventData"] = _truncated(record["additionalEventData"])
+
+
+def _clip_strings(record: dict[str, Any]) -> None:
+    for name, value in record.items():
+        if isinstance(value, str) and len(value) > _CLIP_CHARS:
+            record[name] = value[:_CLIP_CHARS] + "..."
+
+
+def _bare(record: dict[str, Any]) -> None:
+    # Escaping may make a character 6 bytes: only a few short fields fit MIN_ENTRY_BYTES surely.
+    kept = ("eventName", "eventType", "eventSource")
+    for name, value in record.items():
+        if isinstance(value, str) and name != "eventTime":
+            record[name] = value[:_BARE_CHARS] if name in kept else None
 
 
 class AuditSink(Protocol):
@@ -122,16 +182,19 @@ class NullSink:
 
 
 class JsonLinesSink:
-    """Appends one JSON object per line; the file is created 0600."""
+    """Appends one JSON object per line, each at most `limits.max_entry_bytes`; the file is
+    created 0600. It never rotates the file: the server's sink does (see `trail.rotation`), and a
+    line written here after a rotation lands in the renamed file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limits: AuditSettings | None = None) -> None:
         self._path = path
+        self._max_entry_bytes = max((limits or AuditSettings()).max_entry_bytes, MIN_ENTRY_BYTES)
         self._lock = threading.Lock()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         self._fh = os.fdopen(fd, "a", encoding="utf-8")
 
     def emit(self, event: AuditEvent) -> None:
-        line = event.to_json() + "\n"
+        line = bounded_json(event, self._max_entry_bytes) + "\n"
         with self._lock:
             self._fh.write(line)
             self._fh.flush()

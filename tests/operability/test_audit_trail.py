@@ -179,8 +179,8 @@ def test_audit_file_is_private_and_flushed_without_being_asked(tmp_path):
 def test_close_flushes_buffered_events(tmp_path):
     path = tmp_path / "audit.jsonl"
     sink = BufferedJsonLinesSink(path, flush_interval_s=3600)
-    for i in range(100):
-        sink.emit(AuditEvent("Encrypt", request_id=f"r-{i}"))
+    for i in range(100):  # signed: unauthenticated requests' events are rate-limited
+        sink.emit(AuditEvent("Encrypt", request_id=f"r-{i}", principal_arn=PRINCIPAL))
     sink.close()
     assert len(path.read_text().splitlines()) == 100
 
