@@ -138,12 +138,18 @@ def kms_env(make_kms_env: Callable[..., KmsEnv]) -> KmsEnv:
 
 
 @pytest.fixture
-def make_fake_env(tmp_path: Path) -> Iterator[Callable[..., KmsEnv]]:
+def fake_hsm() -> FakeHsm:
+    """The in-memory HSM behind every `make_fake_env` environment of a test."""
+    return FakeHsm()
+
+
+@pytest.fixture
+def make_fake_env(tmp_path: Path, fake_hsm: FakeHsm) -> Iterator[Callable[..., KmsEnv]]:
     """Factory: `make_kms_env`'s environment (configuration, inventory, credentials, SQLite
     metadata, demo PKI) with a token of one in-memory `FakeHsm` instead of SoftHSM2. The
     configuration still names the SoftHSM2 profile and a token label, which the fake connector
     resolves as the PKCS#11 one would."""
-    hsm = FakeHsm()
+    hsm = fake_hsm
     made: list[KmsEnv] = []
 
     def make(store: bool = True, name: str = "TestKeyStore") -> KmsEnv:

@@ -35,6 +35,7 @@ class FakeHsm:
     def __init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
         self.logins = 0  # successful logins, over every connector
+        self.failed_logins = 0  # logins refused for a wrong PIN, over every connector
 
     def add_token(self, label: str, user_pin: str) -> None:
         if label in self._slots:
@@ -43,6 +44,10 @@ class FakeHsm:
 
     def token(self, label: str) -> FakeToken:
         return self._slots[label].token
+
+    def set_pin(self, label: str, user_pin: str) -> None:
+        """An officer sets the crypto user's password behind hsmbridge's back."""
+        self._slots[label].pin = user_pin
 
     def connector(self, settings: Settings) -> FakeHsmConnector:
         """The connector for this configuration's cluster bindings (KmsEnv.connector)."""
@@ -57,6 +62,7 @@ class FakeHsm:
             raise HsmUnreachableError(f"no token labelled {label!r} in the fake HSM")
         pin = binding.profile.login_pin(password)
         if not hmac.compare_digest(pin.encode(), slot.pin.encode()):
+            self.failed_logins += 1
             raise LoginError(
                 ConnectionErrorCode.INVALID_CREDENTIALS,
                 f"the fake HSM refused the login to token {label!r}: incorrect PIN",

@@ -76,6 +76,8 @@ class KmsEnv:
     store_id: str | None = None
     # Settings -> the HSM connector to open the service with; None: the configuration's own.
     connector: Callable[[Settings], HsmConnector] | None = None
+    # The failed-login backoff's monotonic clock; None: the real one.
+    login_clock: FakeClock | None = None
 
     @property
     def settings(self) -> Settings:
@@ -118,6 +120,7 @@ class KmsEnv:
             clock=self.clock,
             audit=self.audit,
             synchronous_connect=synchronous_connect,
+            **({} if self.login_clock is None else {"login_clock": self.login_clock}),
         )
         return self.service
 

@@ -1,8 +1,8 @@
 """The `KmsService` over everything the configuration names: the one way to open the service.
 
 Owns: `open_service(settings, ...)`: start-up checks and host preparation (`prepare`), then the
-metadata store, cluster inventory, password vault and HSM connections wired into one
-`ServiceContext`, and the `KmsService` over it. Nothing is started: the caller decides about
+metadata store, cluster inventory, password vault, HSM connections and request quotas wired into
+one `ServiceContext`, and the `KmsService` over it. Nothing is started: the caller decides about
 start-up recovery and the deletion sweeper (`KmsService.start`). Each dependency can be injected
 (a connector, a clock, an audit sink, a metadata store), so tests, the CLI, the HTTP server and
 the benchmarks build the same service from the same code.
@@ -21,9 +21,11 @@ from hsmbridge.config import Settings
 from hsmbridge.keystore.inventory import inventory_from_settings
 from hsmbridge.keystore.passwords import PasswordVault
 from hsmbridge.metadata.store import MetadataStore
-from hsmbridge.service.connections import StoreConnections
+from hsmbridge.service.connections import Monotonic, StoreConnections
 from hsmbridge.service.context import Clock, ServiceContext
 from hsmbridge.service.kms import KmsService
+from hsmbridge.service.login_budget import LoginBudget
+from hsmbridge.service.quotas import MonotonicClock, quotas_from_settings
 from hsmbridge.trail.events import AuditSink, NullSink
 
 
@@ -35,9 +37,16 @@ def open_service(
     audit: AuditSink | None = None,
     meta: MetadataStore | None = None,
     synchronous_connect: bool = False,
+    quota_clock: MonotonicClock = time.monotonic,
+    server_processes: int | None = None,
+    login_clock: Monotonic = time.monotonic,
 ) -> KmsService:
     """Build a KmsService; the caller closes it. `audit=None` records nothing (a NullSink):
     entry points that keep the audit trail open it with `open_audit_log` and pass it here.
+
+    `server_processes`: how many processes serve the endpoint, each enforcing that share of the
+    `[quotas]` rates; None: `[service] workers`, else 1. `hsmbridge serve` passes the number of
+    processes it actually runs (`--workers`, or one per CPU by default).
 
     Raises ConfigError before touching anything if a secret file is group- or world-accessible.
     """
@@ -50,9 +59,18 @@ def open_service(
             # The service's clock: delayed HSM transitions are stamped with it by the CloudHSM API.
             inventory=inventory_from_settings(settings.inventory, clock),
             vault=PasswordVault(settings.master_key_file),
-            connections=StoreConnections(connector or default_connector(settings)),
+            connections=StoreConnections(
+                connector or default_connector(settings),
+                LoginBudget(store, settings),
+                login_clock,  # the failed-login backoff's clock (tests move it)
+            ),
             clock=clock,
             audit=audit or NullSink(),
+            quotas=quotas_from_settings(
+                settings.quotas,
+                processes=server_processes or settings.workers or 1,
+                clock=quota_clock,
+            ),
         )
         return KmsService(ctx, synchronous_connect=synchronous_connect)
     except BaseException:

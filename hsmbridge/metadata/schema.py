@@ -95,6 +95,13 @@ _SCHEMA_V2: Final = (
 )
 
 
+# v3: kmsuser logins that failed in a row per store, counted across every process sharing the
+# metadata, so hsmbridge stops before the HSM locks the crypto user (service/login_budget.py).
+_SCHEMA_V3: Final = (
+    "ALTER TABLE custom_key_stores ADD COLUMN failed_logins INTEGER NOT NULL DEFAULT 0",
+)
+
+
 def _statements(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
     def migrate(conn: sqlite3.Connection) -> None:
         # One execute() per statement: executescript() would COMMIT our open transaction.
@@ -109,6 +116,7 @@ def _statements(statements: Sequence[str]) -> Callable[[sqlite3.Connection], Non
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _statements(_SCHEMA_V1),
     _statements(_SCHEMA_V2),
+    _statements(_SCHEMA_V3),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

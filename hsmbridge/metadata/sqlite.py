@@ -222,6 +222,13 @@ class SqliteMetadataStore:
     def delete_key_store(self, store_id: str) -> None:
         self._exec("DELETE FROM custom_key_stores WHERE id = ?", (store_id,))
 
+    def failed_logins(self, store_id: str) -> int:
+        # Never cached: the count is read to decide whether to call C_Login at all.
+        return self._count("SELECT failed_logins FROM custom_key_stores WHERE id = ?", (store_id,))
+
+    def set_failed_logins(self, store_id: str, count: int) -> None:
+        self._exec("UPDATE custom_key_stores SET failed_logins = ? WHERE id = ?", (count, store_id))
+
     # -- keys --------------------------------------------------------------------------------
 
     def put_key(self, record: KeyRecord) -> None:

@@ -1,9 +1,9 @@
 """The dependencies every service component shares, wired once by a composition root.
 
 Owns: `ServiceContext` (settings, metadata store, cluster inventory, password vault, live HSM
-logins, clock, audit sink, access control) and the small helpers that read through it: loading a
-store or raising the KMS error for a missing one, the kmsuser password of a store, and asking
-access control whether a caller may act. Must not import protocol, http or cli.
+logins, clock, audit sink, access control, request quotas) and the small helpers that read
+through it: loading a store or raising the KMS error for a missing one, the kmsuser password of a
+store, and asking access control whether a caller may act. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from hsmbridge.request import RequestContext
 from hsmbridge.service.access import AccessControl
 from hsmbridge.service.clusters import ClusterFacts
 from hsmbridge.service.connections import StoreConnections
+from hsmbridge.service.quotas import Quotas, Unlimited
 from hsmbridge.trail import context as audit_context
 from hsmbridge.trail.events import AuditSink, NullSink
 
@@ -45,6 +46,7 @@ class ServiceContext:
     clock: Clock = time.time
     audit: AuditSink = field(default_factory=NullSink)
     iam: IamDirectory | None = None  # None: read the configuration's iam/ directory
+    quotas: Quotas = field(default_factory=Unlimited)  # `[quotas]`; off by default
     clusters: ClusterFacts = field(init=False)
     access: AccessControl = field(init=False)
 

@@ -1,9 +1,10 @@
 """Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext),
 GenerateRandom; Sign, Verify, GenerateMac and VerifyMac, which every key here refuses.
 
-Owns: key-state checks for cryptography, the algorithm and size rules, DryRun, and
-turning HSM AES-GCM results into versioned ciphertext blobs via `envelope`. Plaintext and data
-keys never leave this module except in the response. Must not import protocol, http or cli.
+Owns: key-state checks for cryptography, the algorithm and size rules, DryRun, where each
+operation is charged to the request quotas (`ctx.quotas`), and turning HSM AES-GCM results into
+versioned ciphertext blobs via `envelope`. Plaintext and data keys never leave this module except
+in the response. Must not import protocol, http or cli.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class CryptoService:
         self._hsm = hsm
 
     # -- helpers ------------------------------------------------------------------------------
+    def _charge(self, caller: RequestContext, store_id: str | None) -> None:
+        """Count the request against the caller's account and the key's store, or throttle it.
+
+        Called as soon as the key is found: KMS throttles before it authorizes (an AccessDenied,
+        DryRun or Disabled answer still counted), and the store quota needs the key's store.
+        A KeyId that names no key is not counted (NOTE: KMS would count it)."""
+        self._ctx.quotas.charge_cryptographic(caller.account_id, store_id)
+
     def _usable(self, record: KeyRecord) -> HsmBackend:
         """The backend for a key that may be used for cryptography right now."""
         row = self._lookup.store_of(record)  # read once: state check and login both use it
@@ -100,9 +109,12 @@ class CryptoService:
         *,
         ctx: Context,
         dry_run: bool,
+        charge: bool = True,
     ) -> Decrypted:
         env = envelope.unpack(blob)
         record = self._record_for_blob(env.key_id)
+        if charge:
+            self._charge(caller, record.custom_key_store_id)
         self._ctx.authorize_key(
             caller, action, record, context=ctx, keys={"kms:EncryptionAlgorithm": SYMMETRIC_DEFAULT}
         )
@@ -144,12 +156,14 @@ class CryptoService:
     ) -> Encrypted:
         """Encrypt. https://docs.aws.amazon.com/kms/latest/APIReference/API_Encrypt.html
 
-        Raises NotFound, Disabled, KMSInvalidState, InvalidKeyUsage, KeyUnavailable, DryRun.
+        Raises NotFound, Disabled, KMSInvalidState, InvalidKeyUsage, KeyUnavailable, DryRun,
+        Throttling.
         """
         _check_algorithm(algorithm)
         if not 1 <= len(plaintext) <= 4096:
             raise ValidationException("Plaintext must be 1 to 4096 bytes long.")
         record = self._lookup.resolve(caller, key_ref, allow_alias=True)
+        self._charge(caller, record.custom_key_store_id)
         self._ctx.authorize_key(
             caller,
             "kms:Encrypt",
@@ -198,13 +212,22 @@ class CryptoService:
         _check_algorithm(source_algorithm, "SourceEncryptionAlgorithm")
         _check_algorithm(destination_algorithm, "DestinationEncryptionAlgorithm")
         destination = self._lookup.resolve(caller, destination_key_ref, allow_alias=True)
+        # One request, counted once: against the caller's account and the destination key's
+        # store, which seals the result; the source key's store is not charged again.
+        self._charge(caller, destination.custom_key_store_id)
         self._ctx.authorize_key(
             caller, "kms:ReEncryptTo", destination, context=destination_context or {}
         )
         dest_backend = self._usable(destination)
         source = source_context or {}
         opened = self._open(
-            caller, "kms:ReEncryptFrom", blob, source_key_ref, ctx=source, dry_run=dry_run
+            caller,
+            "kms:ReEncryptFrom",
+            blob,
+            source_key_ref,
+            ctx=source,
+            dry_run=dry_run,
+            charge=False,
         )
         sealed = self._seal(destination, dest_backend, opened.plaintext, destination_context or {})
         return ReEncrypted(sealed, opened.key_arn, destination.arn)
@@ -226,6 +249,7 @@ class CryptoService:
         action = (
             "kms:GenerateDataKeyWithoutPlaintext" if without_plaintext else "kms:GenerateDataKey"
         )
+        self._charge(caller, record.custom_key_store_id)
         self._ctx.authorize_key(caller, action, record, context=context or {})
         backend = self._usable(record)
         if dry_run:
@@ -238,13 +262,18 @@ class CryptoService:
     def generate_random(
         self, caller: RequestContext, number_of_bytes: int | None, store_id: str | None
     ) -> bytes:
-        """GenerateRandom; with a CustomKeyStoreId the bytes come from that store's HSM."""
+        """GenerateRandom; with a CustomKeyStoreId the bytes come from that store's HSM.
+
+        Counted against the caller's account and, with a CustomKeyStoreId, that store, once the
+        store is found (an unknown store id makes no bucket)."""
         self._ctx.authorize(caller, "kms:GenerateRandom")
         if number_of_bytes is None or not 1 <= number_of_bytes <= 1024:
             raise ValidationException("NumberOfBytes must be between 1 and 1024.")
         if store_id is None:
+            self._charge(caller, None)
             return secrets.token_bytes(number_of_bytes)
         row = self._ctx.store_row(store_id)
+        self._charge(caller, store_id)
         require(StoreOp.GENERATE_RANDOM, store_id, row.store.connection_state)
         store = row.store
         self._ctx.clusters.require_active_hsm(
@@ -259,6 +288,7 @@ class CryptoService:
         ENCRYPT_DECRYPT key, which KMS refuses for them with InvalidKeyUsageException, after
         finding the key (NotFound) and authorizing the caller (AccessDenied)."""
         record = self._lookup.resolve(caller, key_ref, allow_alias=True)
+        self._charge(caller, record.custom_key_store_id)  # KMS counts these against the quota too
         self._ctx.authorize_key(caller, f"kms:{operation}", record)
         raise InvalidKeyUsageException(
             f"{record.arn} key usage is {record.key_usage.value} which is not valid for "

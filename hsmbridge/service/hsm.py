@@ -3,8 +3,10 @@
 Owns: `HsmGateway`. Every operation that touches an HSM gets its logged-in backend here and makes
 its backend calls inside `translated()`, so the rules live in one place: a key's store must be
 CONNECTED (else the key is Unavailable: KMSInvalidStateException), the live login of the store
-is reused or made on first use with the store's sealed kmsuser password, and a `BackendError` is
-translated once into the KMS error the operation's model lists (`hsm_errors.to_kms_error`).
+is reused or made on first use with the store's sealed kmsuser password (within the store's
+failed-login budget: a store whose budget is spent is as Unavailable as a FAILED one), and a
+`BackendError` is translated once into the KMS error the operation's model lists
+(`hsm_errors.to_kms_error`).
 Must not import protocol, http or cli.
 """
 
@@ -18,6 +20,7 @@ from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState, KeyRecord
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.hsm_errors import to_kms_error
+from hsmbridge.service.login_budget import LoginBudgetSpentError
 
 
 class _Translated:
@@ -57,11 +60,14 @@ class HsmGateway:
         self, row: StoredKeyStore, *, retryable: type[KmsError] = KeyUnavailableException
     ) -> HsmBackend:
         """The store's live HSM login, made on first use in this process."""
-        store = row.store
         with self.translated(retryable=retryable):
-            return self._ctx.connections.get(
-                store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
-            )
+            return self._live(row)
+
+    def _live(self, row: StoredKeyStore) -> HsmBackend:
+        store = row.store
+        return self._ctx.connections.get(
+            store.store_id, store.cluster_id, lambda: self._ctx.password_of(row)
+        )
 
     def for_key(self, record: KeyRecord, row: StoredKeyStore | None = None) -> HsmBackend:
         """The login for a key's store (`row`, if the caller already read it); the store must be
@@ -70,4 +76,9 @@ class HsmGateway:
         if row.store.connection_state is not ConnectionState.CONNECTED:
             self._ctx.connections.detach(row.store.store_id)
             raise KMSInvalidStateException(f"{record.arn} is unavailable.")
-        return self.login(row)
+        with self.translated():
+            try:
+                return self._live(row)
+            except LoginBudgetSpentError as exc:
+                # Another process spent the budget after we read CONNECTED: the store is FAILED.
+                raise KMSInvalidStateException(f"{record.arn} is unavailable.") from exc

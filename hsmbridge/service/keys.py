@@ -205,11 +205,16 @@ class KeyService:
             pending = list(self._abandoned.values())
         for record in pending:
             try:
-                with self._ctx.meta.write():
-                    current = self._ctx.meta.get_key(record.key_id)
-                    if current is not None and current.lifecycle is KeyLifecycle.CREATING:
-                        _destroy(self._hsm.for_key(record), record.arn)
-                        self._ctx.meta.delete_key(record.key_id)
+                # The login before the transaction: StoreConnections takes its lock before
+                # metadata transactions, never inside one. A row past CREATING never returns.
+                current = self._ctx.meta.get_key(record.key_id)
+                if current is not None and current.lifecycle is KeyLifecycle.CREATING:
+                    backend = self._hsm.for_key(record)
+                    with self._ctx.meta.write():
+                        current = self._ctx.meta.get_key(record.key_id)
+                        if current is not None and current.lifecycle is KeyLifecycle.CREATING:
+                            _destroy(backend, record.arn)
+                            self._ctx.meta.delete_key(record.key_id)
             except (BackendError, KmsError) as exc:
                 log.warning(
                     "CreateKey cleanup of %s postponed: %s", record.key_id, type(exc).__name__

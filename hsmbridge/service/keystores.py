@@ -34,6 +34,7 @@ from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore, Page
 from hsmbridge.request import RequestContext
 from hsmbridge.service.context import ServiceContext
+from hsmbridge.service.login_budget import LoginBudgetSpentError
 
 log = logging.getLogger(__name__)
 C = ConnectionState
@@ -212,10 +213,14 @@ class KeyStoreService:
             code = ConnectionErrorCode.INTERNAL_ERROR
         with self._ctx.meta.write():
             row = self._ctx.meta.get_key_store(store_id)
-            if row is None or row.store.connection_state is not C.CONNECTING:
-                self._ctx.connections.detach(store_id)  # disconnected or deleted meanwhile
-                return
-            self._set_state(row, C.FAILED if code else C.CONNECTED, code)
+            abandoned = row is None or row.store.connection_state is not C.CONNECTING
+            if row is not None and not abandoned:
+                self._set_state(row, C.FAILED if code else C.CONNECTED, code)
+        if abandoned:
+            # Disconnected or deleted meanwhile. Outside the transaction: StoreConnections takes
+            # its lock before metadata transactions, never after.
+            self._ctx.connections.detach(store_id)
+            return
         if code is None and self.on_connected is not None:
             self.on_connected(store_id)
 
@@ -240,8 +245,12 @@ class KeyStoreService:
             return ConnectionErrorCode.NETWORK_ERRORS
         try:
             ctx.connections.attach(store_id, cluster_id, ctx.password_of(row))
+        except LoginBudgetSpentError as exc:
+            log.warning("connect %s: no login attempted: %s", store_id, exc)
+            return exc.reason
         except LoginError as exc:
-            log.warning("connect %s: login as kmsuser failed: %s", store_id, exc.reason.value)
+            # StoreConnections logged the failed attempt (a WARNING with the attempts left).
+            log.info("connect %s: login as kmsuser failed: %s", store_id, exc.reason.value)
             return exc.reason
         except HsmUnreachableError as exc:
             log.warning("connect %s: HSM unreachable: %s", store_id, exc)
@@ -305,6 +314,9 @@ class KeyStoreService:
                 store = replace(store, cluster_id=cluster_id)
             blob = ctx.vault.seal(password, store_id) if password is not None else row.password_blob
             ctx.meta.put_key_store(StoredKeyStore(store, blob))
+            if password is not None:
+                # A new password gets a new failed-login budget (the KMS recovery runbook).
+                ctx.meta.set_failed_logins(store_id, 0)
 
     def _check_related_cluster(self, store: CustomKeyStore, cluster_id: str) -> None:
         new = self._require_cluster(cluster_id, quorum.Operation.UPDATE_CUSTOM_KEY_STORE)

@@ -16,6 +16,7 @@ import pytest
 
 from hsmbridge.errors import ConfigError
 from hsmbridge.metadata.sqlite import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     MetadataStoreClosedError,
     SqliteMetadataStore,
@@ -113,6 +114,46 @@ def test_newer_schema_is_refused(store, db_path):
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(ConfigError, match="newer than this hsmbridge supports"):
         SqliteMetadataStore(db_path)
+
+
+def test_a_v2_database_is_upgraded_with_no_failed_logins(db_path, make_store_row):
+    """Schema v3 adds custom_key_stores.failed_logins; existing stores start with a count of 0."""
+    row = make_store_row(7, connection_state=ConnectionState.CONNECTED)
+    s = row.store
+    with _raw(db_path) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for migration in MIGRATIONS[:2]:
+            migration(conn)
+        conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+        conn.execute(
+            """INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor_pem,
+                   connection_state, connection_error_code, store_type, creation_date,
+                   password_blob) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)""",
+            (
+                s.store_id,
+                s.name,
+                s.cluster_id,
+                s.trust_anchor_pem,
+                s.connection_state.value,
+                s.store_type.value,
+                s.creation_date,
+                row.password_blob,
+            ),
+        )
+    upgraded = SqliteMetadataStore(db_path)
+    try:
+        assert upgraded.get_key_store(s.store_id) == row
+        assert upgraded.failed_logins(s.store_id) == 0
+        with upgraded.write():
+            upgraded.set_failed_logins(s.store_id, 3)
+        # put_key_store (every state change) leaves the count alone.
+        upgraded.put_key_store(replace(row, store=replace(s, name="renamed")))
+        assert upgraded.failed_logins(s.store_id) == 3
+        assert upgraded.failed_logins("cks-missing") == 0
+    finally:
+        upgraded.close()
+    with _raw(db_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
 def test_closed_store_refuses_use(store):
