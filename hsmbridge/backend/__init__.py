@@ -7,6 +7,7 @@ Only `hsmbridge.backend.pkcs11`, `hsmbridge.backend.sessions` and
 from hsmbridge.backend.errors import (
     BackendError,
     BadCiphertextError,
+    DeadlineExceededError,
     DeviceLostError,
     DuplicateLabelError,
     HsmInternalError,
@@ -15,6 +16,7 @@ from hsmbridge.backend.errors import (
     LoginError,
     MisconfiguredError,
     NonCompliantKeyError,
+    StoreSaturatedError,
     TransientHsmError,
 )
 from hsmbridge.backend.interface import HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
@@ -22,6 +24,7 @@ from hsmbridge.backend.interface import HsmBackend, HsmConnector, HsmHealth, Hsm
 __all__ = [
     "BackendError",
     "BadCiphertextError",
+    "DeadlineExceededError",
     "DeviceLostError",
     "DuplicateLabelError",
     "HsmBackend",
@@ -35,5 +38,6 @@ __all__ = [
     "MisconfiguredError",
     "NonCompliantKeyError",
     "Sealed",
+    "StoreSaturatedError",
     "TransientHsmError",
 ]

@@ -23,6 +23,14 @@ class DeviceLostError(BackendError):
     """The device or library went away; re-initialise the library, then log in again."""
 
 
+class DeadlineExceededError(BackendError):
+    """The request's deadline passed before the HSM could take the call; it was not started."""
+
+
+class StoreSaturatedError(BackendError):
+    """Too many calls are already running or waiting on this store's HSM; retry later."""
+
+
 class HsmUnreachableError(BackendError):
     """The PKCS#11 module cannot be loaded or the token is not present."""
 

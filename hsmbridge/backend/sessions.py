@@ -2,7 +2,8 @@
 
 Owns: `Library` (one loaded module: its `pkcs11.lib`, call lock and generation) and `SessionPool`
 (one login plus PIN-less worker sessions for one token). Must not import anything in hsmbridge
-above `hsmbridge.backend.errors`, `hsmbridge.backend.pkcs11_errors` and `hsmbridge.config`.
+above `hsmbridge.backend.errors`, `hsmbridge.backend.pkcs11_errors`, `hsmbridge.config` and
+`hsmbridge.deadline`.
 
 Concurrency design:
 * python-pkcs11 calls `C_Initialize(NULL)`, so SoftHSM runs with its internal mutexes off, and it
@@ -14,6 +15,9 @@ Concurrency design:
   vCPUs a global lock gives ~0.9-1.2x single-thread throughput for GCM/keygen/find, better than
   the p11-kit proxy's ~0.7x; threads never buy SoftHSM throughput, processes do.
 * Whatever `serialize_calls` says, re-login and re-initialisation take the lock.
+* A request's waits (for a free session, for the library lock) end at its deadline
+  (`hsmbridge.deadline`) with DeadlineExceededError: behind a call stuck in the HSM, work whose
+  client has given up is refused instead of run late. Re-login and housekeeping wait as before.
 * Lock order: library lock, then a pool's condition. Nothing takes the library lock while holding
   a pool's condition, and nobody waits for a free session while holding the library lock.
 * Login is per process (§2.2): one long-lived login session per token, shared by every backend of
@@ -40,8 +44,10 @@ from typing import Any
 import pkcs11
 from pkcs11 import TokenFlag
 
+from hsmbridge import deadline
 from hsmbridge.backend.errors import (
     BackendError,
+    DeadlineExceededError,
     DeviceLostError,
     HsmInternalError,
     HsmUnreachableError,
@@ -273,7 +279,7 @@ class SessionPool:
         self._rebuild_if_reinitialised()
         worker = self._acquire()
         try:
-            with self.library.guard(self.profile.serialize_calls):
+            with self._serialized():
                 yield worker
         except Exception as exc:
             err = self._classify(exc, during_decrypt)
@@ -289,6 +295,24 @@ class SessionPool:
         self.library.device_error_streak = 0
         self._release(worker)
 
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        """The library lock when the profile serialises calls, waited for no longer than the
+        request's deadline: a call stuck in the HSM must not queue work nobody waits for."""
+        if not self.profile.serialize_calls:
+            yield
+            return
+        lock = self.library.lock
+        left = deadline.remaining()
+        if not (lock.acquire() if left is None else left > 0 and lock.acquire(timeout=left)):
+            raise DeadlineExceededError(
+                "the request's deadline passed while it waited for the PKCS#11 library"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _acquire(self) -> Worker:
         with self._cond:
             while True:
@@ -303,7 +327,10 @@ class SessionPool:
                     self._opening += 1
                     epoch = self._epoch
                     break
-                self._cond.wait()
+                if not deadline.wait(self._cond):
+                    raise DeadlineExceededError(
+                        "the request's deadline passed while it waited for an HSM session"
+                    )
         try:
             with self.library.guard(self.profile.serialize_calls):
                 raw = self._login_token_open()

@@ -1,9 +1,14 @@
 """The HTTP edge: a raw ASGI application speaking the KMS awsJson 1.1 protocol, and STS's Query
 protocol and the CloudHSM v2 API (awsJson 1.1 and Smithy RPC v2 CBOR) on the same endpoint.
 
-Owns: `create_asgi_app` and the request pipeline (route -> body limit and deadline -> JSON -> SigV4
--> implemented? -> model validation -> handler in a worker thread -> JSON), with one outermost guard
-that turns every failure into a KMS error response via `protocol.errors`. A POST whose Content-Type
+Owns: `create_asgi_app` and the request pipeline (route -> SigV4 header checks -> body limit and
+deadline -> SigV4 signature -> JSON -> implemented? -> model validation -> handler in a worker
+thread, under the request's deadline -> JSON), with one outermost guard that turns every failure
+into a KMS error response via `protocol.errors`. A request is authenticated before its body is
+parsed, so nothing of an unauthenticated body is ever parsed or recorded. Handlers of operations
+that may reach an HSM run in one thread pool, all others in another, so metadata never queues
+behind a slow HSM; at most MAX_IN_FLIGHT requests are served at once (beyond: ThrottlingException).
+`GET /health` and `GET /metrics` optionally require a bearer token. A POST whose Content-Type
 is `application/x-www-form-urlencoded` is an STS call: the same pipeline with a form body, SigV4 for
 service `sts`, the STS operation table and XML answers and errors from `protocol.sts`. A POST to `/`
 whose `X-Amz-Target` starts with `BaldrApiService.`, or any POST to `/service/...` (RPC v2 CBOR), is
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hmac
 import json
 import logging
 import re
@@ -31,15 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hsmbridge import deadline
 from hsmbridge.errors import (
     DependencyTimeoutException,
     IncompleteSignatureException,
     SerializationException,
+    ThrottlingException,
     UnknownOperationException,
     UnsupportedOperationException,
     ValidationException,
 )
-from hsmbridge.http.sigv4 import SigV4Verifier
+from hsmbridge.http.sigv4 import SERVICE, PendingSignature, SigV4Verifier
 from hsmbridge.identity.sessions import Caller
 from hsmbridge.protocol import cloudhsm
 from hsmbridge.protocol.cloudhsm import CloudHsmEndpoint
@@ -76,6 +84,15 @@ MAX_JSON_DEPTH: Final = 20  # KMS inputs nest at most 3 deep; the margin is for 
 # otherwise hold a connection (and count against limit_concurrency) for as long as it likes.
 BODY_TIMEOUT_S: Final = 10.0
 _CLOSE: Final = (b"connection", b"close")
+LIGHT_THREADS: Final = 8  # operations that never reach an HSM: metadata reads and writes, STS
+MAX_IN_FLIGHT: Final = 1024  # requests being served at once; beyond it ThrottlingException
+# Open connections from one client address; SDK pools use ~10, load generators ~64-128. Behind a
+# proxy every client shares its address: set `[service] max_connections_per_client = 0` there.
+MAX_CONNECTIONS_PER_CLIENT: Final = 256
+_OPS_UNAUTHORIZED: Final = [
+    (b"content-type", b"text/plain"),
+    (b"www-authenticate", b'Bearer realm="hsmbridge"'),
+]
 _SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
 
 
@@ -185,6 +202,11 @@ class KmsApi:
         handler_timeout_s: float | None,
         body_timeout_s: float,
         anonymous_account: str,
+        hsm_operations: frozenset[str] = frozenset(),
+        light_threads: int = LIGHT_THREADS,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        ops_token: str | None = None,
+        max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     ) -> None:
         known = operation_names()
         unknown = sorted(set(operations) - known)
@@ -205,14 +227,27 @@ class KmsApi:
         # Without a verifier (tests, embedding) every request acts as this account's root.
         self._anonymous_account = anonymous_account
         self._anonymous_arn = f"arn:aws:iam::{anonymous_account}:root" if anonymous_account else ""
-        # Bounded: at most this many HSM calls in flight; further requests queue here.
-        self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-op")
+        # Two pools, so metadata never waits for an HSM: operations that may reach an HSM run in
+        # `_pool` (bounded: at most this many in flight, the rest queue; each store's bulkhead
+        # caps its share), everything else (metadata, STS, the CloudHSM API) in `_light`.
+        self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-hsm")
+        self._light = ThreadPoolExecutor(light_threads, thread_name_prefix="hsmbridge-op")
+        self._hsm_operations = hsm_operations
+        # Requests being served (headers in, answer not yet sent). Idle and half-open connections
+        # do not count: only requests take a slot, so holding sockets open costs an attacker a
+        # socket each and denies nobody service.
+        self._in_flight = 0
+        self._max_in_flight = max_in_flight
+        self._ops_token = ops_token.encode() if ops_token is not None else None
+        # Read by the HTTP protocol (`http.server`) when a connection opens; 0: no cap.
+        self.max_connections_per_client = max_connections_per_client
         # Run at lifespan shutdown instead of close() (in-flight requests are done by then).
         # Worker processes set it to their runtime's close: uvicorn ends them with their signal.
         self.on_shutdown: Callable[[], None] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._light.shutdown(wait=True, cancel_futures=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -225,6 +260,9 @@ class KmsApi:
         ):
             await self._post(scope, receive, send)
         elif scope["method"] == "GET" and scope["path"] in {"/health", "/metrics"}:
+            if self._ops_token is not None and not self._ops_authorized(scope):
+                await _respond(send, 401, _OPS_UNAUTHORIZED, b"missing or wrong bearer token\n")
+                return
             await self._ops_endpoint(scope["path"], send)
         else:
             request_id = str(uuid.uuid4())
@@ -243,6 +281,12 @@ class KmsApi:
                 await asyncio.get_running_loop().run_in_executor(None, cleanup)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _ops_authorized(self, scope: Scope) -> bool:
+        assert self._ops_token is not None
+        expected = b"Bearer " + self._ops_token
+        given = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+        return len(given) == 1 and hmac.compare_digest(bytes(given[0]), expected)
 
     async def _ops_endpoint(self, path: str, send: Send) -> None:
         # Both hooks may block (a health check pings HSMs; a scrape reads locks and the DB), so
@@ -297,7 +341,12 @@ class KmsApi:
                 annotations.additional["eventSource"] = EVENT_SOURCE
             elif trace.cloudhsm:
                 annotations.additional["eventSource"] = cloudhsm.EVENT_SOURCE
+            self._in_flight += 1
             try:
+                if self._in_flight > self._max_in_flight:
+                    raise ThrottlingException(
+                        "The server is handling as many requests as it accepts; retry the request."
+                    )
                 if trace.sts:
                     body = await self._sts_pipeline(scope, receive, annotations, trace)
                     status, headers = 200, xml_headers(request_id, len(body))
@@ -309,6 +358,8 @@ class KmsApi:
                     status, headers = 200, json_headers(request_id, len(body))
             except Exception as exc:  # the outermost guard; it logs non-hsmbridge errors
                 status, headers, body, error_code = self._error_response(trace, exc, request_id)
+            finally:
+                self._in_flight -= 1
             if trace.close:
                 headers.append(_CLOSE)
             await _respond(send, status, headers, body)
@@ -341,11 +392,10 @@ class KmsApi:
         request_id = annotations.request_id
         headers = _headers(scope)
         trace.operation = annotations.operation = operation = self._route(headers)
+        pending = self._precheck(headers, SERVICE)
         body = await self._read_body(receive, headers, trace)
+        self._authenticate(pending, scope, headers, body, trace)
         params = trace.params = parse_json(body)
-        if self._verifier is not None:
-            query = scope["query_string"].decode("latin-1")
-            trace.principal = self._verifier.verify("POST", scope["path"], query, headers, body)
         if operation not in self._operations:
             # A real KMS operation (the audit event names it), refused only once the request is
             # known to be signed: an unsigned one gets the signature error, as from KMS.
@@ -356,7 +406,8 @@ class KmsApi:
         context = self._context(
             scope, headers, trace, request_id, tuple(typed.get("GrantTokens") or ())
         )
-        result = await self._call(self._operations[operation], context, typed)
+        pool = self._pool if operation in self._hsm_operations else self._light
+        result = await self._call(self._operations[operation], context, typed, pool)
         created_store = result.get("CustomKeyStoreId")  # CreateCustomKeyStore names it only here
         if isinstance(created_store, str):
             annotate_store(created_store)
@@ -393,16 +444,13 @@ class KmsApi:
     ) -> bytes:
         assert self._sts is not None
         headers = _headers(scope)
+        pending = self._precheck(headers, SIGNING_SERVICE)
         body = await self._read_body(receive, headers, trace)
+        self._authenticate(pending, scope, headers, body, trace)
         params = trace.params = parse_form(body)
         if params.get("Action"):
             trace.operation = annotations.operation = params["Action"]  # named even if unknown
         action = action_of(params, self._sts)
-        if self._verifier is not None:
-            query = scope["query_string"].decode("latin-1")
-            trace.principal = self._verifier.verify(
-                "POST", scope["path"], query, headers, body, service=SIGNING_SERVICE
-            )
         caller = trace.principal or self._anonymous_caller()
         context = self._context(scope, headers, trace, annotations.request_id)
         handler = self._sts[action]
@@ -422,19 +470,41 @@ class KmsApi:
             operation = cloudhsm.json_operation(headers.get("x-amz-target", ""))
         trace.operation = annotations.operation = operation
         handler = self._cloudhsm.handler(operation)  # not served here: refused before the body
+        pending = self._precheck(headers, cloudhsm.SIGNING_SERVICE)
         body = await self._read_body(receive, headers, trace)
         if cbor:
             cloudhsm.check_cbor_headers(headers, body)
+        self._authenticate(pending, scope, headers, body, trace)
         params = trace.params = cloudhsm.parse_cbor(body) if cbor else parse_json(body)
-        if self._verifier is not None:
-            query = scope["query_string"].decode("latin-1")
-            trace.principal = self._verifier.verify(
-                "POST", scope["path"], query, headers, body, service=cloudhsm.SIGNING_SERVICE
-            )
         typed = cloudhsm.validate(operation, params)
         context = self._context(scope, headers, trace, annotations.request_id)
-        result = await self._call(handler, context, typed)
+        result = await self._call(handler, context, typed, self._light)
         return cloudhsm.encode_cbor(result) if cbor else cloudhsm.encode_json_result(result)
+
+    def _precheck(self, headers: Mapping[str, str], service: str) -> PendingSignature | None:
+        """Everything SigV4 can check before the body arrives: a request without a valid
+        Authorization header, date or scope, or from an unknown key, is refused before its body
+        is read, parsed or recorded (an anonymous flood costs no JSON parsing and no audit
+        parameters)."""
+        if self._verifier is None:
+            return None
+        return self._verifier.precheck(headers, service=service)
+
+    def _authenticate(
+        self,
+        pending: PendingSignature | None,
+        scope: Scope,
+        headers: Mapping[str, str],
+        body: bytes,
+        trace: _Trace,
+    ) -> None:
+        """The signature over the body; only then is the body parsed and its parameters kept."""
+        if self._verifier is None or pending is None:
+            return
+        query = scope["query_string"].decode("latin-1")
+        trace.principal = self._verifier.finish(
+            pending, method="POST", path=scope["path"], query=query, headers=headers, body=body
+        )
 
     async def _call_sts(
         self, handler: StsHandler, caller: Caller, context: RequestContext, params: dict[str, str]
@@ -442,7 +512,7 @@ class KmsApi:
         # STS calls read IAM files, never an HSM: no deadline, but off the event loop all the same.
         run = contextvars.copy_context().run
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, run, handler, caller, context, params
+            self._light, run, handler, caller, context, params
         )
 
     def _route(self, headers: Mapping[str, str]) -> str:
@@ -498,14 +568,19 @@ class KmsApi:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _call(
-        self, handler: Handler, context: RequestContext, params: dict[str, Any]
+        self,
+        handler: Handler,
+        context: RequestContext,
+        params: dict[str, Any],
+        pool: ThreadPoolExecutor,
     ) -> dict[str, Any]:
         # The worker runs in a copy of this task's context, so the request scope (and with it
-        # the request id on log records) follows the call into the thread; O(1) to copy.
+        # the request id on log records) follows the call into the thread; O(1) to copy. So
+        # does the deadline: the backend refuses to start HSM work for a request that has
+        # waited past it (in the pool's queue, for a session or the library lock).
+        deadline.start(self._timeout)
         run = contextvars.copy_context().run
-        future = asyncio.get_running_loop().run_in_executor(
-            self._pool, run, handler, context, params
-        )
+        future = asyncio.get_running_loop().run_in_executor(pool, run, handler, context, params)
         if self._timeout is None:
             return await future
         try:
@@ -562,6 +637,9 @@ def create_asgi_app(
     handler_timeout_s: float | None = None,
     body_timeout_s: float = BODY_TIMEOUT_S,
     anonymous_account: str = "",
+    hsm_operations: frozenset[str] = frozenset(),
+    ops_token: str | None = None,
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
 ) -> KmsApi:
     """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers;
     `sts_operations` (from `protocol.sts.build_sts_operations`) serves STS on the same endpoint,
@@ -581,4 +659,7 @@ def create_asgi_app(
         handler_timeout_s=handler_timeout_s,
         body_timeout_s=body_timeout_s,
         anonymous_account=anonymous_account,
+        hsm_operations=hsm_operations,
+        ops_token=ops_token,
+        max_connections_per_client=max_connections_per_client,
     )

@@ -3,11 +3,12 @@
 Owns: `create_app()` and `start_maintenance()`, which take the service, the default connector and
 the audit trail file from `hsmbridge.bootstrap` (which also refuses to start over secret files
 other users can read) and add what only HTTP needs: the connector wrapped so every HSM call is
-timed, SigV4 (with STS temporary credentials), STS on the same endpoint (`bootstrap.sessions`:
-the server key in `sts.key` and the STS service over the IAM directory), the CloudHSM v2 API
-(`service.cloudhsm` over the static inventory file; refused when the inventory is the real
-CloudHSM API), one audit event per API call, `/metrics` (a private Prometheus registry) and the
-deep `/health` check, for `hsmbridge serve`, the tests and the benchmark.
+timed and passes its store's bulkhead, SigV4 (with STS temporary credentials), STS on the same
+endpoint (`bootstrap.sessions`: the server key in `sts.key` and the STS service over the IAM
+directory), the CloudHSM v2 API (`service.cloudhsm` over the static inventory file; refused when
+the inventory is the real CloudHSM API), one audit event per API call, `/metrics` (a private
+Prometheus registry) and the deep `/health` check, both optionally behind a bearer token, for
+`hsmbridge serve`, the tests and the benchmark.
 Must not import pkcs11 directly (the backend package does).
 """
 
@@ -17,9 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 from hsmbridge import bootstrap
 from hsmbridge.backend import HsmConnector
+from hsmbridge.backend.bulkhead import BulkheadConnector, BulkheadLimits
+from hsmbridge.bootstrap.ops_token import read_ops_token
 from hsmbridge.bootstrap.sessions import open_session_issuer, open_sts_service
 from hsmbridge.config import Settings
 from hsmbridge.http.app import KmsApi, create_asgi_app
@@ -33,7 +37,7 @@ from hsmbridge.protocol.cloudhsm import (
     build_cloudhsm_endpoint,
     unavailable_endpoint,
 )
-from hsmbridge.protocol.operations import build_operations
+from hsmbridge.protocol.operations import HSM_OPERATIONS, build_operations
 from hsmbridge.protocol.sts import build_sts_operations
 from hsmbridge.service.cloudhsm import CloudHsmService
 from hsmbridge.service.context import Clock
@@ -42,6 +46,8 @@ from hsmbridge.trail.calls import ApiEvent, audit_event
 from hsmbridge.trail.events import AuditSink
 from hsmbridge.trail.hsm_calls import TimedConnector
 from hsmbridge.trail.sinks import BufferedJsonLinesSink, RequestAwareSink
+
+HSM_THREADS: Final = 32  # worker threads for operations that may reach an HSM
 
 
 @dataclass
@@ -116,19 +122,33 @@ def create_app(
     health_slow_ms: float = 250.0,
     health_clock: Callable[[], float] = time.monotonic,
     recover: bool = True,
+    server_processes: int | None = None,
 ) -> Runtime:
     """Build and start the service (start-up recovery included) and its ASGI app.
 
     `recover=False` (with `sweep_interval_s=None`) builds a worker of a multi-process server:
     `start_maintenance` did recovery in the supervisor and runs the sweeper there.
+    `server_processes`: how many processes serve the endpoint (each enforces that share of the
+    `[quotas]` rates); None: `[service] workers`, else 1.
 
     Raises ConfigError before touching anything if a secret file is group- or world-accessible.
     """
+    ops_token = read_ops_token(settings)  # a bad token file stops start-up before anything opens
     sink = audit or bootstrap.open_buffered_audit_log(settings)
     metrics = Metrics()
-    timed = TimedConnector(connector or bootstrap.default_connector(settings), metrics)
+    # Each store's login gets a bulkhead sized from the HSM worker threads, inside the timing
+    # wrapper so a call refused by the bulkhead is counted like any failed HSM call.
+    guarded = BulkheadConnector(
+        connector or bootstrap.default_connector(settings),
+        BulkheadLimits.for_threads(HSM_THREADS),
+    )
+    timed = TimedConnector(guarded, metrics)
     service = bootstrap.open_service(
-        settings, connector=timed, clock=clock, audit=RequestAwareSink(sink)
+        settings,
+        connector=timed,
+        clock=clock,
+        audit=RequestAwareSink(sink),
+        server_processes=server_processes,
     )
     service.start(sweep_interval_s=sweep_interval_s, recover=recover)
     metrics.add_collector(_store_collector(service))
@@ -164,6 +184,10 @@ def create_app(
         on_event=_on_event(sink, metrics),
         handler_timeout_s=settings.request_timeout_s,
         anonymous_account=settings.account_id,
+        worker_threads=HSM_THREADS,
+        hsm_operations=HSM_OPERATIONS,
+        ops_token=ops_token,
+        max_connections_per_client=settings.max_connections_per_client,
     )
     return Runtime(service, app, sink, metrics, health)
 

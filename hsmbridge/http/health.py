@@ -11,18 +11,25 @@ Owns: `HealthChecker`. Per custom key store it reports one of
 Overall: HTTP 200 when every CONNECTED store is ACTIVE, else 503. Stores an operator left
 disconnected are reported but do not fail the check. The whole report is cached for `ttl_s`
 (at most 60 s) on an injectable monotonic clock, so a load balancer polling every second costs
-one HSM call per store per TTL. Runs in a worker thread (the app never pings on its event loop).
+one HSM call per store per TTL.
+A check (a probe) runs in a thread of its own, one at a time, and a caller waits for it at most
+`answer_within_s` (1.5 s): a slow or stuck HSM cannot make `/health` slow. A caller that stops
+waiting gets the last finished report, with the store the probe is still waiting for marked
+UNAVAILABLE ("has not answered for N s"), and 503. Each ping waits for the HSM (a session, the
+library lock, the store's bulkhead) no longer than the probe's deadline.
 Must not import uvicorn or pkcs11.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
+from hsmbridge import deadline
 from hsmbridge.backend import HsmBackend
 from hsmbridge.errors import KmsError
 from hsmbridge.keystore import quorum
@@ -36,7 +43,21 @@ ACTIVE: Final = "ACTIVE"
 DEGRADED: Final = "DEGRADED"
 UNAVAILABLE: Final = "UNAVAILABLE"
 MAX_TTL_S: Final = 60.0
+ANSWER_WITHIN_S: Final = 1.5  # a caller waits this long for a running probe, then is answered
+PING_DEADLINE_S: Final = 5.0  # a ping waits this long for a session, lock or bulkhead slot
 _RANK: Final = {ACTIVE: 0, DEGRADED: 1, UNAVAILABLE: 2}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Probe:
+    """One run of the check: when it started, the store it is at, and its result when done."""
+
+    started: float
+    store_id: str | None = None
+    result: tuple[int, dict[str, Any]] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,8 @@ class HealthChecker:
         slow_ms: float = 250.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        answer_within_s: float = ANSWER_WITHIN_S,
+        ping_deadline_s: float = PING_DEADLINE_S,
     ) -> None:
         if not 0 <= ttl_s <= MAX_TTL_S:
             raise ValueError(f"health cache TTL must be 0-{MAX_TTL_S:.0f} s, got {ttl_s}")
@@ -73,26 +96,80 @@ class HealthChecker:
         self._slow_ms = slow_ms
         self._clock = clock
         self._wall = wall_clock
-        self._lock = threading.Lock()  # one check at a time; callers during it get its result
+        self._answer_within = answer_within_s
+        self._ping_deadline = ping_deadline_s
+        self._lock = threading.Lock()  # guards the fields below
         self._cached: tuple[float, int, dict[str, Any]] | None = None
+        self._probe: _Probe | None = None  # the probe running now, if any
         self._retries_seen: dict[str, int] = {}
 
     def __call__(self) -> tuple[int, dict[str, Any]]:
         with self._lock:
-            now = self._clock()
-            if self._cached is not None and now < self._cached[0]:
+            if self._cached is not None and self._clock() < self._cached[0]:
                 _, status, doc = self._cached
                 return status, {**doc, "cached": True}
-            status, doc = self._check()
-            self._cached = (now + self._ttl, status, doc)
+            probe = self._probe
+            if probe is None:
+                probe = self._probe = _Probe(time.monotonic())
+                threading.Thread(
+                    target=self._run_probe, args=(probe,), name="health-probe", daemon=True
+                ).start()
+        if probe.done.wait(self._answer_within):
+            assert probe.result is not None
+            status, doc = probe.result
             return status, {**doc, "cached": False}
+        return self._overdue(probe)
 
-    def _check(self) -> tuple[int, dict[str, Any]]:
+    def _run_probe(self, probe: _Probe) -> None:
+        try:
+            status, doc = self._check(probe)
+        except Exception as exc:  # the metadata store failed: unhealthy, and said so
+            log.exception("health probe failed")
+            status = 503
+            doc = {
+                "status": UNAVAILABLE,
+                "checkedAt": iso_time(self._wall()),
+                "detail": f"health probe failed: {type(exc).__name__}",
+                "stores": {},
+            }
+        with self._lock:
+            probe.result = (status, doc)
+            self._cached = (self._clock() + self._ttl, status, doc)
+            self._probe = None
+        probe.done.set()
+
+    def _overdue(self, probe: _Probe) -> tuple[int, dict[str, Any]]:
+        """The answer while a probe is slower than `answer_within_s`: the last report, with the
+        store the probe waits on marked UNAVAILABLE."""
+        waited = time.monotonic() - probe.started
+        with self._lock:
+            last = self._cached
+            store_id = probe.store_id
+        doc: dict[str, Any] = dict(last[2]) if last else {"status": UNAVAILABLE, "stores": {}}
+        stores = dict(doc.get("stores", {}))
+        if store_id is not None:
+            stores[store_id] = {
+                **stores.get(store_id, {}),
+                "status": UNAVAILABLE,
+                "detail": f"the HSM has not answered a health probe for {waited:.1f} s",
+            }
+        doc.update(
+            status=UNAVAILABLE,
+            stores=stores,
+            probeRunningS=round(waited, 3),
+            cached=True,
+        )
+        return 503, doc
+
+    def _check(self, probe: _Probe) -> tuple[int, dict[str, Any]]:
         stores: dict[str, Any] = {}
         worst = ACTIVE
         for row in self._service.ctx.meta.list_key_stores(10_000, None):
             state = row.store.connection_state
-            health = self._store(row)
+            probe.store_id = row.store.store_id
+            with deadline.within(self._ping_deadline):
+                health = self._store(row)
+            probe.store_id = None
             stores[row.store.store_id] = health.to_dict(state)
             if state is ConnectionState.CONNECTED and _RANK[health.status] > _RANK[worst]:
                 worst = health.status

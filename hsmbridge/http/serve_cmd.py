@@ -160,7 +160,7 @@ def _tls(args: argparse.Namespace, settings: Settings) -> Tls | None:
 
 
 def _serve_in_process(settings: Settings, host: str, port: int, tls: Tls | None) -> int:
-    runtime = create_app(settings)
+    runtime = create_app(settings, server_processes=1)
     try:
         print(_banner(settings, host, port, 1, https=tls is not None), file=sys.stderr, flush=True)
         serve(
@@ -183,7 +183,9 @@ def _serve_with_workers(
     maintenance = start_maintenance(settings)
     try:
         level = logging.getLogger().level
-        env = worker_environment(str(settings.config_path), json_logs=json_logs, log_level=level)
+        env = worker_environment(
+            str(settings.config_path), json_logs=json_logs, log_level=level, workers=workers
+        )
         os.environ.update(env)  # spawned workers inherit this process's environment
         banner = _banner(settings, host, port, workers, https=tls is not None)
         print(banner, file=sys.stderr, flush=True)

@@ -1,8 +1,13 @@
 """Run the ASGI app under uvicorn: `serve` for the CLI's foreground process, `serve_workers` for
 N worker processes behind one listening socket, `ThreadedServer` for tests and embedding.
 
-Owns: uvicorn configuration (TLS, keep-alive, graceful shutdown, concurrency limit, no access log,
-no proxy headers, the HTTP parser and event loop) and the thread/signal plumbing around it.
+Owns: uvicorn configuration (TLS, keep-alive, graceful shutdown, no access log, no proxy headers,
+the HTTP parser and event loop), the connection-level defences (a deadline for a request's headers,
+a header size cap, a cap on connections per client address, a file-descriptor limit raised to
+what the system allows) and the thread/signal plumbing around it. uvicorn's own concurrency limit
+is off: it counts open connections, so ~2,000 idle sockets made every request answer 503. The app
+limits requests in flight instead (`app.MAX_IN_FLIGHT`); an idle connection costs a socket and is
+cut at the header deadline.
 Parser and loop: httptools and uvloop when installed (both are dependencies). Under
 GenerateDataKey load h11's pure-Python state machine was ~30 % of the server's GIL time;
 httptools is C. uvloop's loop replaces asyncio's pure-Python one (loop="auto" picks it).
@@ -14,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import resource
 import socket
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +36,16 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from hsmbridge.http.app import KmsApi
 
+log = logging.getLogger(__name__)
+
 TIMEOUT_KEEP_ALIVE_S: Final = 75  # above common load balancer idle timeouts (60 s)
-LIMIT_CONCURRENCY: Final = 1024  # beyond this uvicorn answers 503, which SDKs retry
 MAX_HEADER_BYTES: Final = 64 * 1024
+# Sockets this process may open: idle attackers each hold one until the header deadline.
+FD_LIMIT_WANTED: Final = 65536
 # A request's headers must arrive this long after its first byte (or after the connection opens).
 # uvicorn's keep-alive timer stops at the first byte and nothing restarts it, so without this a
-# client sending a header a byte at a time, or nothing at all, holds a slot of LIMIT_CONCURRENCY
-# forever (slowloris). The body has its own deadline in KmsApi._read_body.
+# client sending a header a byte at a time, or nothing at all, holds its socket forever
+# (slowloris). The body has its own deadline in KmsApi._read_body.
 HEADER_TIMEOUT_S: Final = 10.0
 
 
@@ -78,11 +89,36 @@ class _HeaderDeadline(asyncio.Protocol):
             self.transport.close()  # no response: there is no request to answer yet
 
 
+def _open_per_client(server_state: Any) -> Counter[str]:
+    """Open connections per client address, kept beside uvicorn's own connection set."""
+    counts: Counter[str] | None = getattr(server_state, "hsmbridge_per_client", None)
+    if counts is None:
+        counts = Counter()
+        server_state.hsmbridge_per_client = counts
+    return counts
+
+
 class _DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
-    """uvicorn's httptools protocol plus the header deadline."""
+    """uvicorn's httptools protocol plus the header deadline and the per-client connection cap
+    (the app's `max_connections_per_client`; 0 turns it off, for a server behind a proxy)."""
+
+    _counted_as: str | None = None
+    server_state: Any
+    app: Any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        cap = getattr(self.app, "max_connections_per_client", 0)
+        peer = transport.get_extra_info("peername")
+        if cap and isinstance(peer, tuple) and peer:
+            counts = _open_per_client(self.server_state)
+            address = str(peer[0])
+            if counts[address] >= cap:
+                # Cut before a byte is read: one address cannot hold every socket the process has.
+                self.transport.abort()
+                return
+            counts[address] += 1
+            self._counted_as = address
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -101,6 +137,12 @@ class _DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        if self._counted_as is not None:
+            counts = _open_per_client(self.server_state)
+            counts[self._counted_as] -= 1
+            if counts[self._counted_as] <= 0:
+                del counts[self._counted_as]
+            self._counted_as = None
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -166,11 +208,25 @@ def _config(
         timeout_keep_alive=TIMEOUT_KEEP_ALIVE_S,
         # In-flight requests get as long as one request may take before shutdown cuts them off.
         timeout_graceful_shutdown=max(1, round(request_timeout_s)),
-        limit_concurrency=LIMIT_CONCURRENCY,
+        limit_concurrency=None,  # see the module docstring: the app limits requests in flight
         log_config=None,  # the process's logging setup (CLI) decides handlers and levels
         ssl_certfile=None if tls is None else str(tls.cert_file),
         ssl_keyfile=None if tls is None else str(tls.key_file),
     )
+
+
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` (never above the hard limit);
+    worker processes inherit it. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
 
 
 def serve(
@@ -189,6 +245,7 @@ def serve(
     limit); it is taken here so callers pass one settings object's worth of limits.
     """
     del max_request_bytes  # enforced in KmsApi._read_body; see the docstring
+    raise_fd_limit()
     _Server(_config(app, host, port, request_timeout_s, tls=tls), ready).run()
 
 
@@ -209,6 +266,7 @@ def serve_workers(
     the import string of a zero-argument app factory each worker calls. Returns False when a
     worker could not start (the supervisor then stops: every restart would fail the same way).
     """
+    raise_fd_limit()
     config = _config(factory, host, port, request_timeout_s, workers=workers, tls=tls)
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])
@@ -240,6 +298,7 @@ class ThreadedServer:
         # IPPROTO_TCP explicitly: asyncio disables Nagle (TCP_NODELAY) on accepted connections
         # only when the listening socket says it is TCP; without it every response waited
         # ~40 ms for the delayed ACK.
+        raise_fd_limit()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, 0))

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -63,6 +63,17 @@ class _AuthHeader:
     terminator: str
     signed_headers: tuple[str, ...]
     signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSignature:
+    """A request whose headers passed `SigV4Verifier.precheck`; its signature is not checked yet.
+    WARNING: holds the caller's secret access key; never log or repr it."""
+
+    auth: _AuthHeader
+    amz_date: str
+    caller: Caller
+    secret: str = field(repr=False)
 
 
 def _parse_authorization(value: str) -> _AuthHeader:
@@ -200,6 +211,17 @@ class SigV4Verifier:
         Raises MissingAuthenticationTokenException, IncompleteSignatureException,
         InvalidSignatureException, UnrecognizedClientException or ExpiredTokenException.
         """
+        pending = self.precheck(headers, now=now, service=service)
+        return self.finish(
+            pending, method=method, path=path, query=query, headers=headers, body=body
+        )
+
+    def precheck(
+        self, headers: Mapping[str, str], *, now: datetime | None = None, service: str = SERVICE
+    ) -> PendingSignature:
+        """The checks that need no body: header present and well formed, signing time within
+        5 minutes, scope, a known access key (or a valid session token) and the headers that
+        must be signed. Raises what `verify` raises; `finish` then checks the signature."""
         if service not in SERVICES:
             raise ValueError(f"not a service this endpoint serves: {service!r}")
         authorization = headers.get("authorization")
@@ -222,19 +244,33 @@ class SigV4Verifier:
                 raise InvalidSignatureException(
                     f"'{name}' must be a 'SignedHeader' in the AWS Authorization."
                 )
+        return PendingSignature(auth, amz_date, caller, secret)
+
+    @staticmethod
+    def finish(
+        pending: PendingSignature,
+        *,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Caller:
+        """The signature over the whole request: the caller if it matches, else
+        InvalidSignatureException."""
         expected = _signature(
-            secret,
-            auth,
-            amz_date=amz_date,
+            pending.secret,
+            pending.auth,
+            amz_date=pending.amz_date,
             method=method,
             path=path,
             query=query,
             headers=headers,
             body=body,
         )
-        if not hmac.compare_digest(expected, auth.signature):
+        if not hmac.compare_digest(expected, pending.auth.signature):
             raise InvalidSignatureException(_MISMATCH)
-        return caller
+        return pending.caller
 
     def _caller(
         self, access_key_id: str, headers: Mapping[str, str], now: datetime

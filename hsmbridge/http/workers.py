@@ -39,6 +39,7 @@ ENV_CONFIG: Final = "HSMBRIDGE_CONFIG"
 ENV_LOG_FORMAT: Final = "HSMBRIDGE_LOG_FORMAT"
 ENV_LOG_LEVEL: Final = "HSMBRIDGE_LOG_LEVEL"
 ENV_SUPERVISOR: Final = "HSMBRIDGE_SUPERVISOR_PID"
+ENV_WORKERS: Final = "HSMBRIDGE_WORKERS"  # each worker enforces its share of `[quotas]`
 MAX_DEFAULT_WORKERS: Final = 8  # beyond this the SQLite writer lock and HSM sessions dominate
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -48,10 +49,13 @@ def default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_DEFAULT_WORKERS))
 
 
-def worker_environment(config_path: str, *, json_logs: bool, log_level: int) -> dict[str, str]:
+def worker_environment(
+    config_path: str, *, json_logs: bool, log_level: int, workers: int
+) -> dict[str, str]:
     """Environment variables the supervisor sets before it spawns workers (they inherit it)."""
     return {
         ENV_CONFIG: config_path,
+        ENV_WORKERS: str(workers),
         ENV_LOG_FORMAT: "json" if json_logs else "text",
         ENV_LOG_LEVEL: str(log_level),
         ENV_SUPERVISOR: str(os.getpid()),
@@ -76,7 +80,10 @@ def app_from_env() -> KmsApi:
     configure_logging(level, json_format=os.environ.get(ENV_LOG_FORMAT) == "json")
     try:
         settings = load_settings(os.environ[ENV_CONFIG])
-        runtime = create_app(settings, recover=False, sweep_interval_s=None)
+        workers = int(os.environ.get(ENV_WORKERS, "0")) or None
+        runtime = create_app(
+            settings, recover=False, sweep_interval_s=None, server_processes=workers
+        )
     except Exception:
         log.exception("worker %d could not start", os.getpid())
         raise SystemExit(STARTUP_FAILURE) from None

@@ -13,7 +13,7 @@ one, and KMS would withhold the plaintext for it. Must not import uvicorn, backe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from hsmbridge.errors import UnsupportedOperationException, ValidationException
 from hsmbridge.protocol import codec
@@ -27,6 +27,23 @@ C = RequestContext
 # Synchronous on purpose: handlers talk to an HSM and may block; the HTTP edge runs them in
 # worker threads.
 Handler = Callable[[RequestContext, P], P]
+
+# The operations whose handlers may call an HSM (or wait for one: a disconnect logs out). The
+# HTTP edge runs them apart from the rest, so a slow HSM never delays metadata operations.
+HSM_OPERATIONS: Final = frozenset(
+    {
+        "CreateKey",
+        "Decrypt",
+        "DisconnectCustomKeyStore",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateRandom",
+        "ReEncrypt",
+    }
+)
 
 
 def _keystore_handlers(s: KmsService) -> dict[str, Handler]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from hsmbridge.backend import (
     BackendError,
     BadCiphertextError,
+    DeadlineExceededError,
     DeviceLostError,
     DuplicateLabelError,
     HsmUnreachableError,
@@ -17,9 +18,11 @@ from hsmbridge.backend import (
     LoginError,
     MisconfiguredError,
     NonCompliantKeyError,
+    StoreSaturatedError,
     TransientHsmError,
 )
 from hsmbridge.errors import (
+    DependencyTimeoutException,
     InvalidCiphertextException,
     KeyUnavailableException,
     KmsError,
@@ -43,6 +46,17 @@ _TABLE: dict[type[BackendError], tuple[type[KmsError] | None, str]] = {
     HsmUnreachableError: (
         None,
         "KMS cannot communicate with your CloudHSM cluster; retry the request.",
+    ),
+    # Every operation that reaches an HSM lists DependencyTimeoutException: the call was never
+    # started, so retrying it is safe.
+    DeadlineExceededError: (
+        DependencyTimeoutException,
+        "The request to the HSM did not start before the request's deadline. Try again.",
+    ),
+    StoreSaturatedError: (
+        None,
+        "Too many requests are waiting for the CloudHSM cluster of this custom key store; "
+        "retry the request.",
     ),
     LoginError: (
         None,

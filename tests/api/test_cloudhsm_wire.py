@@ -366,7 +366,11 @@ def test_undecodable_bodies(wire: Wire) -> None:
     status, code, _ = _cbor_error(cbor_call(wire.url, "DescribeClusters", b"\xa1"))
     assert (status, code) == (400, "SerializationException")
     status, code, _ = _json_error(json_call(wire.url, "DescribeClusters", {}, body=b"{nope"))
-    # The body no longer matches its signature, which is checked after decoding.
+    # The body no longer matches its signature, which is checked before anything decodes it.
+    assert (status, code) == (400, "InvalidSignatureException")
+    headers = {"Content-Type": JSON_TYPE, "X-Amz-Target": "BaldrApiService.DescribeClusters"}
+    signed = _sign(AWSRequest("POST", wire.url + "/", data=b"{nope", headers=headers), "cloudhsm")
+    status, code, _ = _json_error(_send(signed))
     assert (status, code) == (400, "SerializationException")
     deep = b"\x81" * 30 + b"\xa0"
     status, code, _ = _cbor_error(cbor_call(wire.url, "DescribeClusters", deep))

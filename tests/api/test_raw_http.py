@@ -109,23 +109,34 @@ def test_oversize_declared_content_length(server):
     assert "too large" in _assert_error(send(request), "ValidationException")
 
 
-def test_oversize_chunked_body(server):
+def _post_raw(server, body, headers: dict[str, str], *, chunked: bool = False) -> tuple[int, str]:
+    """One POST through http.client (which can stream a chunked body); (status, __type)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("POST", "/", body=body, headers=headers, encode_chunked=chunked)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())["__type"]
+    finally:
+        conn.close()
+
+
+def test_oversize_chunked_body(server):
     chunks = [b"{" + b" " * 1000] * 8  # no Content-Length: the limit applies while streaming
-    conn.request(
-        "POST",
-        "/",
-        body=iter(chunks),
-        headers={
-            "Content-Type": "application/x-amz-json-1.1",
-            "X-Amz-Target": "TrentService.ListKeys",
-        },
-        encode_chunked=True,
-    )
-    resp = conn.getresponse()
-    assert resp.status == 400
-    assert json.loads(resp.read())["__type"] == "ValidationException"
-    conn.close()
+    # Signed (the signature's headers are checked before the body is read), then streamed.
+    request = signed(server.endpoint_url, "TrentService.ListKeys", b"".join(chunks))
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+    answer = _post_raw(server, iter(chunks), headers, chunked=True)
+    assert answer == (400, "ValidationException")
+
+
+def test_unsigned_body_is_refused_before_it_is_read(server):
+    # No Authorization header: refused on the headers alone, whatever the body holds.
+    headers = {
+        "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": "TrentService.ListKeys",
+    }
+    answer = _post_raw(server, b"{not json at all", headers)
+    assert answer == (400, "MissingAuthenticationTokenException")
 
 
 def test_other_routes(server):

@@ -25,7 +25,7 @@ from hsmbridge.identity.credentials import load_principals
 from hsmbridge.service.aliases import check_alias_name
 from tests.api.conftest import RawResponse, send
 from tests.harness import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, KmsEnv
-from tests.live import Live, start_live
+from tests.live import Live, served_with_store
 
 KMS_JSON = "application/x-amz-json-1.1"
 LONE = "\\ud800"  # the JSON escape of an unpaired high surrogate, as the wire carries it
@@ -37,13 +37,8 @@ def live_fake(make_fake_env: Callable[..., KmsEnv]) -> Iterator[Live]:
     """A live server over a fake-HSM environment with a connected store."""
     env = make_fake_env(store=False)
     assert env.connector is not None
-    live = start_live(env, connector=env.connector(env.settings))
-    try:
-        live.create_store()
-        live.connect()
+    with served_with_store(env, connector=env.connector(env.settings)) as live:
         yield live
-    finally:
-        live.close()
 
 
 def _request(

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from tests.harness import ACCOUNT, KmsEnv
 from tests.iam_files import ALLOW_ALL, Iam, document, statement
-from tests.live import Live, start_live
+from tests.live import Live, served_with_store
 
 pytestmark = pytest.mark.softhsm
 
@@ -54,13 +54,8 @@ def two_account_live(make_kms_env: Callable[..., KmsEnv]) -> Iterator[Live]:
         document(statement("Allow", ["kms:Encrypt", "kms:Decrypt", "kms:ListKeys"])),
     )
     iam.write(env.root / "iam")
-    live = start_live(env)
-    try:
-        live.create_store()
-        live.connect()
+    with served_with_store(env) as live:
         yield live
-    finally:
-        live.close()
 
 
 def _denied(call: Callable[..., Any], **params: Any) -> str:

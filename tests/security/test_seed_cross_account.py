@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from tests.harness import ACCOUNT, KmsEnv
 from tests.iam_files import ALLOW_ALL, Iam, new_keys, write_credentials
-from tests.live import Live, start_live
+from tests.live import Live, served_with_store
 
 pytestmark = pytest.mark.softhsm
 
@@ -92,14 +92,12 @@ def seed(make_kms_env: Callable[..., KmsEnv]) -> Iterator[Live]:
     admin = Iam(ACCOUNT_2)
     admin.user("admin", ALLOW_ALL)
     admin.write(env.root / "iam")
-    live = start_live(env)
-    live.kms = _client(live, "kms", ADMIN_2.access_key_id, ADMIN_2.secret)
-    try:
-        live.create_store()
-        live.connect()
+
+    def as_admin(live: Live) -> None:
+        live.kms = _client(live, "kms", ADMIN_2.access_key_id, ADMIN_2.secret)
+
+    with served_with_store(env, prepare=as_admin) as live:
         yield live
-    finally:
-        live.close()
 
 
 def _client(live: Live, service: str, key: str, secret: str, token: str | None = None) -> Any:

@@ -75,10 +75,45 @@ def test_every_kms_operation_requires_a_signature(live) -> None:
     assert live.kms.decrypt(CiphertextBlob=sealed)["Plaintext"] == b"kept"
     stores = live.kms.describe_custom_key_stores(CustomKeyStoreId=live.store_id)
     assert stores["CustomKeyStores"][0]["ConnectionState"] == "CONNECTED"
-    # The refusals are audited as anonymous calls.
-    refused = [e for e in live.events() if e["errorCode"] == "MissingAuthenticationTokenException"]
-    assert {e["eventName"] for e in refused} == set(codes)
+    # The refusals are audited as anonymous calls, up to the audit rate limit for them; the
+    # rest are counted in a summary line.
+    events = live.events()
+    refused = [e for e in events if e["errorCode"] == "MissingAuthenticationTokenException"]
+    assert {e["eventName"] for e in refused} <= set(codes)
     assert all(e["principalArn"] is None for e in refused)
+    suppressed = [e for e in events if e["eventName"] == "AuditEventsSuppressed"]
+    counted = sum(e["additionalEventData"]["suppressed"] for e in suppressed)
+    assert len(refused) + counted == len(codes)
+    # Nothing of an unauthenticated body is recorded: it was never parsed.
+    assert all(not e["requestParameters"] for e in refused), refused[:2]
+
+
+def test_unauthenticated_bodies_are_neither_parsed_nor_logged(live) -> None:
+    """F1: a flood of unsigned or wrongly signed requests with large bodies writes at most one
+    short line per request (fewer: they are rate-limited) and none of the body."""
+    marker = "FLOODMARKER"
+    body = json.dumps({"KeyId": marker * 80_000}).encode()  # ~880 KB, under the body limit
+    bad_auth = {
+        "Authorization": "AWS4-HMAC-SHA256 Credential=AKIANOTAKEY/20260101/us-east-1/kms/"
+        "aws4_request, SignedHeaders=host;x-amz-date;x-amz-target, Signature=00",
+        "X-Amz-Date": "20260101T000000Z",
+    }
+    target = {"X-Amz-Target": "TrentService.DescribeKey"}
+    size_before = live.audit_path.stat().st_size if live.audit_path.exists() else 0
+    for extra in ({}, bad_auth):
+        for _ in range(30):
+            resp = _unsigned(live.url, "POST", "/", body, **KMS_HEADERS, **target, **extra)
+            assert resp.status == 400
+    live.runtime.audit.flush()
+    grown = live.audit_path.stat().st_size - size_before
+    assert grown < 60 * 1024, grown  # 60 requests of ~880 KB each wrote under 1 KB apiece
+    events = live.events()
+    assert not any(marker in json.dumps(e) for e in events)
+    anonymous = [
+        e for e in events if e["principalArn"] is None and e["eventName"] != "AuditEventsSuppressed"
+    ]
+    assert anonymous
+    assert all(not e["requestParameters"] for e in anonymous)
 
 
 OTHER_ROUTES = [
