@@ -66,6 +66,7 @@ class _HeaderDeadline(asyncio.Protocol):
     header_timeout_s: float = HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes: int = 0
+    _header_tail: bytes = b""
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     cycle: Any
@@ -76,6 +77,7 @@ class _HeaderDeadline(asyncio.Protocol):
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
         self._header_bytes = 0
+        self._header_tail = b""
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _disarm_header_timer(self) -> None:
@@ -124,12 +126,23 @@ class _DeadlineHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._between_requests():
             self._arm_header_timer()  # first byte of a further request on a kept-alive connection
-        super().data_received(data)
-        if self._header_timer is not None:  # still reading headers: llhttp has no size limit
-            self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+        if self._header_timer is not None and self._headers_too_large(data):
+            if not self.transport.is_closing():
                 self._disarm_header_timer()
                 self.send_400_response("Request headers are too large.")  # closes the connection
+            return  # never fed to the parser: llhttp has no size limit of its own
+        super().data_received(data)
+
+    def _headers_too_large(self, data: bytes) -> bool:
+        """Count the bytes of the request line and headers, up to the blank line that ends them,
+        before the parser sees them: counted after parsing, a request arriving in one piece was
+        never counted at all. The last 3 bytes are kept so a terminator split across two reads
+        is still found."""
+        window = self._header_tail + data
+        end = window.find(b"\r\n\r\n")
+        self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._header_tail))
+        self._header_tail = window[-3:]
+        return self._header_bytes > MAX_HEADER_BYTES
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()  # httptools calls this once the request line and headers are in

@@ -3,6 +3,7 @@ and slow clients (a trickled body and trickled or absent headers are cut off).""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import time
@@ -182,3 +183,38 @@ def test_keep_alive_is_unaffected_by_the_header_deadline(slow_server):
         assert conn.sock is sock  # the same connection served both
     finally:
         conn.close()
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send `request` whole and read until the server closes or 2 s pass without data."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(2.0)
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            sock.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, OSError):
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+def _with_header(size: int) -> bytes:
+    return (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n"
+        b"X-Amz-Target: TrentService.ListKeys\r\nX-Padding: " + b"a" * size + b"\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+
+
+def test_headers_over_64_kib_are_refused(slow_server):
+    # F10: 100 KiB of headers used to get through the 64 KiB cap.
+    refused = _raw_exchange(slow_server.port, _with_header(100 * 1024))
+    assert refused.startswith(b"HTTP/1.1 400 "), refused[:200]
+    assert b"Request headers are too large" in refused
+    # Just under the cap is an ordinary request (this app has no verifier, so it is served).
+    served = _raw_exchange(slow_server.port, _with_header(60 * 1024))
+    assert served.startswith(b"HTTP/1.1 200 "), served[:200]
