@@ -34,7 +34,7 @@ SO_PIN = os.environ.get("HSMBRIDGE_TEST_SO_PIN", "so-pin-4321")
 # One token per environment a test builds. The whole suite used 144; creation slows as the stock
 # grows (224 took 56 s on a busy 2-core machine), so 176 leaves a margin. A run that needs more
 # fails with "stock exhausted", never silently; the run summary prints how many were used.
-TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "176"))
+TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "200"))
 
 
 @dataclass

@@ -90,7 +90,11 @@ def test_key_create_with_the_kmsuser_login_refused_exits_3(kms_env) -> None:
     )  # fmt: skip
     refused = run_hsmbridge(*_create_key(kms_env))
     assert (refused.code, refused.out) == (3, "")
-    _one_line(refused.err, "DependencyTimeoutException")
+    # One log line first: the failed login, with what is left before the HSM would lock kmsuser.
+    warning, error = refused.err.splitlines(keepends=True)
+    assert "WARNING" in warning
+    assert "attempt(s) left" in warning
+    _one_line(error, "DependencyTimeoutException")
     assert "cannot log in to your CloudHSM cluster as kmsuser" in refused.err
     assert new_pin not in refused.err
     assert kms_env.password not in refused.err

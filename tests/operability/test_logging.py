@@ -24,7 +24,7 @@ def test_records_from_the_worker_thread_carry_the_request_id(live, caplog):
     login = [r for r in caplog.records if r.getMessage().startswith("logged in to cluster")]
     assert login
     assert {r.request_id for r in login} == {request_id}
-    assert all(r.threadName.startswith("hsmbridge-op") for r in login)
+    assert all(r.threadName.startswith("hsmbridge-hsm") for r in login)  # the HSM pool
 
 
 pytestmark = pytest.mark.softhsm
