@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 INIT_TOKEN = REPO / "softhsm" / "init-token.sh"
 SO_PIN = os.environ.get("HSMBRIDGE_TEST_SO_PIN", "so-pin-4321")
-# One token per environment a test builds. The whole suite used 144; creation slows as the stock
-# grows (224 took 56 s on a busy 2-core machine), so 176 leaves a margin. A run that needs more
+# One token per environment a test builds. The whole suite used 167; creation slows as the stock
+# grows (224 took 56 s on a busy 2-core machine), so 200 leaves a margin. A run that needs more
 # fails with "stock exhausted", never silently; the run summary prints how many were used.
 TOKEN_STOCK = int(os.environ.get("HSMBRIDGE_TEST_TOKENS", "200"))
 
