@@ -1,54 +1,66 @@
-"""Per-store bulkheads: how many calls one custom key store's HSM may have running or waiting.
+"""Per-store bulkheads: how many calls one custom key store's HSM may have running, and when
+waiting for it is pointless.
 
-Owns: `Bulkhead` (a bounded number of calls in flight plus a bounded queue, every wait cut short
-by the request's deadline) and `BulkheadConnector` / `BulkheadBackend`, the wrapper the
-composition root puts around the connector so every login (one per store and process) gets its
-own bulkhead. A slow or stuck HSM then holds at most `in_flight + queue` of the server's worker
-threads, however many requests arrive for it; the rest are refused at once with
-`StoreSaturatedError`, and a call whose deadline passed while it waited is refused with
-`DeadlineExceededError` without being started. Both are retryable for the client.
+Owns: `Bulkhead` and `BulkheadConnector` / `BulkheadBackend`, the wrapper the composition root
+puts around the connector so every login (one per store and process) gets its own bulkhead.
+At most `in_flight` calls of a store run at once; more wait their turn, each no longer than its
+request's deadline (`DeadlineExceededError`: never started). A healthy HSM answers in
+milliseconds, so waiting is brief and nothing is refused however many requests queue (a burst of
+64 clients on one store must not fail). A stalled one, whose calls have all been running for
+`stall_after_s` with none finishing, refuses new calls and wakes its waiters to refuse them too
+(`StoreSaturatedError`, retryable): a stuck cluster then holds `in_flight` worker threads, not
+every thread the server has, and its clients learn at once instead of at their deadline.
 Must not import anything in hsmbridge above `hsmbridge.backend` and `hsmbridge.deadline`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from hsmbridge import deadline
 from hsmbridge.backend.errors import BackendError, DeadlineExceededError, StoreSaturatedError
 from hsmbridge.backend.interface import HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
 
 T = TypeVar("T")
+# A waiter re-checks whether the store has stalled this often (it is also woken by progress).
+RECHECK_S: Final = 0.25
 
 
 @dataclass(frozen=True)
 class BulkheadLimits:
-    """Per store and process: calls running on its HSM at once, and calls waiting for a turn."""
+    """Per store and process: calls running on its HSM at once, and how long every one of them
+    may run with none finishing before the store counts as stalled."""
 
     in_flight: int
-    queue: int
+    stall_after_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.in_flight < 1 or self.queue < 0:
-            raise ValueError(f"bulkhead limits must be in_flight ≥ 1, queue ≥ 0: {self}")
+        if self.in_flight < 1 or not self.stall_after_s > 0:
+            raise ValueError(f"bulkhead limits must be in_flight ≥ 1, stall_after_s > 0: {self}")
 
     @classmethod
-    def for_threads(cls, threads: int) -> BulkheadLimits:
-        """One store may occupy at most half of `threads` HSM worker threads (a quarter running,
-        a quarter waiting), so a stuck cluster leaves the others threads to run on."""
-        quarter = max(1, threads // 4)
-        return cls(in_flight=quarter, queue=quarter)
+    def for_threads(cls, threads: int, stall_after_s: float = 2.0) -> BulkheadLimits:
+        """A quarter of the HSM worker threads per store: a stalled cluster leaves the others
+        three quarters to run on."""
+        return cls(in_flight=max(1, threads // 4), stall_after_s=stall_after_s)
 
 
 class Bulkhead:
-    def __init__(self, limits: BulkheadLimits) -> None:
+    def __init__(
+        self, limits: BulkheadLimits, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limits = limits
+        self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._running = 0
         self._waiting = 0
+        # When the store last became full (all `in_flight` slots taken). Every call that
+        # finishes and lets a waiter in moves it, so only a store making no progress grows old.
+        self._full_since = 0.0
 
     def call(self, fn: Callable[[], T]) -> T:
         self._enter()
@@ -59,27 +71,48 @@ class Bulkhead:
                 self._running -= 1
                 self._cond.notify()
 
+    def _stalled_for(self) -> float:
+        """Seconds the store has been full with no call finishing (0: not stalled). Lock held."""
+        if self._running < self.limits.in_flight:
+            return 0.0
+        stuck = self._clock() - self._full_since
+        return stuck if stuck >= self.limits.stall_after_s else 0.0
+
+    def _saturated(self, stuck: float) -> StoreSaturatedError:
+        return StoreSaturatedError(
+            f"the HSM has not finished any of its {self._running} running calls for {stuck:.1f} s"
+        )
+
+    def _take_slot(self) -> None:
+        self._running += 1
+        if self._running == self.limits.in_flight:
+            self._full_since = self._clock()
+
     def _enter(self) -> None:
         if deadline.expired():
             raise DeadlineExceededError("the request's deadline passed before the HSM call")
         with self._cond:
             if self._running < self.limits.in_flight:
-                self._running += 1
+                self._take_slot()
                 return
-            if self._waiting >= self.limits.queue:
-                raise StoreSaturatedError(
-                    f"{self._running} HSM calls are running and {self._waiting} waiting"
-                )
+            stuck = self._stalled_for()
+            if stuck:
+                raise self._saturated(stuck)
             self._waiting += 1
             try:
                 while self._running >= self.limits.in_flight:
-                    if not deadline.wait(self._cond):
+                    stuck = self._stalled_for()
+                    if stuck:
+                        raise self._saturated(stuck)
+                    left = deadline.remaining()
+                    if left is not None and left <= 0:
                         raise DeadlineExceededError(
                             "the request's deadline passed while it waited for the HSM"
                         )
+                    self._cond.wait(RECHECK_S if left is None else min(left, RECHECK_S))
             finally:
                 self._waiting -= 1
-            self._running += 1
+            self._take_slot()
 
     @property
     def load(self) -> tuple[int, int]:
