@@ -4,7 +4,9 @@ Owns: `Settings` (service settings, from `hsmbridge.toml`), `HsmProfile` (one HS
 facts and quirks, from a built-in profile shipped as package data in `hsmbridge/profiles/` or a
 profile file) and the grammar of the metadata URL (`[metadata] url`; which engine opens it is
 `hsmbridge.metadata.factory`'s business). Relative paths are resolved against the directory of the
-file that names them; a relative SQLite path in the metadata URL against the data directory. No
+file that names them; a relative SQLite path in the metadata URL against the data directory. The
+environment variable `HSMBRIDGE_METADATA_URL`, when set, overrides the file's metadata URL. A
+PostgreSQL URL may carry a password: it is masked (`mask_url`) in every message and repr. No
 module-level singletons: callers load and pass these explicitly.
 Must not import anything from hsmbridge but `errors`.
 """
@@ -16,6 +18,8 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -27,8 +31,11 @@ from hsmbridge.errors import ConfigError
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 SQLITE_SCHEME: Final = "sqlite"
+POSTGRESQL_SCHEME: Final = "postgresql"
 # The engines `hsmbridge.metadata.factory` can open; a URL naming any other is refused at load.
-METADATA_SCHEMES: Final = (SQLITE_SCHEME,)
+METADATA_SCHEMES: Final = (SQLITE_SCHEME, POSTGRESQL_SCHEME)
+METADATA_URL_ENV: Final = "HSMBRIDGE_METADATA_URL"
+_MASK: Final = "***"
 
 
 class LoginFormat(enum.StrEnum):
@@ -121,7 +128,9 @@ class Settings:
     account_id: str
     partition: str
     data_dir: Path
-    metadata_url: str  # normalised: a SQLite path in it is absolute
+    # Normalised: a SQLite path in it is absolute. WARNING: a PostgreSQL URL may hold a password;
+    # kept out of repr, and shown only through mask_url().
+    metadata_url: str = field(repr=False)
     metadata_db: Path | None  # the SQLite file when the engine is SQLite, else None
     master_key_file: Path
     credentials_file: Path
@@ -299,35 +308,81 @@ def _load_inventory(raw: dict[str, Any], base: Path, where: str) -> InventorySet
     raise ConfigError(f"{here}: 'provider' must be 'static' or 'cloudhsm', got {provider!r}")
 
 
+def mask_url(url: str) -> str:
+    """`url` with any password (user:PASSWORD@host, or a `password=` query parameter) replaced
+    by `***`: the only form of a metadata URL that may reach a log line, a message or a repr."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not parseable as a URL: show nothing of it that could be a secret
+        return f"{url.partition('://')[0]}://{_MASK}"
+    userinfo, _at, hostport = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    pieces = parts.query.split("&") if parts.query else []
+    query = [
+        f"{p.partition('=')[0]}={_MASK}" if p.partition("=")[0].lower() == "password" else p
+        for p in pieces
+    ]
+    if not colon and query == pieces:
+        return url  # nothing secret in it; unchanged (urlunsplit would rewrite sqlite:////)
+    netloc = f"{user}:{_MASK}@{hostport}" if colon else parts.netloc
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    return (
+        masked
+        + (f"?{'&'.join(query)}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
 def parse_metadata_url(url: str, base: Path | None = None) -> tuple[str, Path | None]:
     """(scheme, database file) of a metadata URL; the file is None for an engine without one.
 
     SQLite follows the SQLAlchemy form: `sqlite:///relative/path` (resolved against `base`, else
-    the working directory) or `sqlite:////absolute/path`. ConfigError names the URL, not where
-    it came from: callers add that.
+    the working directory) or `sqlite:////absolute/path`. PostgreSQL takes a libpq URL,
+    `postgresql://user[:password]@host[:port]/database[?param=value...]`, checked for shape only
+    here (libpq is the judge of its parameters, when the store connects). ConfigError names the
+    URL (masked), not where it came from: callers add that.
     """
+    shown = mask_url(url)
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
-        raise ConfigError(f"{url!r} is not a URL; expected e.g. sqlite:///metadata.sqlite3")
+        raise ConfigError(f"{shown!r} is not a URL; expected e.g. sqlite:///metadata.sqlite3")
     if scheme not in METADATA_SCHEMES:
         raise ConfigError(
-            f"{url!r} names an unsupported metadata engine {scheme!r}; supported schemes: "
+            f"{shown!r} names an unsupported metadata engine {scheme!r}; supported schemes: "
             f"{', '.join(METADATA_SCHEMES)} (e.g. sqlite:///metadata.sqlite3)"
         )
+    if scheme == POSTGRESQL_SCHEME:
+        _check_postgresql_url(url, shown)
+        return scheme, None
     if not rest.startswith("/"):
         raise ConfigError(
-            f"{url!r}: a SQLite URL has no host; use sqlite:///relative/path or "
+            f"{shown!r}: a SQLite URL has no host; use sqlite:///relative/path or "
             "sqlite:////absolute/path"
         )
     if "?" in rest or "#" in rest:
-        raise ConfigError(f"{url!r}: a SQLite URL takes no query or fragment")
+        raise ConfigError(f"{shown!r}: a SQLite URL takes no query or fragment")
     raw = rest[1:]
     if not raw:
-        raise ConfigError(f"{url!r}: a SQLite URL needs a database file path")
+        raise ConfigError(f"{shown!r}: a SQLite URL needs a database file path")
     file = Path(raw)
     if not file.is_absolute() and base is not None:
         file = base / file
     return scheme, file
+
+
+def _check_postgresql_url(url: str, shown: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{shown!r}: not a valid PostgreSQL URL ({exc})") from None
+    if parts.fragment:
+        raise ConfigError(f"{shown!r}: a PostgreSQL URL takes no fragment")
+    if not parts.path.strip("/"):
+        raise ConfigError(
+            f"{shown!r}: a PostgreSQL URL must name its database, e.g. "
+            "postgresql://hsmbridge@db.internal:5432/hsmbridge"
+        )
 
 
 def sqlite_url(path: Path) -> str:
@@ -336,28 +391,41 @@ def sqlite_url(path: Path) -> str:
 
 
 def _metadata(
-    raw: dict[str, Any], paths: dict[str, Any], data_dir: Path, where: str
+    raw: dict[str, Any],
+    paths: dict[str, Any],
+    data_dir: Path,
+    where: str,
+    environ: Mapping[str, str],
 ) -> tuple[str, Path | None]:
-    """(normalised URL, SQLite file or None) from `[metadata] url`, else `[paths] metadata_db`."""
+    """(normalised URL, SQLite file or None) from HSMBRIDGE_METADATA_URL, else `[metadata] url`,
+    else `[paths] metadata_db`."""
     table = _get(raw, "metadata", dict, where, None)
-    if table is None:
+    override = environ.get(METADATA_URL_ENV)
+    if override:  # set and not empty: the deployment's choice wins over the file's
+        url, here = override, f"environment variable {METADATA_URL_ENV}:"
+    elif table is None:
         db = data_dir / _get(paths, "metadata_db", str, where, "metadata.sqlite3")
         return sqlite_url(db), db
-    here = f"{where}: [metadata]"
-    if "metadata_db" in paths:
-        raise ConfigError(
-            f"{here}: 'url' and [paths] 'metadata_db' both name the metadata database; keep one"
-        )
-    url = _get(table, "url", str, here)
+    else:
+        here = f"{where}: [metadata]"
+        if "metadata_db" in paths:
+            raise ConfigError(
+                f"{here}: 'url' and [paths] 'metadata_db' both name the metadata database; keep one"
+            )
+        url = _get(table, "url", str, here)
+        here = f"{here}: 'url'"
     try:
         _scheme, db = parse_metadata_url(url, data_dir)
     except ConfigError as exc:
-        raise ConfigError(f"{here}: 'url' {exc}") from None
+        raise ConfigError(f"{here} {exc}") from None
     return (url if db is None else sqlite_url(db)), db
 
 
-def load_settings(path: Path | str) -> Settings:
-    """Read `hsmbridge.toml`; every problem is a ConfigError naming the file and the setting."""
+def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read `hsmbridge.toml`; every problem is a ConfigError naming the file and the setting.
+
+    `environ` (default: the process environment) supplies HSMBRIDGE_METADATA_URL.
+    """
     path = Path(path).resolve()
     raw = _read_toml(path)
     base = path.parent
@@ -380,7 +448,9 @@ def load_settings(path: Path | str) -> Settings:
     port = _get(service, "listen_port", int, here, 8080)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{here}: 'listen_port' must be 0-65535, got {port}")
-    metadata_url, metadata_db = _metadata(raw, paths, data_dir, where)
+    metadata_url, metadata_db = _metadata(
+        raw, paths, data_dir, where, os.environ if environ is None else environ
+    )
     tls_cert, tls_key = _tls(service, base, here)
     return Settings(
         config_path=path,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install everything hsmbridge needs on a Debian machine, as root, with nothing prepared:
-#   - Debian packages: softhsm2 (the HSM), opensc (pkcs11-tool), python3-venv
+#   - Debian packages: softhsm2 (the HSM), opensc (pkcs11-tool), python3-venv; with `test` also
+#     postgresql (the server the metadata tests start as the `postgres` user; the service itself
+#     needs one only when `[metadata] url` names a PostgreSQL database, usually on another host)
 #   - a virtualenv at .venv with hsmbridge installed editable (plus test tools with `test`)
 # Idempotent and quiet when everything is already there; safe with no standard input (CI).
 #
@@ -13,6 +15,9 @@ extras=${1:-}
 need_apt=()
 command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+if [ "$extras" = "test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    need_apt+=(postgresql)
+fi
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need_apt+=(python3-venv)

@@ -5,8 +5,9 @@ SoftHSM reads its token directory at C_Initialize, so tokens created after the l
 are invisible until it is re-initialised (seen with Debian's 2.6.1). `softhsm_env` therefore
 provisions a stock of tokens up front, before anything loads the module; `softhsm_token()` hands
 them out one per call. Tests of service logic use `make_fake_env`: the same files and SQLite
-store, an in-memory token, no SoftHSM (so they are not `softhsm` tests). Markers are registered in
-pyproject.toml, not here.
+store, an in-memory token, no SoftHSM (so they are not `softhsm` tests). A PostgreSQL server for
+the metadata tests comes from `tests.postgres` (`postgres_server`, `postgres_url`). Markers are
+registered in pyproject.toml, not here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.callers import ADMIN
 from tests.fake_hsm import FakeHsm
 from tests.harness import SOFTHSM2_PROFILE, KmsEnv, build_env
 from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 - shared fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -200,7 +202,11 @@ def pytest_terminal_summary(
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that reaches a SoftHSM token through its fixtures is a `softhsm` test, marked
-    or not, so `-m "not softhsm"` selects exactly the tests that run without one."""
+    or not, so `-m "not softhsm"` selects exactly the tests that run without one; the same
+    for a PostgreSQL server and `postgres`."""
     for item in items:
-        if "softhsm_env" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "softhsm_env" in fixtures:
             item.add_marker(pytest.mark.softhsm)
+        if "postgres_server" in fixtures:  # likewise: `-m "not postgres"` runs without one
+            item.add_marker(pytest.mark.postgres)

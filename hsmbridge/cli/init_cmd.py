@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmbridge.cli.runner import cli_caller, open_cli_service, run_audited
-from hsmbridge.config import load_settings
+from hsmbridge.config import load_settings, mask_url, parse_metadata_url
 from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
 from hsmbridge.identity.iam import write_demo_iam
 from hsmbridge.keystore.demo import (
@@ -55,6 +55,11 @@ files written in DIR:
                     shape: the demo administrator may do everything; add users, groups, roles
                     and policies here (or paste a real export), re-read when it changes
   master.key, metadata.sqlite3, audit.jsonl  (0600) created by the service itself
+
+With --metadata-url postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE the configuration keeps the
+metadata in that PostgreSQL database instead of metadata.sqlite3 (for several instances sharing
+it); hsmbridge.toml is then written 0600 when the URL carries a password. An existing
+hsmbridge.toml is kept as it is.
 """
 
 
@@ -86,6 +91,12 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=DEFAULT_PORT,
         metavar="PORT",
         help="the port `hsmbridge serve` listens on, written to hsmbridge.toml (%(default)s)",
+    )
+    p.add_argument(
+        "--metadata-url",
+        metavar="URL",
+        help="where the metadata lives, written to hsmbridge.toml: postgresql://... or "
+        "sqlite:///PATH (default: SQLite in DIR)",
     )
     p.set_defaults(handler=run)
 
@@ -177,26 +188,47 @@ def _iam(data: Path, account: str, admin_arn: str) -> Path:
     return path
 
 
-def _config(data: Path, cluster_id: str, region: str, account: str, port: int) -> Path:
+def _metadata_table(url: str | None) -> str:
+    """The `[metadata]` table for `url` (none: the SQLite default), checked before anything uses
+    it. json.dumps gives a valid TOML basic string for any URL (quotes, backslashes escaped)."""
+    if url is None:
+        return ""
+    try:
+        parse_metadata_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"--metadata-url: {exc}") from None
+    return f"[metadata]\nurl = {json.dumps(url)}\n\n"
+
+
+def _config(
+    data: Path, cluster_id: str, region: str, account: str, port: int, *, metadata: str | None
+) -> Path:
     path = data / "hsmbridge.toml"
-    if not path.exists():
-        path.write_text(
-            "# Written by `hsmbridge init`; see hsmbridge/cli/init_cmd.py for every file here.\n"
-            "[service]\n"
-            f'region = "{region}"\n'
-            f'account_id = "{account}"\n'
-            'listen_host = "127.0.0.1"\n'
-            f"listen_port = {port}\n\n"
-            "[inventory]\n"
-            'provider = "static"\n'
-            'path = "clusters.json"\n\n'
-            "[hsm.env]\n"
-            'SOFTHSM2_CONF = "softhsm2.conf"\n\n'
-            "[[clusters]]\n"
-            f'cluster_id = "{cluster_id}"\n'
-            'profile = "softhsm2"\n'
-            f'token_label = "{cluster_id}"\n'
-        )
+    if path.exists():
+        return path
+    text = (
+        "# Written by `hsmbridge init`; see hsmbridge/cli/init_cmd.py for every file here.\n"
+        "[service]\n"
+        f'region = "{region}"\n'
+        f'account_id = "{account}"\n'
+        'listen_host = "127.0.0.1"\n'
+        f"listen_port = {port}\n\n"
+        f"{_metadata_table(metadata)}"
+        "[inventory]\n"
+        'provider = "static"\n'
+        'path = "clusters.json"\n\n'
+        "[hsm.env]\n"
+        'SOFTHSM2_CONF = "softhsm2.conf"\n\n'
+        "[[clusters]]\n"
+        f'cluster_id = "{cluster_id}"\n'
+        'profile = "softhsm2"\n'
+        f'token_label = "{cluster_id}"\n'
+    )
+    # WARNING: a metadata URL with a password makes the configuration a secret file.
+    secret = metadata is not None and mask_url(metadata) != metadata
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
     return path
 
 
@@ -246,13 +278,16 @@ def _existing_store(service: KmsService, caller: RequestContext) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     data: Path = args.data_dir.resolve()
+    _metadata_table(args.metadata_url)  # refuse a bad URL before writing anything
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     cluster_id, anchor = _cluster(data, args.region)
     password = _secret_file(data / "kmsuser.password", 24)
     _token(data, cluster_id, password)
     akid, secret, admin_arn, created = _credentials(data, args.account_id, args.region)
     iam = _iam(data, args.account_id, admin_arn)
-    config = _config(data, cluster_id, args.region, args.account_id, args.port)
+    config = _config(
+        data, cluster_id, args.region, args.account_id, args.port, metadata=args.metadata_url
+    )
     store_id, state = _store(config, cluster_id, anchor, password)
     settings = load_settings(config)
     print(f"hsmbridge environment ready in {data}")

@@ -1,12 +1,13 @@
 """Mapping between metadata rows and hsmbridge's records (enums as their string values, tags
-as a JSON column). Pure; must not import keystore, backend, service, protocol, http or cli.
+as a JSON column), for every engine: a row is anything indexable by column name (sqlite3.Row,
+psycopg's dict rows). Pure; must not import a database driver, keystore, backend, service,
+protocol, http or cli.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from typing import Any
+from typing import Any, Protocol
 
 from hsmbridge.metadata.store import DeletedKey, StoredKeyStore
 from hsmbridge.model import (
@@ -27,7 +28,11 @@ from hsmbridge.model import (
 )
 
 
-def to_key_store(row: sqlite3.Row) -> StoredKeyStore:
+class Row(Protocol):
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def to_key_store(row: Row) -> StoredKeyStore:
     code = row["connection_error_code"]
     store = CustomKeyStore(
         store_id=row["id"],
@@ -65,7 +70,7 @@ def key_values(r: KeyRecord) -> dict[str, Any]:
     }
 
 
-def to_key(row: sqlite3.Row) -> KeyRecord:
+def to_key(row: Row) -> KeyRecord:
     return KeyRecord(
         key_id=row["id"],
         arn=row["arn"],
@@ -87,7 +92,7 @@ def to_key(row: sqlite3.Row) -> KeyRecord:
     )
 
 
-def to_alias(row: sqlite3.Row) -> Alias:
+def to_alias(row: Row) -> Alias:
     return Alias(
         name=row["name"],
         arn=row["arn"],
@@ -97,7 +102,7 @@ def to_alias(row: sqlite3.Row) -> Alias:
     )
 
 
-def to_deleted_key(row: sqlite3.Row) -> DeletedKey:
+def to_deleted_key(row: Row) -> DeletedKey:
     return DeletedKey(
         key_id=row["key_id"],
         arn=row["arn"],
@@ -138,7 +143,7 @@ def grant_params(grant: Grant) -> tuple[Any, ...]:
     )
 
 
-def to_grant(row: sqlite3.Row) -> Grant:
+def to_grant(row: Row) -> Grant:
     raw = json.loads(row["constraints"]) if row["constraints"] else None
     return Grant(
         grant_id=row["id"],

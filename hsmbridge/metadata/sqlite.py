@@ -12,6 +12,10 @@ front (`BEGIN IMMEDIATE`), so a check-then-act inside it is serialised against e
 and process; readers are never blocked (WAL). A nested `write()` joins the outer transaction
 through a SAVEPOINT, so an exception inside it undoes only its own changes.
 
+Errors: a write lock not obtained within the busy timeout (another process holds it) is a
+`DependencyTimeoutException`, retryable like an HSM that is busy; a constraint violation is a
+`MetadataConflictError`. Both keep the sqlite3 error as their cause.
+
 Must not import: hsmbridge.keystore, backend, service, protocol, http or cli.
 """
 
@@ -22,9 +26,9 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from hsmbridge.errors import HsmbridgeError
+from hsmbridge.errors import DependencyTimeoutException
 from hsmbridge.metadata import rows as mapping
 from hsmbridge.metadata.read_cache import ReadCache
 from hsmbridge.metadata.schema import (
@@ -37,7 +41,12 @@ from hsmbridge.metadata.schema import (
     restrict_sidecars,
     rollback,
 )
-from hsmbridge.metadata.store import DeletedKey, StoredKeyStore
+from hsmbridge.metadata.store import (
+    DeletedKey,
+    MetadataConflictError,
+    MetadataStoreClosedError,
+    StoredKeyStore,
+)
 from hsmbridge.model import Alias, Grant, KeyLifecycle, KeyRecord, KeyState
 
 __all__ = [
@@ -49,8 +58,23 @@ __all__ = [
 ]
 
 
-class MetadataStoreClosedError(HsmbridgeError):
-    """The store was used after close()."""
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _raise_translated(exc: sqlite3.Error) -> NoReturn:
+    """Raise the hsmbridge error for a sqlite3 error, or the error itself (a bug, a bad file)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        raise MetadataConflictError(f"the metadata database refused the change: {exc}") from exc
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and code & 0xFF in _BUSY_CODES
+    ):
+        raise DependencyTimeoutException(
+            "The metadata database stayed locked by another process. Try again."
+        ) from exc
+    raise exc
 
 
 class _ThreadState(threading.local):
@@ -105,7 +129,10 @@ class SqliteMetadataStore:
         if state.depth:
             yield from self._nested(conn, state)
             return
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            _raise_translated(exc)
         state.depth = 1
         try:
             yield
@@ -115,6 +142,9 @@ class SqliteMetadataStore:
         else:
             try:
                 conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                rollback(conn)
+                _raise_translated(exc)
             except BaseException:
                 rollback(conn)
                 raise
@@ -143,7 +173,10 @@ class SqliteMetadataStore:
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> None:
         """A change; outside write() it commits by itself, so cached reads are stale now."""
-        self._conn().execute(sql, params)
+        try:
+            self._conn().execute(sql, params)
+        except sqlite3.Error as exc:
+            _raise_translated(exc)
         if not self._local.depth:
             self._key_cache.bump()
             self._store_cache.bump()

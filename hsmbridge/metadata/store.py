@@ -1,9 +1,11 @@
 """The metadata seam: where key stores, keys, aliases and deletion tombstones are recorded.
 
 Owns: the `MetadataStore` Protocol and the records only metadata needs. Writes that read, check
-and change state happen inside `with store.write():`, one serialised transaction (across threads
-and processes), so every check-then-act in the service is atomic. Reads outside `write()` see the
-last committed state. Must not import backend, keystore or anything above.
+and change state happen inside `with store.write():`, one serialised transaction (across threads,
+processes and instances sharing the database), so every check-then-act in the service is atomic.
+Reads outside `write()` see the last committed state. A database that cannot be reached in time is
+a `DependencyTimeoutException` (retryable); a change the schema refuses, `MetadataConflictError`.
+Must not import backend, keystore or anything above.
 """
 
 from __future__ import annotations
@@ -13,7 +15,21 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from hsmbridge.errors import HsmbridgeError
 from hsmbridge.model import Alias, CustomKeyStore, Grant, KeyLifecycle, KeyRecord
+
+
+class MetadataStoreClosedError(HsmbridgeError):
+    """The store was used after close()."""
+
+
+class MetadataConflictError(Exception):
+    """A change broke a rule the schema enforces: a unique key store name, a key in a store that
+    does not exist, an alias or grant of a missing key, deleting a store that still has keys.
+
+    The service checks each of these first, inside `write()`, so reaching one is a bug: hence not
+    an HsmbridgeError, and the edges treat it as any unexpected exception (an internal error,
+    the traceback logged), as they did the driver's own IntegrityError."""
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,22 @@
-"""Fixtures for the SQLite metadata store: a real database file and record factories."""
+"""Fixtures for the metadata stores: each engine on a real database (a SQLite file, a fresh
+database on the session's PostgreSQL server), parametrized by `engine`, and record factories.
+
+`store` is the `MetadataStore` under test, opened through `open_metadata_store(url)` as the
+service opens it; `open_store()` opens another instance on the same database (another process
+or host, as far as the engine can tell). `test_sqlite.py` overrides `store` with SQLite alone.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 
+from hsmbridge.config import sqlite_url
+from hsmbridge.metadata.factory import open_metadata_store
 from hsmbridge.metadata.sqlite import SqliteMetadataStore
-from hsmbridge.metadata.store import StoredKeyStore
+from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
 from hsmbridge.model import Alias, ConnectionState, CustomKeyStore, KeyRecord, KeyState, Tag
 
 ACCOUNT = "111122223333"
@@ -60,8 +69,44 @@ def db_path(tmp_path):
     return tmp_path / "metadata.sqlite3"
 
 
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def store(db_path):
+def metadata_url(engine: str, request: pytest.FixtureRequest, db_path) -> str:
+    """The URL of a new, empty database of `engine`."""
+    if engine == "sqlite":
+        return sqlite_url(db_path)
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def open_store(metadata_url: str) -> Iterator[Callable[[], MetadataStore]]:
+    """Factory: another instance of the store on the test's database; closed after the test."""
+    opened: list[MetadataStore] = []
+
+    def make() -> MetadataStore:
+        s = open_metadata_store(metadata_url)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], MetadataStore]) -> MetadataStore:
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(db_path) -> Iterator[SqliteMetadataStore]:
     s = SqliteMetadataStore(db_path)
     yield s
     s.close()

@@ -15,12 +15,14 @@ import pytest
 import hsmbridge
 from hsmbridge import bootstrap
 from hsmbridge.config import (
+    METADATA_URL_ENV,
     IvPolicy,
     LoginFormat,
     builtin_profile,
     builtin_profile_names,
     load_profile,
     load_settings,
+    mask_url,
 )
 from hsmbridge.errors import ConfigError, KMSInternalException
 from hsmbridge.identity.iam import write_demo_iam
@@ -282,10 +284,60 @@ def test_metadata_url_absolute_path(tmp_path: Path) -> None:
     assert s.metadata_url == f"sqlite:///{elsewhere}"
 
 
+def test_postgresql_url_selects_no_file_and_is_kept_verbatim(tmp_path: Path) -> None:
+    url = "postgresql://kms:s3cret-pw@db.internal:5432/kms?sslmode=require"
+    s = load_settings(write(tmp_path, SERVICE + f'[metadata]\nurl = "{url}"\n' + INVENTORY))
+    assert s.metadata_url == url
+    assert s.metadata_db is None  # the secret-file checks skip a server's database
+    assert "s3cret-pw" not in repr(s)
+
+
+def test_environment_url_overrides_the_file(tmp_path: Path) -> None:
+    text = SERVICE + '[paths]\ndata_dir = "data"\n[metadata]\nurl = "sqlite:///file.db"\n'
+    path = write(tmp_path, text + INVENTORY)
+    env = {METADATA_URL_ENV: "postgresql://kms@db.internal/kms"}
+    s = load_settings(path, environ=env)
+    assert (s.metadata_url, s.metadata_db) == ("postgresql://kms@db.internal/kms", None)
+    s = load_settings(path, environ={METADATA_URL_ENV: "sqlite:///env.db"})
+    assert s.metadata_db == tmp_path / "data" / "env.db"
+    assert load_settings(path, environ={METADATA_URL_ENV: ""}).metadata_db == (
+        tmp_path / "data" / "file.db"
+    )  # empty: not set
+
+
+def test_a_bad_environment_url_names_the_variable_and_masks_the_password(tmp_path: Path) -> None:
+    path = write(tmp_path, SERVICE + INVENTORY)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={METADATA_URL_ENV: "postgresql://kms:hunter2@db.internal"})
+    message = str(caught.value)
+    assert METADATA_URL_ENV in message
+    assert "kms:***@db.internal" in message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://kms:pw@db:5432/kms", "postgresql://kms:***@db:5432/kms"),
+        ("postgresql://kms@db/kms", "postgresql://kms@db/kms"),
+        ("postgresql://db/kms?user=k&password=pw&sslmode=require",
+         "postgresql://db/kms?user=k&password=***&sslmode=require"),
+        ("postgresql://k:p%40ss@[::1]:5432/kms", "postgresql://k:***@[::1]:5432/kms"),
+        ("sqlite:////var/lib/kms.sqlite3", "sqlite:////var/lib/kms.sqlite3"),
+    ],
+)  # fmt: skip
+def test_mask_url_hides_passwords_only(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
 # ([metadata] table, words the ConfigError must contain besides the file's path)
 BAD_METADATA = [
-    ('url = "postgresql://kms@db.internal/kms"',
-     ["[metadata]", "'url'", "'postgresql'", "supported schemes: sqlite"]),
+    ('url = "mysql://kms@db.internal/kms"',
+     ["[metadata]", "'url'", "'mysql'", "supported schemes: sqlite, postgresql"]),
+    ('url = "postgresql://kms:hunter2@db.internal:5432"',
+     ["[metadata]", "'url'", "must name its database", "kms:***@db.internal"]),
+    ('url = "postgresql://kms:hunter2@db.internal:x/kms"',
+     ["[metadata]", "'url'", "not a valid PostgreSQL URL"]),
     ('url = "metadata.sqlite3"', ["[metadata]", "'url'", "not a URL"]),
     ('url = "sqlite://db.internal/kms.sqlite3"', ["[metadata]", "'url'", "no host"]),
     ('url = "sqlite:///"', ["[metadata]", "'url'", "file path"]),
