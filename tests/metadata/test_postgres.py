@@ -1,7 +1,7 @@
 """PostgresMetadataStore's own rules: versioned migrations under the write lock, refusal of a
 newer schema, a database that is down or unreachable answering a retryable KMS error (and
 recovering by itself), and a password in the URL that never shows. The behaviour both engines
-share is in test_contract.py."""
+share is in test_store_contract.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SqliteMetadataStore's own rules: private files, WAL and pragmas, its schema version table and
 the migration of old SQLite files, and the busy-lock translation. The behaviour every engine
-shares is in test_contract.py."""
+shares is in test_store_contract.py."""
 
 from __future__ import annotations
 
