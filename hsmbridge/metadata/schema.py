@@ -1,7 +1,8 @@
-"""The SQLite schema of the metadata store, its migrations, and opening the file safely.
+"""Opening the SQLite metadata file safely, and migrating it.
 
-Owns: the DDL, the append-only `MIGRATIONS` list (`SCHEMA_VERSION` = its length), connection
-pragmas (WAL, synchronous=FULL, foreign keys, busy timeout) and the 0600 file rules.
+Owns: connection pragmas (WAL, synchronous=FULL, foreign keys, busy timeout), the 0600 file
+rules, and `migrate()`: the shared schema (`metadata.ddl`) in SQLite's types, applied under
+BEGIN IMMEDIATE.
 Must not import: hsmbridge.keystore, backend, service, protocol, http or cli.
 """
 
@@ -10,115 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 from hsmbridge.errors import ConfigError
+from hsmbridge.metadata import ddl
 
 BUSY_TIMEOUT_S: Final = 10.0
 
-_SCHEMA_V1: Final = (
-    """CREATE TABLE custom_key_stores (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        cluster_id TEXT NOT NULL,
-        trust_anchor_pem TEXT NOT NULL,
-        connection_state TEXT NOT NULL,
-        connection_error_code TEXT,
-        store_type TEXT NOT NULL,
-        creation_date REAL NOT NULL,
-        password_blob BLOB NOT NULL
-    )""",
-    # RESTRICT: a store with keys cannot vanish underneath them, even by a bug.
-    """CREATE TABLE keys (
-        id TEXT PRIMARY KEY,
-        arn TEXT NOT NULL,
-        account_id TEXT NOT NULL,
-        region TEXT NOT NULL,
-        custom_key_store_id TEXT NOT NULL
-            REFERENCES custom_key_stores(id) ON DELETE RESTRICT,
-        cluster_id TEXT NOT NULL,
-        description TEXT NOT NULL,
-        base_state TEXT NOT NULL,
-        creation_date REAL NOT NULL,
-        policy TEXT NOT NULL,
-        lifecycle TEXT NOT NULL,
-        deletion_date REAL,
-        pending_window_days INTEGER,
-        key_usage TEXT NOT NULL,
-        key_spec TEXT NOT NULL,
-        origin TEXT NOT NULL,
-        tags TEXT NOT NULL
-    )""",
-    "CREATE INDEX keys_by_store ON keys(custom_key_store_id)",
-    "CREATE INDEX keys_by_deletion ON keys(base_state, deletion_date)",  # deletion sweeper
-    "CREATE INDEX keys_by_lifecycle ON keys(lifecycle, id)",  # list_keys, DELETING rows
-    """CREATE TABLE aliases (
-        name TEXT PRIMARY KEY,
-        arn TEXT NOT NULL,
-        key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-        creation_date REAL NOT NULL,
-        last_updated_date REAL NOT NULL
-    )""",
-    "CREATE INDEX aliases_by_key ON aliases(key_id)",
-    """CREATE TABLE deleted_keys (
-        key_id TEXT PRIMARY KEY,
-        arn TEXT NOT NULL,
-        custom_key_store_id TEXT NOT NULL,
-        cluster_id TEXT NOT NULL,
-        deleted_at REAL NOT NULL,
-        material_deleted INTEGER NOT NULL
-    )""",
-    "CREATE INDEX deleted_keys_by_store ON deleted_keys(custom_key_store_id)",
-)
-
-
-# v2: grants. A grant dies with its key; the explicit delete in delete_key keeps that
-# true with foreign keys off too.
-_SCHEMA_V2: Final = (
-    """CREATE TABLE grants (
-        id TEXT PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-        key_arn TEXT NOT NULL,
-        name TEXT NOT NULL,
-        grantee_principal TEXT NOT NULL,
-        retiring_principal TEXT,
-        issuing_account TEXT NOT NULL,
-        operations TEXT NOT NULL,
-        constraints TEXT,
-        creation_date REAL NOT NULL
-    )""",
-    "CREATE INDEX grants_by_key ON grants(key_id, id)",
-    "CREATE INDEX grants_by_grantee ON grants(key_id, grantee_principal)",
-    "CREATE INDEX grants_by_retiring ON grants(retiring_principal, id)",
-)
-
-
-# v3: kmsuser logins that failed in a row per store, counted across every process sharing the
-# metadata, so hsmbridge stops before the HSM locks the crypto user (service/login_budget.py).
-_SCHEMA_V3: Final = (
-    "ALTER TABLE custom_key_stores ADD COLUMN failed_logins INTEGER NOT NULL DEFAULT 0",
-)
-
-
-def _statements(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
-    def migrate(conn: sqlite3.Connection) -> None:
-        # One execute() per statement: executescript() would COMMIT our open transaction.
-        for sql in statements:
-            conn.execute(sql)
-
-    return migrate
-
-
-# MIGRATIONS[i] takes the schema from version i to version i + 1. Append only; never edit one
-# that has shipped. A migration runs inside the BEGIN IMMEDIATE that also bumps the version.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
-    _statements(_SCHEMA_V1),
-    _statements(_SCHEMA_V2),
-    _statements(_SCHEMA_V3),
-)
-SCHEMA_VERSION: Final = len(MIGRATIONS)
+# MIGRATIONS[i] takes the schema from version i to version i + 1 (`metadata.ddl`).
+MIGRATIONS: Final = ddl.migrations(ddl.SQLITE)
+SCHEMA_VERSION: Final = ddl.SCHEMA_VERSION
 
 
 def create_private_file(path: Path) -> None:
@@ -157,22 +60,15 @@ def open_connection(path: Path) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to SCHEMA_VERSION, or refuse one newer than this code. One execute() per
+    statement: executescript() would COMMIT the open transaction."""
     conn.execute("BEGIN IMMEDIATE")  # serialises two processes migrating the same file
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        current = int(row[0]) if row and row[0] is not None else 0
-        if current > SCHEMA_VERSION:
-            raise ConfigError(
-                f"metadata database {path} has schema version {current}, newer than this "
-                f"hsmbridge supports ({SCHEMA_VERSION}); upgrade hsmbridge"
-            )
-        for version in range(current, SCHEMA_VERSION):
-            MIGRATIONS[version](conn)
-        if current < SCHEMA_VERSION:
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        ddl.upgrade(conn, MIGRATIONS)
         conn.execute("COMMIT")
+    except ddl.NewerSchemaError as exc:
+        rollback(conn)
+        raise ConfigError(ddl.newer_schema_message(str(path), exc.args[0])) from None
     except BaseException:
         rollback(conn)
         raise

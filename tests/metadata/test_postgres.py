@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +17,7 @@ import pytest
 from hsmbridge.errors import ConfigError, DependencyTimeoutException
 from hsmbridge.metadata.postgres import PostgresMetadataStore
 from hsmbridge.metadata.postgres_schema import MIGRATIONS, SCHEMA_VERSION
+from hsmbridge.metadata.sqlite import SqliteMetadataStore
 from hsmbridge.model import ConnectionState
 from tests.postgres import start_server
 
@@ -32,6 +34,58 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])  # free once closed: nothing listens there
+
+
+def test_both_engines_build_the_same_tables_columns_and_keys(postgres_url, tmp_path):
+    """One schema (metadata.ddl) in two dialects: the same tables, columns, nullability, primary
+    keys, unique columns and foreign keys with their ON DELETE actions, read back from each
+    engine's own catalogue."""
+    PostgresMetadataStore(postgres_url).close()
+    SqliteMetadataStore(tmp_path / "m.sqlite3").close()
+    with psycopg.connect(postgres_url) as pg:
+        pg_columns = {
+            (t, c, n == "NO")
+            for t, c, n in pg.execute(
+                "SELECT table_name, column_name, is_nullable FROM information_schema.columns "
+                "WHERE table_schema = 'public'"
+            )
+        }
+        pg_keys = {
+            (t, c, kind, ref, action)
+            for t, c, kind, ref, action in pg.execute(
+                """SELECT tc.table_name, kcu.column_name, tc.constraint_type,
+                          ccu.table_name, rc.delete_rule
+                   FROM information_schema.table_constraints tc
+                   JOIN information_schema.key_column_usage kcu
+                     ON tc.constraint_name = kcu.constraint_name
+                   LEFT JOIN information_schema.referential_constraints rc
+                     ON tc.constraint_name = rc.constraint_name
+                   LEFT JOIN information_schema.constraint_column_usage ccu
+                     ON tc.constraint_type = 'FOREIGN KEY'
+                    AND tc.constraint_name = ccu.constraint_name
+                   WHERE tc.table_schema = 'public'"""
+            )
+        }
+    lite = sqlite3.connect(tmp_path / "m.sqlite3")
+    try:
+        tables = [r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        lite_columns, lite_keys = set(), set()
+        for table in tables:
+            for _, column, _, notnull, _, pk in lite.execute(f"PRAGMA table_info({table})"):
+                lite_columns.add((table, column, bool(notnull or pk)))
+                if pk:
+                    lite_keys.add((table, column, "PRIMARY KEY", None, None))
+            for fk in lite.execute(f"PRAGMA foreign_key_list({table})"):
+                lite_keys.add((table, fk[3], "FOREIGN KEY", fk[2], fk[6]))
+            for index in lite.execute(f"PRAGMA index_list({table})"):
+                if index[2] and index[3] == "u":  # a UNIQUE column constraint
+                    for info in lite.execute(f"PRAGMA index_info({index[1]})"):
+                        lite_keys.add((table, info[2], "UNIQUE", None, None))
+    finally:
+        lite.close()
+    assert pg_columns == lite_columns
+    assert pg_keys == lite_keys
+    assert len(tables) == 6  # the five tables and schema_version
 
 
 def test_schema_version_is_recorded_and_a_newer_one_refused(postgres_url):
