@@ -3,8 +3,9 @@
 Owns: the map from custom key store id to a logged-in `HsmBackend`. The metadata store is the
 truth about whether a store is CONNECTED; this registry follows it lazily. A process that finds a
 store CONNECTED but holds no login (the CLI connected it, or this server restarted) logs in on first
-use; a process holding a login for a store that is no longer CONNECTED closes it. PKCS#11 logins are
-per process, so every process keeps its own registry.
+use; a process holding a login for a store that is no longer CONNECTED closes it when a request
+touches the store, or at the latest at the next round of the login watch (`service.login_watch`).
+PKCS#11 logins are per process, so every process keeps its own registry.
 
 Failed logins: every C_Login is first reserved in the store's failed-login budget
 (`LoginBudget`, shared by all processes through the metadata), and after a failed one the lazy
@@ -156,6 +157,16 @@ class StoreConnections:
         with self._lock:
             self._close_locked(store_id)
             self._backoff.pop(store_id, None)
+
+    def detach_if_same(self, store_id: str, backend: HsmBackend) -> bool:
+        """`detach`, only if the store's login is still `backend` (not one made since)."""
+        with self._lock:
+            live = self._live.get(store_id)
+            if live is None or live.backend is not backend:
+                return False
+            self._close_locked(store_id)
+            self._backoff.pop(store_id, None)
+            return True
 
     def close_all(self) -> None:
         with self._lock:

@@ -227,3 +227,29 @@ def test_a_worker_that_cannot_start_stops_the_server_with_exit_1(tmp_path: Path)
     assert "could not start" in text
     assert "a worker could not start" in text
     assert not alive, f"a worker outlived the supervisor: {alive}"
+
+
+def test_a_disconnect_through_one_worker_closes_the_other_logins(tmp_path: Path) -> None:
+    """Each worker holds its own kmsuser login; the worker that serves DisconnectCustomKeyStore
+    closes its own, and the login watch of every other process closes theirs within its
+    interval (2 s), with no request touching the store there."""
+    env = init_env(tmp_path / "env")
+    log = tmp_path / "server.log"
+    srv = _serve(env, log, workers=2, verbose=True)
+    try:
+        workers = workers_of(srv.pid, 2)
+        assert len(workers) == 2, srv.log()
+        encrypts_by_worker(env, srv, workers, create_key(env, srv.url)[0])  # both log in
+        env.client(srv.url, attempts=3).disconnect_custom_key_store(CustomKeyStoreId=env.store_id)
+        disconnected = time.monotonic()
+        closing = f"closed the HSM login of custom key store {env.store_id}: it is DISCONNECTED"
+        while not ServerLog(log).records(closing) and time.monotonic() - disconnected < 10:
+            time.sleep(0.1)
+        waited = time.monotonic() - disconnected
+        assert _sigterm(srv) == 0
+    finally:
+        srv.kill()
+    closed = ServerLog(log).records(closing)
+    assert closed, ServerLog(log).lines
+    assert waited < 2.0 + 3.0, waited  # one interval, plus a busy machine's scheduling
+    assert all(r.request_id == "-" for r in closed)  # the watch, outside any request
