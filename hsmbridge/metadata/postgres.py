@@ -70,6 +70,8 @@ class _ThreadState(threading.local):
 
 
 class PostgresMetadataStore(SqlQueries):
+    shared = True  # the engine for several instances: any of them may be serving right now
+
     def __init__(
         self,
         url: str,

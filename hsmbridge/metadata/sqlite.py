@@ -82,6 +82,8 @@ class _ThreadState(threading.local):
 
 
 class SqliteMetadataStore(SqlQueries):
+    shared = False  # one server's file: its start-up runs before any of its processes serves
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = _ThreadState()

@@ -53,6 +53,11 @@ class DeletedKey:
 
 
 class MetadataStore(Protocol):
+    # True where other hsmbridge instances may be serving from this database at any moment
+    # (PostgreSQL), so start-up work must spare what they have in flight; False for one
+    # server's own file (SQLite), whose start-up runs before any of its processes serves.
+    shared: bool
+
     def write(self) -> AbstractContextManager[None]:
         """An immediate (write-locked) transaction; commits on success, rolls back on error."""
         ...

@@ -1,12 +1,14 @@
 """Crash recovery: finish or roll back whatever an interrupted process left, and keep doing so.
 
 Owns: `Recovery`. At start-up (`recover_all`) it finishes interrupted connects and disconnects,
-rolls back every CreateKey intent (nothing else is serving yet) and finishes interrupted and due
-deletions. After a connect (`after_connect`) and on every sweep (`sweep_once`, run periodically by
-the one process that owns maintenance) it does the same for intents old enough that no live
-request can own them, and retries failed CreateKey clean-ups. Rolling back a CreateKey destroys
-the HSM key labelled with its ARN and removes the intent row; on HSMs that can leave a nameless,
-empty key object when killed mid-generation (the profile says so), the backend removes those too.
+rolls back every CreateKey intent (nothing else is serving yet; on a database several instances
+share, only intents too old to be another instance's request in flight) and finishes
+interrupted and due deletions. After a connect (`after_connect`) and on every sweep
+(`sweep_once`, run periodically by the one process that owns maintenance) it does the same for
+intents old enough that no live request can own them, and retries failed CreateKey clean-ups.
+Rolling back a CreateKey destroys the HSM key labelled with its ARN and removes the intent row;
+on HSMs that can leave a nameless, empty key object when killed mid-generation (the profile says
+so), the backend removes those too.
 Must not import protocol, http or cli.
 """
 
@@ -45,10 +47,15 @@ class Recovery:
         self._deletions = deletions
 
     def recover_all(self) -> None:
-        """At start-up, before this process (or any worker) serves a request."""
+        """At start-up, before this process (or any worker) serves a request.
+
+        On a database other instances serve from (`meta.shared`), a young intent may be their
+        CreateKey in flight: it is spared, as after a connect, and a dead instance's is rolled
+        back by the sweep once stale."""
+        grace_s = IN_FLIGHT_GRACE_S if self._ctx.meta.shared else 0.0
         self._keystores.resume_connected()
         for store_id in self._connected_stores():
-            self._recover_quietly(store_id)
+            self._recover_quietly(store_id, grace_s)
         self._deletions.sweep()
 
     def after_connect(self, store_id: str) -> None:
