@@ -44,7 +44,7 @@ from psycopg_pool import ConnectionPool
 
 from hsmbridge.config import mask_url
 from hsmbridge.errors import ConfigError, DependencyTimeoutException
-from hsmbridge.metadata.postgres_schema import WRITE_LOCK, migrate
+from hsmbridge.metadata.postgres_schema import MAINTENANCE_LOCK, WRITE_LOCK, migrate
 from hsmbridge.metadata.queries import SqlQueries
 from hsmbridge.metadata.store import MetadataConflictError, MetadataStoreClosedError
 
@@ -83,6 +83,9 @@ class PostgresMetadataStore(SqlQueries):
         self._shown = mask_url(url)
         self._local = _ThreadState()
         self._closed = False
+        self._connect_timeout = max(1, math.ceil(pool_timeout_s))
+        self._maintenance_guard = threading.Lock()
+        self._maintenance_conn: psycopg.Connection[Any] | None = None
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             open=False,
@@ -207,7 +210,51 @@ class PostgresMetadataStore(SqlQueries):
             cur.execute(_pyformat(sql), params)
             return cur.fetchone()
 
+    def hold_maintenance(self) -> bool:
+        """A session-level advisory lock (`MAINTENANCE_LOCK`) on a connection of its own, outside
+        the pool: PostgreSQL releases it when this process exits or the connection drops, so a
+        dead holder is replaced at the next round of any other instance, with no clock or
+        heartbeat involved. A connection found dead is replaced and the lock asked for again."""
+        self._check_open()
+        with self._maintenance_guard:
+            conn = self._maintenance_conn
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    log.warning("lost the maintenance lock with its database connection")
+                    conn.close()
+                    self._maintenance_conn = conn = None
+            try:
+                conn = psycopg.connect(
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=self._connect_timeout,
+                    application_name="hsmbridge-maintenance",
+                )
+            except psycopg.OperationalError as exc:
+                log.warning("metadata database %s unavailable: %s", self._shown, self._masked(exc))
+                raise DependencyTimeoutException(_UNAVAILABLE) from exc
+            try:
+                got = conn.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,))
+                row = got.fetchone()
+                held = bool(row and row[0])
+            except psycopg.Error:
+                conn.close()
+                raise
+            if not held:
+                conn.close()
+                return False
+            log.info("this process now runs the once-per-database maintenance")
+            self._maintenance_conn = conn
+            return True
+
     def close(self) -> None:
         """Close the pool; call once, when no other thread uses the store."""
         self._closed = True
+        with self._maintenance_guard:
+            if self._maintenance_conn is not None:
+                self._maintenance_conn.close()  # another instance may take maintenance now
+                self._maintenance_conn = None
         self._pool.close()

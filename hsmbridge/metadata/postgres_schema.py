@@ -1,7 +1,8 @@
 """Migrating the PostgreSQL metadata database, and the lock that orders its changes.
 
 Owns: `WRITE_LOCK`, the transaction-level advisory lock every `write()` and every migration takes
-first (one writer at a time across every instance sharing the database), and `migrate()`: the
+first (one writer at a time across every instance sharing the database), `MAINTENANCE_LOCK`
+(see `PostgresMetadataStore.hold_maintenance`), and `migrate()`: the
 shared schema (`metadata.ddl`) in PostgreSQL's types, applied under that lock.
 Must not import: hsmbridge.keystore, backend, service, protocol, http or cli.
 """
@@ -15,8 +16,10 @@ import psycopg
 from hsmbridge.errors import ConfigError
 from hsmbridge.metadata import ddl
 
-# An arbitrary 64-bit key; "hsmb" in its high half keeps it recognisable in pg_locks.
+# Arbitrary 64-bit keys; "hsmb" in their high half keeps them recognisable in pg_locks.
 WRITE_LOCK: Final = 0x68736D62_00000001
+# Session-level, held by the one process that runs the once-per-database background work.
+MAINTENANCE_LOCK: Final = 0x68736D62_00000002
 
 # MIGRATIONS[i] takes the schema from version i to version i + 1 (`metadata.ddl`).
 MIGRATIONS: Final = ddl.migrations(ddl.POSTGRESQL)

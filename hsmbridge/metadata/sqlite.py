@@ -187,6 +187,9 @@ class SqliteMetadataStore(SqlQueries):
         row: sqlite3.Row | None = self._conn().execute(sql, params).fetchone()
         return row
 
+    def hold_maintenance(self) -> bool:
+        return True  # one server's file: its supervisor (or single process) is the only sweeper
+
     def _cached(self, table: str, key: str, load: Callable[[], T]) -> T:
         if self._local.depth:  # inside write(): read this transaction's own view
             return load()

@@ -137,4 +137,13 @@ class MetadataStore(Protocol):
     def record_deleted_key(self, tomb: DeletedKey) -> None: ...
     def deleted_keys(self, store_id: str | None = None) -> Iterator[DeletedKey]: ...
 
+    # -- background work that runs once per database ----------------------------------------
+    def hold_maintenance(self) -> bool:
+        """Whether this process runs the work that must run once per database (the deletion
+        sweeper, recovery of stale CreateKeys, finishing interrupted deletions); asked before
+        every round. SQLite: always (one server per file; its supervisor does it). PostgreSQL:
+        one process among every instance holds it until it exits or loses its database
+        connection; the others get False and ask again next round."""
+        ...
+
     def close(self) -> None: ...

@@ -4,7 +4,7 @@ Owns: `Recovery`. At start-up (`recover_all`) it finishes interrupted connects a
 rolls back every CreateKey intent (nothing else is serving yet; on a database several instances
 share, only intents too old to be another instance's request in flight) and finishes
 interrupted and due deletions. After a connect (`after_connect`) and on every sweep
-(`sweep_once`, run periodically by the one process that owns maintenance) it does the same for
+(`sweep_once`, run periodically; only the maintenance holder acts) it does the same for
 intents old enough that no live request can own them, and retries failed CreateKey clean-ups.
 Rolling back a CreateKey destroys the HSM key labelled with its ARN and removes the intent row;
 on HSMs that can leave a nameless, empty key object when killed mid-generation (the profile says
@@ -52,25 +52,36 @@ class Recovery:
         On a database other instances serve from (`meta.shared`), a young intent may be their
         CreateKey in flight: it is spared, as after a connect, and a dead instance's is rolled
         back by the sweep once stale."""
-        grace_s = IN_FLIGHT_GRACE_S if self._ctx.meta.shared else 0.0
+        meta = self._ctx.meta
+        grace_s = IN_FLIGHT_GRACE_S if meta.shared else 0.0
+        # Deletions are finished by one process per database: the maintenance holder's.
+        maintains = meta.hold_maintenance()
         self._keystores.resume_connected()
         for store_id in self._connected_stores():
-            self._recover_quietly(store_id, grace_s)
-        self._deletions.sweep()
+            self._recover_quietly(store_id, grace_s, finish_deletions=maintains)
+        if maintains:
+            self._deletions.sweep()
 
     def after_connect(self, store_id: str) -> None:
         # Other processes may already be serving this store: spare intents a live request owns.
         self._recover_quietly(store_id, IN_FLIGHT_GRACE_S)
 
-    def sweep_once(self) -> None:
+    def sweep_once(self) -> bool:
         """One maintenance pass: failed clean-ups, due deletions, and intents too old to belong to
-        a live request (a worker that died mid-CreateKey), without waiting for a restart."""
+        a live request (a worker or instance that died mid-CreateKey), without waiting for a
+        restart. Only in the maintenance holder (`MetadataStore.hold_maintenance`): on a shared
+        database one process among all instances does it. False if this one did nothing."""
+        if not self._ctx.meta.hold_maintenance():
+            return False
         self._keys.retry_abandoned()
         self._deletions.sweep()
         for store_id in self._connected_stores():
             self._recover_quietly(store_id, STALE_INTENT_S)
+        return True
 
-    def recover_store(self, store_id: str, *, in_flight_grace_s: float = 0.0) -> int:
+    def recover_store(
+        self, store_id: str, *, in_flight_grace_s: float = 0.0, finish_deletions: bool = True
+    ) -> int:
         """Roll back interrupted creations and finish interrupted deletions of a connected store.
 
         With no other process serving (start-up), every CREATING intent is interrupted. Otherwise
@@ -100,6 +111,8 @@ class Recovery:
             backend = self._hsm.login(row)
             with self._hsm.translated():
                 fixed += backend.destroy_incomplete_keys()
+        if not finish_deletions:
+            return fixed
         for record in self._ctx.meta.keys_in_store(store_id, KeyLifecycle.DELETING):
             self._deletions.finish(record)
             fixed += 1
@@ -112,9 +125,13 @@ class Recovery:
             if row.store.connection_state is ConnectionState.CONNECTED
         ]
 
-    def _recover_quietly(self, store_id: str, grace_s: float = 0.0) -> None:
+    def _recover_quietly(
+        self, store_id: str, grace_s: float = 0.0, *, finish_deletions: bool = True
+    ) -> None:
         try:
-            fixed = self.recover_store(store_id, in_flight_grace_s=grace_s)
+            fixed = self.recover_store(
+                store_id, in_flight_grace_s=grace_s, finish_deletions=finish_deletions
+            )
         except Exception:  # recovery is retried at the next connect, sweep or start
             log.exception("recovery of custom key store %s failed; will retry", store_id)
             return

@@ -193,3 +193,37 @@ def test_a_database_that_goes_down_fails_fast_and_recovers_by_itself(
         assert all(PASSWORD not in w for w in warnings)
     finally:
         server.stop()
+
+
+def test_one_process_holds_maintenance_until_it_closes_or_its_connection_dies(postgres_url):
+    """The session advisory lock behind hold_maintenance: one holder among every store on the
+    database, kept across rounds, released by close() or by the holder's connection dying (as
+    when its process is killed), and then taken by the next store that asks."""
+    a, b = PostgresMetadataStore(postgres_url), PostgresMetadataStore(postgres_url)
+    try:
+        assert a.hold_maintenance() is True
+        assert b.hold_maintenance() is False
+        assert a.hold_maintenance() is True  # kept across rounds
+        assert b.hold_maintenance() is False
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'hsmbridge-maintenance'"
+            ).fetchall()
+        assert killed == [(True,)]
+        assert _eventually(b.hold_maintenance)  # the server let the dead session's lock go
+        assert a.hold_maintenance() is False  # a noticed, reconnected, and is not the holder
+        b.close()
+        assert a.hold_maintenance() is True
+    finally:
+        a.close()
+        b.close()
+
+
+def _eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())

@@ -144,3 +144,14 @@ def test_a_write_lock_held_too_long_elsewhere_is_a_retryable_error(
     finally:
         holder.close()
         waiter.close()
+
+
+def test_every_process_on_a_sqlite_file_holds_maintenance(db_path):
+    # One server per file: its supervisor (or single process) is the only one that sweeps.
+    a, b = SqliteMetadataStore(db_path), SqliteMetadataStore(db_path)
+    try:
+        assert (a.hold_maintenance(), b.hold_maintenance()) == (True, True)
+        assert (a.shared, b.shared) == (False, False)
+    finally:
+        a.close()
+        b.close()
