@@ -14,6 +14,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OPS = ("Encrypt", "Decrypt", "GenerateDataKey", "CreateKey")
+WRK_OPS = ("GenerateDataKey", "Encrypt", "Decrypt")  # what benchmarks.run sends with wrk
+WRK_SIDES = ("wrk_hsmbridge", "wrk_moto")
 
 
 def _rate(section: dict[str, Any], name: str) -> float:
@@ -119,6 +121,48 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if not audit.get("available", False):
         row["status"] = "pending (hsmbridge audit has not landed)"
     out.append(row)
+    return out + wrk_targets(results)
+
+
+def _wrk_phase(results: dict[str, Any], side: str, op: str, conc: str) -> dict[str, Any]:
+    """One wrk run's figures, or {} when it was skipped, failed or is absent (older results)."""
+    res = (results.get(side) or {}).get(op, {})
+    phase = res.get(conc, {}) if isinstance(res, dict) else {}
+    return phase if "rps" in phase else {}
+
+
+def wrk_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's HTTP targets measured with wrk (a C client), so the client's CPU does not
+    bound the server's figure: at the plan's top concurrency and at c=1."""
+    raw = results.get("raw", {})
+    top = str(max(results.get("plan", {}).get("concurrency") or [64]))
+    skipped = (results.get("wrk_hsmbridge") or {}).get("skipped")
+    out: list[dict[str, Any]] = []
+    for op in WRK_OPS:
+        hb = _wrk_phase(results, "wrk_hsmbridge", op, top)
+        moto = _wrk_phase(results, "wrk_moto", op, top)
+        single = _wrk_phase(results, "wrk_hsmbridge", op, "1")
+        # The AES-GCM operation behind the request, as the existing GenerateDataKey target.
+        kind = "decrypt" if op == "Decrypt" else "encrypt"
+        raw_gcm = _rate(raw, f"gcm_{kind}_32")
+        rps = hb.get("rps")
+        out += [
+            _target(f"HTTP (wrk) {op} c={top} >= 1/5 raw AES-GCM {kind} rate",
+                    _ratio(rps, raw_gcm / 5.0) if rps is not None else None, 1.0,
+                    f"x of raw/5 ({round(raw_gcm / 5.0)} req/s)"),
+            _target(f"HTTP (wrk) {op} c={top} >= 15x moto_server",
+                    _ratio(rps, moto.get("rps", 0.0)) if rps is not None else None, 15.0, "x"),
+            _target(f"HTTP (wrk) {op} c={top} p99 <= 20 ms", hb.get("p99_ms"), 20.0, "ms",
+                    le=True),
+            _target(f"HTTP (wrk) {op} c={top} non-2xx responses = 0", hb.get("non_2xx"), 0,
+                    "responses", le=True),
+            _target(f"HTTP (wrk) {op} c=1 p50 <= 0.3 ms", single.get("p50_ms"), 0.3, "ms",
+                    le=True),
+        ]  # fmt: skip
+    if skipped:
+        for row in out:
+            if row["measured"] is None:
+                row["status"] = f"not measured ({skipped})"
     return out
 
 
@@ -284,9 +328,10 @@ def _busy(results: dict[str, Any]) -> float:
     loads = [results.get("loadavg_start", [0])[0]]
     for key in ("loadavg_raw", "loadavg_service"):
         loads.append(results.get(key, [0])[0])
-    for side in ("http_hsmbridge", "http_moto"):
+    for side in ("http_hsmbridge", "http_moto", *WRK_SIDES):
         for op in OPS:
-            for res in results.get(side, {}).get(op, {}).values():
+            per_c = (results.get(side) or {}).get(op, {})
+            for res in per_c.values() if isinstance(per_c, dict) else ():
                 loads.append(res.get("loadavg_before", [0])[0])
     for p in results.get("scale", {}).get("points", []):
         loads.append(p.get("loadavg_before", [0])[0])
@@ -387,6 +432,59 @@ def _md_http(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_wrk(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## 3-4 (wrk). HTTP, wrk (C client): hsmbridge vs moto_server", ""]
+    hb_all, moto_all = results.get("wrk_hsmbridge"), results.get("wrk_moto")
+    if not hb_all and not moto_all:
+        return [*lines, "Not run (results from before the wrk phase)."]
+    skipped = (hb_all or {}).get("skipped")
+    if skipped:
+        return [*lines, f"Skipped: {skipped} (`apt-get install wrk`)."]
+    lines += [
+        "| operation | c | hsmbridge req/s | p50 ms | p99 ms | non-2xx | wrk CPU | "
+        "hsmbridge req/s, Python loadgen | moto req/s | moto p50 ms | moto p99 ms | "
+        "moto non-2xx | hsmbridge/moto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    loadgen = results.get("http_hsmbridge", {})
+    concs = sorted({c for op in WRK_OPS for c in (hb_all or {}).get(op, {})}, key=int)
+
+    def failed(res: dict[str, Any]) -> str:
+        socket_errors = sum(res.get("errors", {}).values())
+        return f"{res['non_2xx']}" + (f" (+{socket_errors} socket errors)" if socket_errors else "")
+
+    for op in WRK_OPS:
+        for conc in concs:
+            hb = _wrk_phase(results, "wrk_hsmbridge", op, conc)
+            moto = _wrk_phase(results, "wrk_moto", op, conc)
+            py = loadgen.get(op, {}).get(conc, {})
+            hb_cells = (
+                f"{_fmt(hb['rps'])} | {hb['p50_ms']} | {hb['p99_ms']} | {failed(hb)} | "
+                f"{hb['client_cpu_share']}"
+                if hb
+                else "error | - | - | - | -"
+            )
+            moto_cells = (
+                f"{_fmt(moto['rps'])} | {moto['p50_ms']} | {moto['p99_ms']} | {failed(moto)}"
+                if moto
+                else "error | - | - | -"
+            )
+            ratio = _ratio(hb["rps"], moto["rps"]) if hb and moto else None
+            lines.append(
+                f"| {op} | {conc} | {hb_cells} | {_fmt(py.get('rps'))} | {moto_cells} | "
+                f"{_fmt(ratio)} |"
+            )
+    lines += [
+        "",
+        "The same pre-signed requests as the Python load generator, replayed by wrk "
+        f"({results.get('plan', {}).get('wrk_threads', 2)} threads, "
+        f"{results.get('plan', {}).get('wrk_seconds', '?')} s per run, no warm-up). "
+        "req/s counts responses with a status below 400; non-2xx counts statuses above 399. "
+        "wrk CPU: wrk's CPU seconds / wall seconds (1.0 = one core).",
+    ]
+    return lines
+
+
 def _md_scale(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     scale = results.get("scale", {})
@@ -437,7 +535,7 @@ def _md_profile(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any], images: list[str], image_dir: str = "") -> str:
-    lines = _md_head(results) + _md_http(results) + _md_scale(results)
+    lines = _md_head(results) + _md_http(results) + _md_wrk(results) + _md_scale(results)
     for img in images:
         lines += ["", f"![{img}]({image_dir}{img})"]
     lines += _md_profile(results)

@@ -5,7 +5,9 @@
 Phases (each in its own processes, on loopback only): (1) raw python-pkcs11 limit, (2) the
 service in-process, (3) hsmbridge over HTTP with SigV4 at each concurrency, (4) moto_server with
 the same load, (5) scale: the same store at growing key counts, with the key-label audit at the
-largest. Every child runs in its own process group and is killed in `finally`.
+largest. Phases 3 and 4 also run `wrk` (a C client, so the client's CPU does not bound the
+server's figure) on GenerateDataKey, Encrypt and Decrypt, when wrk is installed. Every child runs
+in its own process group and is killed in `finally`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, signing
+from benchmarks import report, signing, wrk
 from benchmarks.common import (
     LOOPBACK,
     PY,
@@ -44,6 +46,8 @@ from benchmarks.common import (
 from benchmarks.loadgen import write_pool
 
 OPERATIONS = ("Encrypt", "Decrypt", "GenerateDataKey", "CreateKey")
+WRK_OPERATIONS = ("GenerateDataKey", "Encrypt", "Decrypt")
+WRK_THREADS = 2  # the machine's 2 cores
 READY_TIMEOUT_S = 120.0  # start-up at 20,000 keys loads the whole token; allow for it
 
 
@@ -59,6 +63,8 @@ class Plan:
     max_requests: int  # per HTTP phase, whatever the duration
     max_creates: int  # per CreateKey phase (each one is a persistent key)
     profile: bool
+    wrk_seconds: int  # per wrk run: wrk takes whole seconds
+    wrk_threads: int
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Plan:
@@ -67,9 +73,10 @@ class Plan:
         if args.keys:
             keys = tuple(sorted(int(k) for k in args.keys.split(",")))
         conc = tuple(int(c) for c in args.concurrency.split(","))
+        seconds = args.seconds or (1.5 if quick else 8.0)
         return Plan(
             quick=quick,
-            seconds=args.seconds or (1.5 if quick else 8.0),
+            seconds=seconds,
             inproc_seconds=args.inproc_seconds or (1.0 if quick else 3.0),
             concurrency=conc,
             keys=keys,
@@ -78,6 +85,8 @@ class Plan:
             max_requests=args.max_requests,
             max_creates=min(args.max_requests, 200 if quick else 2000),
             profile=not args.no_profile,
+            wrk_seconds=wrk.duration(seconds),
+            wrk_threads=WRK_THREADS,
         )
 
 
@@ -179,7 +188,7 @@ def load_phase(
     max_requests: int | None = None,
 ) -> dict[str, Any]:
     plan = ctx.plan
-    # Signed right before the phase: the server accepts signatures for 15 minutes.
+    # Signed right before the phase: the server accepts signatures for 5 minutes.
     requests = signing.pool(target, operation, body, plan.pool_size)
     pool_file = ctx.work / f"{target.name}-{operation}-{concurrency}.pool"
     write_pool(pool_file, requests)
@@ -200,8 +209,10 @@ def load_phase(
     return result
 
 
-def http_suite(ctx: Ctx, target: signing.Target, store_id: str | None) -> dict[str, Any]:
-    plan = ctx.plan
+def suite_bodies(
+    ctx: Ctx, target: signing.Target, store_id: str | None
+) -> tuple[str, dict[str, signing.Body]]:
+    """A fresh key, the decrypt blobs made with it, and the request body of each operation."""
     client = kms_client(target)
     if store_id is None:
         key_id = client.create_key(Description="bench")["KeyMetadata"]["KeyId"]
@@ -210,7 +221,7 @@ def http_suite(ctx: Ctx, target: signing.Target, store_id: str | None) -> dict[s
         key_id = created["KeyMetadata"]["KeyId"]
     blobs = [
         client.encrypt(KeyId=key_id, Plaintext=f"blob {i:028d}".encode())["CiphertextBlob"]
-        for i in range(plan.decrypt_blobs)
+        for i in range(ctx.plan.decrypt_blobs)
     ]
     bodies: dict[str, signing.Body] = {
         "Encrypt": signing.encrypt_body(key_id),
@@ -218,6 +229,13 @@ def http_suite(ctx: Ctx, target: signing.Target, store_id: str | None) -> dict[s
         "GenerateDataKey": signing.data_key_body(key_id),
         "CreateKey": signing.create_key_body(store_id),
     }
+    return key_id, bodies
+
+
+def http_suite(
+    ctx: Ctx, target: signing.Target, key_id: str, bodies: dict[str, signing.Body]
+) -> dict[str, Any]:
+    plan = ctx.plan
     out: dict[str, Any] = {"key_id": key_id}
     for operation in OPERATIONS:  # CreateKey last: it grows the store the others use
         out[operation] = {}
@@ -226,6 +244,46 @@ def http_suite(ctx: Ctx, target: signing.Target, store_id: str | None) -> dict[s
             out[operation][str(conc)] = load_phase(
                 ctx, target, operation, bodies[operation], conc, max_requests=cap
             )
+    return out
+
+
+def wrk_phase(
+    ctx: Ctx, target: signing.Target, operation: str, body: signing.Body, concurrency: int
+) -> dict[str, Any]:
+    plan = ctx.plan
+    load = check_load(f"wrk {target.name} {operation} c={concurrency}")
+    try:
+        result = wrk.run(
+            target, operation, body, pool_size=plan.pool_size, concurrency=concurrency,
+            seconds=plan.wrk_seconds, threads=plan.wrk_threads, work=ctx.work,
+            log_path=ctx.logs / "wrk.log",
+        )  # fmt: skip
+    except RuntimeError as exc:  # one failed wrk run should not cost the rest of the benchmark
+        log(f"wrk {target.name} {operation} c={concurrency} FAILED: {exc}")
+        return {"error": str(exc), "loadavg_before": load}
+    result["loadavg_before"] = load
+    errors = ", ".join(f"{k} {v}" for k, v in result["errors"].items())
+    log(
+        f"wrk {target.name:9} {operation:15} c={concurrency:<3} {result['rps']:>8} req/s "
+        f"p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms client cpu "
+        f"{result['client_cpu_share']}"
+        + (f" NON-2XX {result['non_2xx']}: {result['error_sample']}" if result["non_2xx"] else "")
+        + (f" SOCKET ERRORS {errors}" if errors else "")
+    )
+    return result
+
+
+def wrk_suite(ctx: Ctx, target: signing.Target, bodies: dict[str, signing.Body]) -> dict[str, Any]:
+    """wrk at the plan's largest concurrency and at 1, keyed like http_suite's results."""
+    if not wrk.available():
+        log(f"wrk {target.name}: skipped, wrk not installed (apt-get install wrk)")
+        return {"skipped": "wrk not installed"}
+    out: dict[str, Any] = {}
+    for operation in WRK_OPERATIONS:
+        out[operation] = {
+            str(conc): wrk_phase(ctx, target, operation, bodies[operation], conc)
+            for conc in sorted({1, max(ctx.plan.concurrency)})
+        }
     return out
 
 
@@ -371,9 +429,11 @@ def http_phases(ctx: Ctx, env: HsmEnv, out_dir: Path, results: dict[str, Any]) -
     try:
         target = hsmbridge_target(env)
         results["hsmbridge_startup_s"] = round(startup, 3)
-        results["http_hsmbridge"] = suite = http_suite(ctx, target, store_id_of(target))
+        key_id, bodies = suite_bodies(ctx, target, store_id_of(target))
+        results["http_hsmbridge"] = http_suite(ctx, target, key_id, bodies)
+        results["wrk_hsmbridge"] = wrk_suite(ctx, target, bodies)
         if ctx.plan.profile:
-            body = signing.data_key_body(suite["key_id"])
+            body = bodies["GenerateDataKey"]
             conc = max(ctx.plan.concurrency)
             results["profile_http_gdk"] = profile_server(
                 proc,
@@ -388,7 +448,9 @@ def http_phases(ctx: Ctx, env: HsmEnv, out_dir: Path, results: dict[str, Any]) -
     try:
         # moto does not check signatures; any credentials sign a valid-looking request.
         mtarget = signing.Target("moto", mport, "testing", "testing")
-        results["http_moto"] = http_suite(ctx, mtarget, None)
+        key_id, bodies = suite_bodies(ctx, mtarget, None)
+        results["http_moto"] = http_suite(ctx, mtarget, key_id, bodies)
+        results["wrk_moto"] = wrk_suite(ctx, mtarget, bodies)
     finally:
         mproc.stop()
 

@@ -1,7 +1,8 @@
 """Pre-signed KMS requests: botocore's own SigV4 signer, serialised to raw HTTP/1.1 bytes.
 
-Signatures stay valid for 15 minutes (the server's clock-skew window), so pools are signed just
-before each phase. Bodies differ per request (plaintext, encryption context, description), so a
+Signatures stay valid for 5 minutes (hsmbridge's clock-skew window, MAX_SKEW in
+hsmbridge/http/sigv4.py), so pools are signed just before each phase and a phase must be shorter
+than that. Bodies differ per request (plaintext, encryption context, description), so a
 pool of N requests carries N distinct signatures, as N real clients would send.
 """
 

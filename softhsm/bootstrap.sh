@@ -3,6 +3,7 @@
 #   - Debian packages: softhsm2 (the HSM), opensc (pkcs11-tool), python3-venv; with `test` also
 #     postgresql (the server the metadata tests start as the `postgres` user; the service itself
 #     needs one only when `[metadata] url` names a PostgreSQL database, usually on another host)
+#     and wrk (the benchmark's C load generator, whose phase the benchmark smoke test runs)
 #   - a virtualenv at .venv with hsmbridge installed editable (plus test tools with `test`)
 # Idempotent and quiet when everything is already there; safe with no standard input (CI).
 #
@@ -17,6 +18,9 @@ command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 if [ "$extras" = "test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     need_apt+=(postgresql)
+fi
+if [ "$extras" = "test" ] && ! command -v wrk >/dev/null 2>&1; then
+    need_apt+=(wrk)  # the benchmark's C load generator; the smoke test runs its phase
 fi
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

@@ -1,9 +1,9 @@
 """Keeps the benchmark harness (benchmarks/) from rotting: its smallest run, end to end.
 
-Runs every phase (raw PKCS#11, service in-process, hsmbridge and moto_server over HTTP, scale
-with the audit) with tiny sizes and a few hundred requests, then checks the result files' shape
-and that every request succeeded. It never asserts a timing: this machine is shared and the
-numbers mean nothing at this size.
+Runs every phase (raw PKCS#11, service in-process, hsmbridge and moto_server over HTTP with the
+Python load generator and with wrk, scale with the audit) with tiny sizes and a few hundred
+requests, then checks the result files' shape and that every request succeeded. It never asserts
+a timing: this machine is shared and the numbers mean nothing at this size.
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ def test_smallest_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None
                 assert phase["ok"] == phase["requests"], (side, op, conc, phase["error_sample"])
                 sent += phase["requests"]
     assert sent >= 100
+    # The wrk phase (wrk comes with the test set-up): every request signed right, for both peers.
+    for side in ("wrk_hsmbridge", "wrk_moto"):
+        for op in ("Encrypt", "Decrypt", "GenerateDataKey"):
+            for conc in ("1", "4"):
+                phase = results[side][op][conc]
+                assert phase["requests"] > 0, (side, op, conc)
+                assert phase["non_2xx"] == 0, (side, op, conc, phase["error_sample"])
+    assert "wrk (C client)" in report
     points = results["scale"]["points"]
     assert [p["keys"] for p in points] == [5, 15]
     assert points[-1]["fill"]["total"] >= 15
