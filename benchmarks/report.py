@@ -16,6 +16,9 @@ HERE = Path(__file__).resolve().parent
 OPS = ("Encrypt", "Decrypt", "GenerateDataKey", "CreateKey")
 WRK_OPS = ("GenerateDataKey", "Encrypt", "Decrypt")  # what benchmarks.run sends with wrk
 WRK_SIDES = ("wrk_hsmbridge", "wrk_moto")
+# docs/benchmarks.md's "Several instances" section, written by `benchmarks.instances`.
+INSTANCES_START = "<!-- instances:start -->"
+INSTANCES_END = "<!-- instances:end -->"
 
 
 def _rate(section: dict[str, Any], name: str) -> float:
@@ -559,4 +562,12 @@ def publish(results: dict[str, Any], out_dir: Path, docs: Path) -> None:
     images = [p.name for p in sorted(out_dir.glob("*.png"))]
     for name in images:
         shutil.copy2(out_dir / name, img_dir / name)
-    (docs / "benchmarks.md").write_text(markdown(results, images, "benchmarks/"))
+    target = docs / "benchmarks.md"
+    text = markdown(results, images, "benchmarks/")
+    # The "Several instances" section comes from `benchmarks.instances`, run on its own: keep it.
+    previous = target.read_text() if target.exists() else ""
+    if INSTANCES_START in previous and INSTANCES_END in previous:
+        inner = previous.split(INSTANCES_START, 1)[1].split(INSTANCES_END, 1)[0]
+        kept = INSTANCES_START + inner + INSTANCES_END
+        text = text.rstrip("\n") + "\n\n" + kept + "\n"
+    target.write_text(text)

@@ -60,7 +60,10 @@ def _as_postgres() -> list[str]:
 class PostgresServer:
     """One PostgreSQL cluster in a scratch directory; `url(db)` is a libpq URL for database db."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, durable: bool = False) -> None:
+        # Tests run without fsync (nothing to lose); the benchmark runs durable, as SQLite's
+        # synchronous=FULL is, or the engines' figures would not compare.
+        self.durable = durable
         self.base = base
         self.data = base / "data"
         self.sockets = base / "sockets"
@@ -99,9 +102,11 @@ class PostgresServer:
 
     def start(self) -> None:
         options = (
-            f"-k {self.sockets} -c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f"-k {self.sockets} -c listen_addresses=127.0.0.1 -p {self.port} "
+            "-c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             pg_bin("pg_ctl"),
             "-D",
@@ -148,10 +153,10 @@ class PostgresServer:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def start_server(base: Path) -> tuple[PostgresServer, float]:
+def start_server(base: Path, *, durable: bool = False) -> tuple[PostgresServer, float]:
     """A running server in `base`, and how long initdb plus start took (seconds)."""
     began = time.perf_counter()
-    server = PostgresServer(base)
+    server = PostgresServer(base, durable=durable)
     server.init()
     server.start()
     return server, time.perf_counter() - began

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import instances
+from benchmarks import report as bench_report
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.softhsm]
 
@@ -65,3 +68,52 @@ def test_smallest_benchmark_run_writes_a_complete_report(tmp_path: Path) -> None
     assert statuses <= {"met", "missed", "not", "pending"}
     assert "## Targets" in report
     assert "loadavg_start" in results
+    # --docs keeps the "Several instances" section that benchmarks.instances wrote earlier.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    kept = f"{bench_report.INSTANCES_START}\n## Several instances\n{bench_report.INSTANCES_END}"
+    (docs / "benchmarks.md").write_text(f"# old report\n\n{kept}\n")
+    bench_report.publish(results, out, docs)
+    published = (docs / "benchmarks.md").read_text()
+    assert "# old report" not in published
+    assert published.rstrip().endswith(kept)
+
+
+@pytest.mark.postgres
+def test_smallest_instances_run_serves_every_setup(tmp_path: Path) -> None:
+    """`benchmarks.instances`: 1 instance on SQLite, 1-3 on one PostgreSQL database, every
+    request of every setup answered 2xx, and the docs section it writes survives a full run's
+    `report.publish`."""
+    out = tmp_path / "instances"
+    argv = [
+        sys.executable, "-m", "benchmarks.instances", "--seconds", "1", "--concurrency", "6",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    setups = results["setups"]
+    assert list(setups) == ["sqlite-1", "postgresql-1", "postgresql-2", "postgresql-3"]
+    for name, setup in setups.items():
+        for op in ("Encrypt", "GenerateDataKey", "CreateKey"):
+            figures = setup[op]
+            assert "error" not in figures, (name, op, figures)
+            assert figures["rps"] > 0, (name, op)
+            assert figures["non_2xx"] == 0, (name, op)
+            assert len(figures["per_instance_rps"]) == int(name.rsplit("-", 1)[1])
+            assert all(rate > 0 for rate in figures["per_instance_rps"]), (name, op)
+
+    # --docs: the section is added once, and replaced (not repeated) by the next run.
+    docs_file = tmp_path / "benchmarks.md"
+    docs_file.write_text("# Benchmarks\n\nthe full run's report\n")
+    section = (out / "report.md").read_text()
+    instances.publish(section, docs_file)
+    instances.publish(section.replace("Several instances", "Several instances (again)"), docs_file)
+    text = docs_file.read_text()
+    assert text.startswith("# Benchmarks\n\nthe full run's report\n")
+    assert text.count(bench_report.INSTANCES_START) == 1
+    assert text.count(bench_report.INSTANCES_END) == 1
+    assert "Several instances (again)" in text
