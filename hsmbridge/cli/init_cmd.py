@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hsmbridge.bootstrap.sessions import load_or_create_session_key, session_key_path
 from hsmbridge.cli.runner import cli_caller, open_cli_service, run_audited
 from hsmbridge.config import load_settings, mask_url, parse_metadata_url
 from hsmbridge.errors import ConfigError, CustomKeyStoreNotFoundException
@@ -54,7 +55,9 @@ files written in DIR:
   iam/ACCOUNT.json  (0600) the account's IAM, in `aws iam get-account-authorization-details`
                     shape: the demo administrator may do everything; add users, groups, roles
                     and policies here (or paste a real export), re-read when it changes
-  master.key, metadata.sqlite3, audit.jsonl  (0600) created by the service itself
+  master.key        (0600) seals the kmsuser passwords stored in the metadata
+  sts.key           (0600) signs STS session credentials
+  metadata.sqlite3, audit.jsonl  (0600) created by the service itself
 
 With --metadata-url postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE the configuration keeps the
 metadata in that PostgreSQL database instead of metadata.sqlite3 (for several instances sharing
@@ -290,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
     )
     store_id, state = _store(config, cluster_id, anchor, password)
     settings = load_settings(config)
+    # Made now rather than at the first `serve`, so a copy of DIR holds every secret: instances
+    # that share an endpoint must all sign and check STS sessions with the same key.
+    load_or_create_session_key(session_key_path(settings))
     print(f"hsmbridge environment ready in {data}")
     print(f"  config:            {config}")
     print(f"  IAM:               {iam}")

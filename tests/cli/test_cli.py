@@ -219,7 +219,7 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
     assert store_line(first.stdout) == store_line(second.stdout)
     assert "CONNECTED" in store_line(second.stdout)
     for name in ("hsmbridge.toml", "clusters.json", "customerCA.crt", "kmsuser.password",
-                 "credentials", "softhsm-so.pin", "master.key"):  # fmt: skip
+                 "credentials", "softhsm-so.pin", "master.key", "sts.key"):  # fmt: skip
         assert (data / name).read_bytes() == files[name], name  # reused, not rewritten
     assert iam_file.read_bytes() == iam_first
     assert stat.S_IMODE(iam_file.stat().st_mode) == 0o600
@@ -229,7 +229,7 @@ def test_init_twice_is_idempotent_and_keeps_secrets_private(tmp_path: Path) -> N
         "inline policy AllowEverything of user/hsmbridge-admin"
     ]
     for name in ("kmsuser.password", "credentials", "softhsm-so.pin", "master.key",
-                 "metadata.sqlite3", "audit.jsonl"):  # fmt: skip
+                 "sts.key", "metadata.sqlite3", "audit.jsonl"):  # fmt: skip
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     doc = json.loads((data / "clusters.json").read_text())
     [cluster] = doc["Clusters"]
