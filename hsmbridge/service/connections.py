@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hsmbridge.backend import HsmBackend, HsmConnector, LoginError
+from hsmbridge import deadline
+from hsmbridge.backend import DeadlineExceededError, HsmBackend, HsmConnector, LoginError
 from hsmbridge.model import ConnectionErrorCode
 from hsmbridge.service.login_budget import LoginBudget
 
@@ -82,15 +83,24 @@ class StoreConnections:
         live = self._live.get(store_id)
         if live is not None and live.cluster_id == cluster_id:
             return live.backend
-        with self._lock:
+        # Logins are made one at a time; a request waits for another's no longer than its
+        # deadline, and one whose deadline has passed never starts a C_Login.
+        left = deadline.remaining()
+        if not self._lock.acquire(timeout=-1 if left is None else max(0.0, left)):
+            raise DeadlineExceededError("the request's deadline passed while a login was made")
+        try:
             live = self._live.get(store_id)
             if live is not None and live.cluster_id == cluster_id:
                 return live.backend
+            if deadline.expired():
+                raise DeadlineExceededError("the request's deadline passed before its login")
             self._close_locked(store_id)
             self._check_backoff_locked(store_id)
             backend = self._log_in_locked(store_id, cluster_id, password, back_off=True)
             log.info("logged in to cluster %s for custom key store %s", cluster_id, store_id)
             return backend
+        finally:
+            self._lock.release()
 
     def _log_in_locked(
         self,
