@@ -102,8 +102,7 @@ class PostgresServer:
 
     def start(self) -> None:
         options = (
-            f"-k {self.sockets} -c listen_addresses=127.0.0.1 -p {self.port} "
-            "-c max_connections=200"
+            f"-k {self.sockets} -c listen_addresses=127.0.0.1 -p {self.port} -c max_connections=200"
         )
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
