@@ -27,7 +27,7 @@ class RequestContext:
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     source_ip: str | None = None
     user_agent: str | None = None
-    edge: str = "http"  # http | cli | service: which door the request came through
+    edge: str = "http"  # http | cli | console | service: which door the request came through
     # The AWS service this principal acts for (`via_service` in the credentials file), e.g.
     # "ec2.us-west-2.amazonaws.com": the kms:ViaService and kms:GrantIsForAWSResource inputs.
     via_service: str | None = None

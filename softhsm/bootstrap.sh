@@ -4,6 +4,7 @@
 #     postgresql (the server the metadata tests start as the `postgres` user; the service itself
 #     needs one only when `[metadata] url` names a PostgreSQL database, usually on another host)
 #     and wrk (the benchmark's C load generator, whose phase the benchmark smoke test runs)
+#     and chromium (the browser the web console's Playwright tests drive by its path)
 #   - a virtualenv at .venv with hsmbridge installed editable (plus test tools with `test`)
 # Idempotent and quiet when everything is already there; safe with no standard input (CI).
 #
@@ -21,6 +22,9 @@ if [ "$extras" = "test" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/d
 fi
 if [ "$extras" = "test" ] && ! command -v wrk >/dev/null 2>&1; then
     need_apt+=(wrk)  # the benchmark's C load generator; the smoke test runs its phase
+fi
+if [ "$extras" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+    need_apt+=(chromium)  # tests/console drive it with Playwright (no browser download)
 fi
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

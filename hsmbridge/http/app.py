@@ -14,9 +14,12 @@ service `sts`, the STS operation table and XML answers and errors from `protocol
 whose `X-Amz-Target` starts with `BaldrApiService.`, or any POST to `/service/...` (RPC v2 CBOR), is
 a CloudHSM v2 call: the same pipeline with SigV4 for service `cloudhsm`, the cloudhsmv2 model,
 `protocol.cloudhsm`'s table and its JSON or CBOR answers and errors, and `eventSource`
-cloudhsm.amazonaws.com. Each request runs inside a `trail.context.RequestScope` (copied into the
-worker thread) so the service can name the key and store it touched and the backend wrapper can add
-HSM latency; `ApiEvent` carries those facts to the one audit event per request.
+cloudhsm.amazonaws.com. Paths under `/console/` (GET and POST) go to the web console's sub-app
+when one is mounted (`console`, built by the composition root; it authenticates and audits on
+its own), and are unknown routes otherwise. Each request runs inside a
+`trail.context.RequestScope` (copied into the worker thread) so the service can name the key and
+store it touched and the backend wrapper can add HSM latency; `ApiEvent` carries those facts to
+the one audit event per request.
 Must not import: pkcs11 or backend internals. Handlers arrive as a table from the composition
 root, so this module does not import the service layer either. Only `hsmbridge.http` may import
 uvicorn, and this module does not need it (`http.server` runs it).
@@ -35,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from hsmbridge import deadline
 from hsmbridge.errors import (
@@ -94,6 +97,14 @@ _OPS_UNAUTHORIZED: Final = [
     (b"www-authenticate", b'Bearer realm="hsmbridge"'),
 ]
 _SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
+
+
+class SubApp(Protocol):
+    """An ASGI app mounted under a path prefix (the web console), closed with the API."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -207,6 +218,7 @@ class KmsApi:
         max_in_flight: int = MAX_IN_FLIGHT,
         ops_token: str | None = None,
         max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+        console: SubApp | None = None,
     ) -> None:
         known = operation_names()
         unknown = sorted(set(operations) - known)
@@ -244,16 +256,23 @@ class KmsApi:
         # Run at lifespan shutdown instead of close() (in-flight requests are done by then).
         # Worker processes set it to their runtime's close: uvicorn ends them with their signal.
         self.on_shutdown: Callable[[], None] | None = None
+        self._console = console
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
         self._light.shutdown(wait=True, cancel_futures=False)
+        if self._console is not None:
+            self._console.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] != "http":
             return  # websockets are not part of the KMS protocol; uvicorn closes them
+        elif self._console is not None and (
+            scope["path"] == "/console" or scope["path"].startswith("/console/")
+        ):
+            await self._console(scope, receive, send)
         elif scope["method"] == "POST" and (
             scope["path"] == "/"
             or (self._cloudhsm is not None and scope["path"].startswith(cloudhsm.CBOR_PATH_PREFIX))
@@ -640,6 +659,7 @@ def create_asgi_app(
     hsm_operations: frozenset[str] = frozenset(),
     ops_token: str | None = None,
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+    console: SubApp | None = None,
 ) -> KmsApi:
     """Build the KMS ASGI app. `operations` maps KMS operation names to synchronous handlers;
     `sts_operations` (from `protocol.sts.build_sts_operations`) serves STS on the same endpoint,
@@ -662,4 +682,5 @@ def create_asgi_app(
         hsm_operations=hsm_operations,
         ops_token=ops_token,
         max_connections_per_client=max_connections_per_client,
+        console=console,
     )

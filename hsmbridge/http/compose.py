@@ -26,10 +26,12 @@ from hsmbridge.backend.bulkhead import BulkheadConnector, BulkheadLimits
 from hsmbridge.bootstrap.ops_token import read_ops_token
 from hsmbridge.bootstrap.sessions import open_session_issuer, open_sts_service
 from hsmbridge.config import Settings
+from hsmbridge.console.compose import build_console
 from hsmbridge.http.app import KmsApi, create_asgi_app
 from hsmbridge.http.health import HealthChecker
 from hsmbridge.http.metrics import Metrics, StoreCollector
 from hsmbridge.http.sigv4 import SigV4Verifier
+from hsmbridge.identity.credentials import load_principals
 from hsmbridge.keystore.inventory_file import InventoryFile
 from hsmbridge.model import ConnectionState
 from hsmbridge.protocol.cloudhsm import (
@@ -162,9 +164,12 @@ def create_app(
     # service keeps (tests move it), and policies are read from one cache.
     sts = open_sts_service(settings, iam=service.ctx.iam, issuer=issuer, clock=clock)
     cloudhsm = _cloudhsm_endpoint(settings, service, clock)
+    # One read of the credentials file for both edges that authenticate with it: SigV4 and the
+    # web console's sign-in.
+    credentials = load_principals(settings.credentials_file)
     verifier = (
-        SigV4Verifier.from_file(
-            settings.credentials_file,
+        SigV4Verifier(
+            credentials,
             settings.region,
             sessions=issuer,
             session_clock=lambda: datetime.fromtimestamp(clock(), UTC),
@@ -172,6 +177,7 @@ def create_app(
         if verify_signatures
         else None
     )
+    on_event = _on_event(sink, metrics)
     app = create_asgi_app(
         operations=build_operations(service),
         verifier=verifier,
@@ -181,13 +187,14 @@ def create_app(
         cloudhsm_endpoint=cloudhsm,
         health=health,
         metrics=metrics.render,
-        on_event=_on_event(sink, metrics),
+        on_event=on_event,
         handler_timeout_s=settings.request_timeout_s,
         anonymous_account=settings.account_id,
         worker_threads=HSM_THREADS,
         hsm_operations=HSM_OPERATIONS,
         ops_token=ops_token,
         max_connections_per_client=settings.max_connections_per_client,
+        console=build_console(settings, service, credentials, on_event),
     )
     return Runtime(service, app, sink, metrics, health)
 

@@ -204,6 +204,13 @@ class IamDirectory:
         account = self._current().accounts.get(match["account"])
         return None if account is None else account.roles.get(arn)
 
+    def principals(self, account_id: str) -> tuple[list[str], list[str]]:
+        """(user ARNs, role ARNs) of `account_id`'s IAM file, each sorted; empty without one."""
+        account = self._current().accounts.get(account_id)
+        if account is None:
+            return [], []
+        return sorted(account.users), sorted(account.roles)
+
     def role_by_name(self, account_id: str, name: str) -> IamRole | None:
         """The role an assumed-role session ARN names (those carry the name, not the path)."""
         account = self._current().accounts.get(account_id)

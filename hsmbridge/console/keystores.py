@@ -1,0 +1,101 @@
+"""The "Custom key stores" pages: the list, create, connect, disconnect and delete.
+
+Owns: `store_list` (DescribeCustomKeyStores as the caller: name, ID, cluster ID, connection
+state, and for a FAILED store its ConnectionErrorCode with the troubleshooting text, plus the
+cluster's ACTIVE HSMs from the inventory), `store_action` (ConnectCustomKeyStore,
+DisconnectCustomKeyStore, DeleteCustomKeyStore) and `create_form` / `create_store`
+(CreateCustomKeyStore: name, cluster ID, trust anchor certificate, kmsuser password). The
+service's rules and messages apply unchanged; a KMS error is shown with the inputs kept (never
+the password).
+Must not import uvicorn or pkcs11.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from hsmbridge.console.troubleshooting import troubleshooting
+from hsmbridge.console.view import ErrorText, Page
+from hsmbridge.console.web import Response, redirect
+from hsmbridge.errors import KmsError
+
+_ACTIONS: Final = {
+    "connect": "ConnectCustomKeyStore",
+    "disconnect": "DisconnectCustomKeyStore",
+    "delete": "DeleteCustomKeyStore",
+}
+
+
+def store_list(page: Page, *, error: ErrorText | None = None, status: int = 200) -> Response:
+    stores: list[dict[str, Any]] = []
+    try:
+        found = page.all_pages("DescribeCustomKeyStores", "CustomKeyStores", {"Limit": 100})
+    except KmsError as exc:
+        found, error, status = [], error or ErrorText.of(exc), 400
+    for s in sorted(found, key=lambda s: (s.get("CustomKeyStoreName", ""), s["CustomKeyStoreId"])):
+        code = s.get("ConnectionErrorCode")
+        stores.append(
+            {
+                **s,
+                "troubleshooting": troubleshooting(code),
+                "cluster": page.directory.cluster(s.get("CloudHsmClusterId", "")),
+            }
+        )
+    return page.html(
+        "keystores.html",
+        status=status,
+        title="Custom key stores",
+        nav="keystores",
+        stores=stores,
+        error=error,
+        done=page.request.query.get("done", ""),
+    )
+
+
+def store_action(page: Page, store_id: str, action: str) -> Response:
+    operation = _ACTIONS.get(action)
+    if operation is None:
+        error = ErrorText("NotFound", f"The console has no key store action {action!r}.")
+        return store_list(page, error=error, status=404)
+    try:
+        page.run(operation, {"CustomKeyStoreId": store_id})
+    except KmsError as exc:
+        return store_list(page, error=ErrorText.of(exc), status=400)
+    return redirect(f"/console/keystores?done={action}")
+
+
+def create_form(
+    page: Page,
+    *,
+    values: dict[str, str] | None = None,
+    error: ErrorText | None = None,
+    status: int = 200,
+) -> Response:
+    return page.html(
+        "keystore_create.html",
+        status=status,
+        title="Create custom key store",
+        nav="keystores",
+        values=values or {"name": "", "cluster": "", "anchor": ""},
+        error=error,
+    )
+
+
+def create_store(page: Page) -> Response:
+    request = page.request
+    values = {
+        "name": request.field("name").strip(),
+        "cluster": request.field("cluster").strip(),
+        "anchor": request.field("anchor"),
+    }
+    params = {
+        "CustomKeyStoreName": values["name"],
+        "CloudHsmClusterId": values["cluster"],
+        "TrustAnchorCertificate": values["anchor"],
+        "KeyStorePassword": request.field("password"),
+    }
+    try:
+        page.run("CreateCustomKeyStore", params)
+    except KmsError as exc:
+        return create_form(page, values=values, error=ErrorText.of(exc), status=400)
+    return redirect("/console/keystores?done=create")

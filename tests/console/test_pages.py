@@ -1,0 +1,138 @@
+"""The key detail page's actions and the custom key stores page, in Chromium.
+
+Key detail: enable/disable, schedule deletion (the waiting period) and cancel it, edit the key
+policy (a refusal keeps the draft). Custom key stores: a FAILED store shows its
+ConnectionErrorCode with the troubleshooting text; Disconnect and Connect run the API's
+operations; a refused CreateCustomKeyStore shows KMS's error with the inputs kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.console.conftest import STORE_NAME, TESTER_ARN, ConsoleEnv, events, sign_in
+
+pytestmark = pytest.mark.slow
+
+
+def test_key_detail_actions(page: Page, console_env: ConsoleEnv) -> None:
+    kms = console_env.live.kms
+    key_id = console_env.live.create_key(Description="detail page")["KeyId"]
+    kms.tag_resource(KeyId=key_id, Tags=[{"TagKey": "Team", "TagValue": "Crypto"}])
+    sign_in(page, console_env)
+    page.goto(console_env.url + f"keys/{key_id}")
+    general = page.get_by_role("region", name="General configuration")
+    expect(general).to_contain_text("Enabled")
+    expect(page.get_by_role("region", name="Cryptographic configuration")).to_contain_text(
+        STORE_NAME
+    )
+    expect(page.get_by_role("region", name="Tags")).to_contain_text("Crypto")
+
+    page.get_by_role("button", name="Disable").click()
+    expect(general).to_contain_text("Disabled")
+    page.get_by_role("button", name="Enable").click()
+    expect(general).to_contain_text("Enabled")
+
+    window = page.get_by_label("Waiting period (in days)")
+    window.fill("3")  # the browser refuses it (min 7); the server too, if sent anyway:
+    assert window.evaluate("e => e.validity.rangeUnderflow")
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    answer = page.request.post(
+        console_env.url + f"keys/{key_id}/schedule-deletion", form={"csrf": token, "window": "3"}
+    )
+    assert answer.status == 400
+    assert "The waiting period must be 7 to 30 days." in answer.text()
+    assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
+    page.get_by_label("Waiting period (in days)").fill("7")
+    page.get_by_role("button", name="Schedule key deletion").click()
+    expect(general).to_contain_text("PendingDeletion")
+    assert events(console_env, "ScheduleKeyDeletion")[-1]["requestParameters"] == {
+        "KeyId": key_id,
+        "PendingWindowInDays": 7,
+    }
+    page.get_by_role("button", name="Cancel key deletion").click()
+    expect(general).to_contain_text("Disabled")  # KMS leaves a cancelled key disabled
+
+    policy = json.loads(kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])
+    policy["Statement"].append(
+        {
+            "Sid": "Deny nobody",
+            "Effect": "Deny",
+            "Principal": {"AWS": "arn:aws:iam::111122223333:user/nobody-here"},
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+        }
+    )
+    draft = json.dumps(policy, indent=2)
+    page.get_by_role("textbox", name="Key policy").fill(draft)
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.get_by_role("alert")).to_contain_text("MalformedPolicyDocumentException")
+    expect(page.get_by_role("textbox", name="Key policy")).to_have_value(draft)  # the draft is kept
+    policy["Statement"][-1]["Principal"] = {"AWS": TESTER_ARN}
+    policy["Statement"][-1]["Action"] = "kms:GenerateRandom"
+    page.get_by_role("textbox", name="Key policy").fill(json.dumps(policy, indent=2))
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.get_by_role("alert")).to_have_count(0)
+    saved = json.loads(kms.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])
+    assert saved == policy
+
+
+def _wait_state(console_env: ConsoleEnv, state: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        stores = console_env.live.kms.describe_custom_key_stores(
+            CustomKeyStoreId=console_env.store_id
+        )["CustomKeyStores"]
+        if stores[0]["ConnectionState"] == state:
+            return
+        assert time.monotonic() < deadline, f"store never became {state}: {stores}"
+        time.sleep(0.05)
+
+
+def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
+    kms, store_id = console_env.live.kms, console_env.store_id
+    sign_in(page, console_env)
+    page.get_by_role("navigation", name="Navigation pane").get_by_role(
+        "link", name="Custom key stores"
+    ).click()
+    row = page.get_by_role("row").filter(has_text=store_id)
+    expect(row).to_contain_text("CONNECTED")
+    expect(row).to_contain_text(console_env.env.cluster_id)
+    expect(row).to_contain_text("2 (us-east-1a, us-east-1b)")
+
+    # A wrong kmsuser password: the store FAILs with INVALID_CREDENTIALS and the page says why.
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, KeyStorePassword="wrong-password-1")
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    try:
+        _wait_state(console_env, "FAILED")
+        page.reload()
+        expect(row).to_contain_text("INVALID_CREDENTIALS")
+        expect(row).to_contain_text("The kmsuser password of the key store was refused")
+        row.get_by_role("button", name=f"Disconnect {STORE_NAME}").click()
+        expect(page.get_by_role("status")).to_contain_text("disconnected")
+        expect(row).to_contain_text("DISCONNECTED")
+        kms.update_custom_key_store(
+            CustomKeyStoreId=store_id, KeyStorePassword=console_env.env.password
+        )
+        row.get_by_role("button", name=f"Connect {STORE_NAME}").click()
+        expect(page.get_by_role("status")).to_contain_text("Connecting")
+        _wait_state(console_env, "CONNECTED")
+    finally:
+        console_env.live.connect(store_id)  # CONNECTED again for the other tests
+    assert events(console_env, "ConnectCustomKeyStore")[-1]["principalArn"] == TESTER_ARN
+
+    # Creating a store on a cluster that already has one: KMS's error, inputs kept.
+    page.get_by_role("link", name="Create custom key store").click()
+    page.get_by_label("Custom key store name").fill("SecondStore")
+    page.get_by_label("CloudHSM cluster ID").fill(console_env.env.cluster_id)
+    page.get_by_label("Trust anchor certificate").fill(console_env.env.pki.ca_cert_pem)
+    page.get_by_label("kmsuser password").fill(console_env.env.password)
+    page.get_by_role("button", name="Create custom key store").click()
+    expect(page.get_by_role("alert")).to_contain_text("CloudHsmClusterInUseException")
+    expect(page.get_by_label("Custom key store name")).to_have_value("SecondStore")
+    expect(page.get_by_label("kmsuser password")).to_have_value("")  # never sent back
