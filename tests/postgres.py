@@ -2,7 +2,7 @@
 
 PostgreSQL refuses to run as root and CI runs as root, so `initdb`, `pg_ctl` and the server run as
 the unprivileged `postgres` system user (created by Debian's package) through `runuser`, on a
-scratch data directory under the session's temporary directory, listening on 127.0.0.1 only (a
+scratch data directory of its own under /tmp (removed at the end), listening on 127.0.0.1 only (a
 free port) with trust authentication. Test databases use an ICU (linguistic) collation: a text
 column without `COLLATE "C"` would then page in another order than SQLite, and the contract tests
 notice. A missing PostgreSQL is an error, not a skip: `bash softhsm/bootstrap.sh` installs it.
@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,7 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.base, PG_USER)
             shutil.chown(self.sockets, PG_USER)
-            # runuser needs to reach the scratch directory through pytest's 0700 parents.
+            # runuser needs to reach the scratch directory through its 0700 parents (mkdtemp's).
             for parent in self.base.parents:
                 if parent == Path(parent.anchor) or parent.stat().st_mode & 0o001:
                     break
@@ -171,13 +172,22 @@ def fresh_database(server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the whole session, stopped (immediate mode) at the end."""
-    server, _seconds = start_server(tmp_path_factory.mktemp("postgres"))
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, stopped (immediate mode) at the end.
+
+    Its directory is not under pytest's base temporary directory: every pytest session that
+    starts resets /tmp/pytest-of-USER to mode 0700, which locks the `postgres` user out of a
+    data directory another running session keeps there (PANIC: pg_control: Permission denied).
+    """
+    base = Path(tempfile.mkdtemp(prefix="hsmbridge-test-postgres-"))
     try:
-        yield server
+        server, _seconds = start_server(base / "server")
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -201,16 +201,24 @@ class HealthChecker:
     def _degradation(
         self, store_id: str, cluster_id: str, backend: HsmBackend, latency_ms: float
     ) -> str:
+        """Every reason the store is DEGRADED, joined; "" if none. All are checked each time:
+        a slow ping on a busy machine must not hide a cluster below quorum."""
+        problems = []
         if latency_ms > self._slow_ms:
-            return f"HSM ping took {latency_ms:.0f} ms (threshold {self._slow_ms:.0f} ms)"
+            problems.append(f"HSM ping took {latency_ms:.0f} ms (threshold {self._slow_ms:.0f} ms)")
         stats = getattr(backend, "stats", None)
         retries = getattr(stats, "retries", None)
         if isinstance(retries, int):
             before = self._retries_seen.get(store_id, retries)
             self._retries_seen[store_id] = retries
             if retries > before:
-                return f"HSM sessions or login re-established {retries - before}x since last check"
-        return self._quorum_problem(cluster_id)
+                problems.append(
+                    f"HSM sessions or login re-established {retries - before}x since last check"
+                )
+        quorum_problem = self._quorum_problem(cluster_id)
+        if quorum_problem:
+            problems.append(quorum_problem)
+        return "; ".join(problems)
 
     def _quorum_problem(self, cluster_id: str) -> str:
         try:

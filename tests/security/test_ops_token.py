@@ -6,6 +6,7 @@ missing one or a short token stops start-up with a ConfigError naming the file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,11 @@ def test_operations_endpoints_need_the_bearer_token(make_kms_env: Any) -> None:
 
 
 def test_without_the_setting_they_stay_open(live: Any) -> None:
-    assert _get(live.url, "/health").status == 200
+    # The health report itself, unauthenticated: 200, or 503 if a busy machine made the HSM
+    # ping slow (DEGRADED); never the 401 the token would bring.
+    health = _get(live.url, "/health")
+    assert health.status in (200, 503), health.data
+    assert live.store_id in json.loads(health.data)["stores"]
     assert _get(live.url, "/metrics").status == 200
 
 
