@@ -68,6 +68,10 @@ class HsmProfile:
     # Failed logins in a row after which the HSM locks the crypto user; 0: it never does.
     # hsmbridge stops one attempt short of it (service/login_budget.py).
     login_lockout_threshold: int = 0
+    # The module can miss objects other processes created on the token (SoftHSM2: a process's
+    # own writes absorb their change counter), so a key not found is looked for once more after
+    # re-initialising the library (backend/sessions.py `Library.refresh_after`).
+    stale_cross_process_view: bool = False
     token_label: str | None = None  # None: first slot with a token present (CloudHSM)
 
     def login_pin(self, password: str) -> str:
@@ -257,6 +261,7 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
         iv_policy=_enum(IvPolicy, _get(raw, "iv_policy", str, where), where, "iv_policy"),
         busy_errors=tuple(_get(raw, "busy_errors", list, where, [])),
         incomplete_key_objects=_get(raw, "incomplete_key_objects", bool, where, False),
+        stale_cross_process_view=_get(raw, "stale_cross_process_view", bool, where, False),
         serialize_calls=_get(raw, "serialize_calls", bool, where, True),
         max_sessions=max_sessions,
         template_omit=tuple(_get(raw, "template_omit", list, where, [])),

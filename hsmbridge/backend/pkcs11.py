@@ -31,6 +31,7 @@ from hsmbridge.backend.errors import (
     DuplicateLabelError,
     HsmInternalError,
     HsmUnreachableError,
+    KeyMissingError,
     NonCompliantKeyError,
     TransientHsmError,
 )
@@ -100,6 +101,29 @@ class Pkcs11Backend:
             self._count("_retries")
         time.sleep(_FIRST_BACKOFF_S)
         return self._retry(op, during_decrypt)
+
+    def _run_finding(self, op: Callable[[Worker], T], *, during_decrypt: bool = False) -> T:
+        """`_run` for an op that looks a key up by label. Where the profile says this process's
+        view of other processes' objects can be stale (SoftHSM2), a key not found is looked for
+        once more in a view re-read since this call began: the service only asks for keys it
+        knows exist, so "missing" may just mean another process made it."""
+        began = time.monotonic()
+        try:
+            return self._run(op, during_decrypt=during_decrypt)
+        except KeyMissingError:
+            if not self._profile.stale_cross_process_view:
+                raise
+            self._pool.library.refresh_after(began)
+            return self._run(op, during_decrypt=during_decrypt)
+
+    def _refreshed_if_none(self, began: float, op: Callable[[Worker], T], found: T) -> T:
+        """`found` (an empty result of `op` run since `began`), or `op` again in a re-read view
+        where the profile says the view can be stale: a destroy or search that finds nothing
+        must not miss a key another process made."""
+        if found or not self._profile.stale_cross_process_view:
+            return found
+        self._pool.library.refresh_after(began)
+        return self._run(op)
 
     def _once(self, op: Callable[[Worker], T], during_decrypt: bool) -> T:
         if self._closed:
@@ -211,7 +235,8 @@ class Pkcs11Backend:
             found = list(worker.raw.get_objects({**_SECRET_KEYS, Attribute.LABEL: label}))
             return [_read_info(obj) for obj in found]
 
-        return self._run(op)
+        began = time.monotonic()
+        return self._refreshed_if_none(began, op, self._run(op))
 
     def list_keys(self) -> Iterator[HsmKeyInfo]:
         """Every secret-key object the user can see, read in one session and one scan."""
@@ -232,8 +257,9 @@ class Pkcs11Backend:
                 obj.destroy()
             return len(doomed)
 
+        began = time.monotonic()
         try:
-            return self._run(op)
+            return self._refreshed_if_none(began, op, self._run(op))
         finally:
             self._pool.forget(label)  # every session's cached handle for it is now dead
 
@@ -281,7 +307,7 @@ class Pkcs11Backend:
             )
             return Sealed(iv=iv, ciphertext=bytes(out))
 
-        return self._run(op)
+        return self._run_finding(op)
 
     def decrypt(self, label: str, sealed: Sealed, aad: bytes) -> bytes:
         """Raises BadCiphertextError when the tag does not verify, KeyMissingError without key."""
@@ -296,7 +322,7 @@ class Pkcs11Backend:
             )
             return bytes(out)
 
-        return self._run(op, during_decrypt=True)
+        return self._run_finding(op, during_decrypt=True)
 
     def random(self, n_bytes: int) -> bytes:
         if n_bytes < 0:

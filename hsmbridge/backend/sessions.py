@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # While a token is missing, re-initialise the library at most this often to look for it again.
 REINIT_INTERVAL_S = 1.0
+# Re-initialisations to refresh a stale view of other processes' objects: at most one this often.
+REFRESH_INTERVAL_S = 1.0
 
 
 class Library:
@@ -100,6 +102,26 @@ class Library:
             log.warning(
                 "re-initialised PKCS#11 module %s (generation %d)", self.path, self.generation
             )
+
+    def refresh_after(self, missed_at: float) -> None:
+        """Make this process's view of the tokens at least as new as `missed_at` (monotonic):
+        re-initialise, unless a re-initialisation started since then (its view already holds
+        whatever existed at `missed_at`), so threads that missed together share one. At most one
+        every REFRESH_INTERVAL_S: a key that is really gone (and requests for it) must not turn
+        into a stream of C_Finalize calls; a later miss waits for the interval, within its
+        request's deadline, rather than go without a fresh view."""
+        while True:
+            with self.lock:
+                if self.last_reinitialized >= missed_at:
+                    return
+                wait = self.last_reinitialized + REFRESH_INTERVAL_S - time.monotonic()
+                if wait <= 0:
+                    self.reinitialize(self.generation)
+                    return
+            left = deadline.remaining()
+            if left is not None and left <= wait:
+                raise DeadlineExceededError("the request's deadline passed before a token refresh")
+            time.sleep(wait)  # outside the lock: other calls go on meanwhile
 
     def reinitialize_at_most_every(self, interval_s: float) -> None:
         """Re-initialise again unless that was tried within `interval_s` (see REINIT_INTERVAL_S)."""
