@@ -4,7 +4,7 @@ Run as a script (never imported by pytest's collection):
 
     python tests/reliability/crash_server.py --config D/hsmbridge.toml --port N \
         [--crash-at POINT --crash-hit K --marker FILE] [--clock-offset-days D --clock-speed S]
-        [--sweep-interval S] [--stats-file F]
+        [--sweep-interval S] [--stats-file F] [--clock-start-wall W --clock-start-mono M]
 
 It is `hsmbridge serve` with two test seams passed through the composition root's own parameters,
 so production code carries no hooks:
@@ -17,7 +17,10 @@ so production code carries no hooks:
   ConnectCustomKeyStore) and in_disconnect (closing the login during DisconnectCustomKeyStore).
   Start-up itself (recovery, the start-up sweep) is never interrupted: it is what is under test.
 * the service clock is `time.time() + offset + speed * elapsed`, so waiting periods of
-  ScheduleKeyDeletion pass in seconds and the deletion sweeper runs during the test.
+  ScheduleKeyDeletion pass in seconds and the deletion sweeper runs during the test. With
+  --clock-start-wall W --clock-start-mono M the clock is `W + offset + speed * (monotonic() - M)`
+  instead: CLOCK_MONOTONIC is system-wide on Linux, so instances given the same W and M keep one
+  virtual time between them (for several instances sharing a database).
 
 With --stats-file it appends one JSON line per second: PKCS#11 sessions open (backend stats) and
 VmRSS of this process, for the load test's leak check.
@@ -171,11 +174,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-interval", type=float, default=60.0)
     p.add_argument("--stats-file", type=Path)
     p.add_argument("--health-ttl", type=float, help="seconds /health caches its HSM round trip")
+    p.add_argument("--clock-start-wall", type=float, help="wall time (epoch s) the clock starts at")
+    p.add_argument(
+        "--clock-start-mono", type=float, help="time.monotonic() at which it is --clock-start-wall"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if (args.clock_start_wall is None) != (args.clock_start_mono is None):
+        raise SystemExit("--clock-start-wall and --clock-start-mono go together")
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     points = KillPoints(args.crash_at, args.crash_hit, args.marker)
     connector = CrashingConnector(bootstrap.default_connector(settings), points)
     wall0, mono0 = time.time(), time.monotonic()
+    if args.clock_start_wall is not None:  # a virtual time shared with other processes
+        wall0, mono0 = args.clock_start_wall, args.clock_start_mono
     offset = args.clock_offset_days * DAY
 
     def clock() -> float:

@@ -103,9 +103,14 @@ class InitEnv:
         return report
 
 
-def init_env(root: Path) -> InitEnv:
+def init_env(root: Path, metadata_url: str | None = None) -> InitEnv:
+    """`hsmbridge init --data-dir root`; with `metadata_url` (postgresql://...) the metadata
+    lives in that database (`--metadata-url`), so several servers may share the environment."""
+    argv = [sys.executable, "-m", "hsmbridge", "init", "--data-dir", str(root)]
+    if metadata_url is not None:
+        argv += ["--metadata-url", metadata_url]
     subprocess.run(
-        [sys.executable, "-m", "hsmbridge", "init", "--data-dir", str(root)],
+        argv,
         check=True,
         capture_output=True,
         timeout=120,
@@ -152,9 +157,9 @@ class ServerProcess:
         )
 
     @classmethod
-    def serve(cls, env: InitEnv, log_path: Path) -> ServerProcess:
-        """Exactly what an operator runs."""
-        argv = [sys.executable, "-m", "hsmbridge", "serve", "--config", str(env.config)]
+    def serve(cls, env: InitEnv, log_path: Path, *args: str) -> ServerProcess:
+        """Exactly what an operator runs (`args`: more options, e.g. "--workers", "1")."""
+        argv = [sys.executable, "-m", "hsmbridge", "serve", "--config", str(env.config), *args]
         return cls(argv, log_path)
 
     @classmethod
