@@ -8,6 +8,7 @@ cluster and HSM facts into the exceptions KMS uses. Must not import protocol, ht
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
@@ -51,6 +52,8 @@ class KeyStoreService:
         self._synchronous = synchronous
         self._executor = executor or ThreadPoolExecutor(2, thread_name_prefix="connect")
         self.on_connected: OnConnected | None = None
+        self._connecting_lock = threading.Lock()
+        self._connecting: set[str] = set()  # stores whose connect this process is finishing
 
     # -- cluster facts ------------------------------------------------------------------------
     def _describe_cluster(self, cluster_id: str) -> ClusterInfo | None:
@@ -200,12 +203,26 @@ class KeyStoreService:
                     f"Cluster {cluster.cluster_id} is {cluster.state}; it must be ACTIVE."
                 )
             self._set_state(row, C.CONNECTING, None)
+        with self._connecting_lock:
+            self._connecting.add(store_id)
         if self._synchronous:
             self._finish_connect(store_id)
         else:
             self._executor.submit(self._finish_connect, store_id)
 
+    def connecting_here(self) -> set[str]:
+        """Stores whose connect this process has started and not finished."""
+        with self._connecting_lock:
+            return set(self._connecting)
+
     def _finish_connect(self, store_id: str) -> None:
+        try:
+            self._finish_connect_unmarked(store_id)
+        finally:
+            with self._connecting_lock:
+                self._connecting.discard(store_id)
+
+    def _finish_connect_unmarked(self, store_id: str) -> None:
         try:
             code = self._try_login(store_id)
         except Exception:
@@ -365,11 +382,21 @@ class KeyStoreService:
     def resume_connected(self) -> None:
         """At start-up: finish transitions a crash interrupted (CONNECTING, DISCONNECTING)."""
         for row in self._ctx.meta.list_key_stores(10_000, None):
-            state = row.store.connection_state
-            if state is C.CONNECTING:
-                self._finish_connect(row.store.store_id)
-            elif state is C.DISCONNECTING:
-                with self._ctx.meta.write():
+            self.finish_interrupted(row.store.store_id)
+
+    def finish_interrupted(self, store_id: str) -> None:
+        """Finish a connect (log in, then CONNECTED or FAILED) or a disconnect (DISCONNECTED)
+        that a process which died, or is gone, left half done; anything else is left as it is."""
+        row = self._ctx.meta.get_key_store(store_id)
+        if row is None:
+            return
+        if row.store.connection_state is C.CONNECTING:
+            log.info("finishing the interrupted connect of custom key store %s", store_id)
+            self._finish_connect(store_id)
+        elif row.store.connection_state is C.DISCONNECTING:
+            with self._ctx.meta.write():
+                row = self._ctx.meta.get_key_store(store_id)
+                if row is not None and row.store.connection_state is C.DISCONNECTING:
                     self._set_state(row, C.DISCONNECTED, None)
 
     def close(self) -> None:

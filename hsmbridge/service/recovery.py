@@ -45,6 +45,8 @@ class Recovery:
         self._keys = keys
         self._keystores = keystores
         self._deletions = deletions
+        # Stores seen CONNECTING or DISCONNECTING by the previous sweep (see _finish_stalled).
+        self._in_transition: set[str] = set()
 
     def recover_all(self) -> None:
         """At start-up, before this process (or any worker) serves a request.
@@ -73,11 +75,33 @@ class Recovery:
         database one process among all instances does it. False if this one did nothing."""
         if not self._ctx.meta.hold_maintenance():
             return False
+        self._finish_stalled()
         self._keys.retry_abandoned()
         self._deletions.sweep()
         for store_id in self._connected_stores():
             self._recover_quietly(store_id, STALE_INTENT_S)
         return True
+
+    def _finish_stalled(self) -> None:
+        """A connect or disconnect whose process died (a killed worker, a lost instance) leaves
+        its store CONNECTING or DISCONNECTING until some process starts. One still in
+        transition at two sweeps in a row (a sweep interval apart: longer than any live connect
+        takes) and not being connected by this process is finished here, by the one maintenance
+        holder. Should a live connect elsewhere still be at it, both log in and record the same
+        outcome."""
+        pending = {
+            row.store.store_id
+            for row in self._ctx.meta.list_key_stores(10_000, None)
+            if row.store.connection_state
+            in (ConnectionState.CONNECTING, ConnectionState.DISCONNECTING)
+        }
+        stalled = (pending & self._in_transition) - self._keystores.connecting_here()
+        self._in_transition = pending
+        for store_id in sorted(stalled):
+            try:
+                self._keystores.finish_interrupted(store_id)
+            except Exception:  # retried at the next sweep
+                log.exception("finishing the transition of custom key store %s failed", store_id)
 
     def recover_store(
         self, store_id: str, *, in_flight_grace_s: float = 0.0, finish_deletions: bool = True
