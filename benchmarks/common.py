@@ -116,28 +116,33 @@ def running(proc: Proc) -> Iterator[Proc]:
         proc.stop()
 
 
+def run_grouped(argv: list[str], err: Any, timeout: float, what: str) -> bytes:
+    """Run a child in its own process group with stdout captured; kill the whole group if it
+    overruns `timeout` or fails; RuntimeError (naming `what`) unless it exits 0."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{what} timed out after {timeout} s") from None
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited {proc.returncode}: {out[-500:]!r}")
+    return bytes(out)
+
+
 def run_json(argv: list[str], log_path: Path, timeout: float) -> dict[str, Any]:
     """Run a worker subprocess that prints one JSON document as its last stdout line."""
     with log_path.open("ab") as err:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise RuntimeError(
-                f"{argv[2:4]} timed out after {timeout} s (log {log_path})"
-            ) from None
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[2:4]} exited {proc.returncode}; see {log_path}")
+        out = run_grouped(argv, err, timeout, f"{argv[2:4]} (log {log_path})")
     lines = [line for line in out.decode().splitlines() if line.strip()]
     result: dict[str, Any] = json.loads(lines[-1])
     return result

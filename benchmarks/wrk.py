@@ -27,16 +27,14 @@ import math
 import os
 import resource
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import signing
-from benchmarks.common import LOOPBACK, REPO
+from benchmarks.common import LOOPBACK, run_grouped
 
 MAX_SECONDS = 240  # signing + the run must stay well inside the 5-minute clock-skew window
 RESPONSE_TIMEOUT_S = 30  # as benchmarks.loadgen: a slower response counts as a timeout
@@ -165,7 +163,7 @@ def run(
         err = stack.enter_context((log_path or Path(os.devnull)).open("ab"))
         usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall0 = time.perf_counter()
-        out = _communicate(argv, err, timeout=seconds + 60)
+        out = run_grouped(argv, err, seconds + 60, "wrk")
         wall = time.perf_counter() - wall0
         usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if log_path is not None:  # wrk's own text report, for a reader of the logs
@@ -197,28 +195,6 @@ def run(
         "client_cpu_share": round(cpu / max(1e-9, wall), 3),
         "error_sample": _sample_response(target.port, requests[0]) if non_2xx else "",
     }
-
-
-def _communicate(argv: list[str], err: Any, timeout: float) -> bytes:
-    """Run wrk in its own process group; kill the group if it overruns `timeout`."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise RuntimeError(f"wrk timed out after {timeout} s") from None
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk exited {proc.returncode}: {out[-500:]!r}")
-    return out
 
 
 def duration(seconds: float) -> int:
