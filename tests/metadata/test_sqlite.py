@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import stat
+import threading
 from dataclasses import replace
 
 import pytest
@@ -144,6 +145,31 @@ def test_a_write_lock_held_too_long_elsewhere_is_a_retryable_error(
     finally:
         holder.close()
         waiter.close()
+
+
+def test_instances_opening_a_new_file_together_all_open_it(tmp_path):
+    # Two connections switching one new file to WAL at once: SQLite refuses one at once ("database
+    # is locked", no busy wait); before the open retried it, the first round here already failed.
+    for round_ in range(60):
+        path = tmp_path / f"new-{round_}.db"
+        opened, errors = [], []
+        barrier = threading.Barrier(4)
+
+        def start(path=path, opened=opened, errors=errors, barrier=barrier):
+            barrier.wait()
+            try:
+                opened.append(SqliteMetadataStore(path))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for s in opened:
+            s.close()
+        assert errors == [], f"round {round_}"
 
 
 def test_every_process_on_a_sqlite_file_holds_maintenance(db_path):
