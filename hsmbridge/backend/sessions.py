@@ -53,6 +53,7 @@ from hsmbridge.backend.errors import (
     HsmUnreachableError,
     KeyMissingError,
     LoginError,
+    MisconfiguredError,
 )
 from hsmbridge.backend.pkcs11_errors import (
     LoginLostError,
@@ -69,6 +70,13 @@ log = logging.getLogger(__name__)
 REINIT_INTERVAL_S = 1.0
 # Re-initialisations to refresh a stale view of other processes' objects: at most one this often.
 REFRESH_INTERVAL_S = 1.0
+# A token not seen (maybe another process is rewriting its information) is looked for again,
+# with pauses doubling from the first to the last, for this long before it counts as unreachable;
+# the library is re-initialised (at most this often) once it stayed out of sight this long.
+TOKEN_LOOKUP_S = 2.0
+TOKEN_LOOKUP_REINIT_AFTER_S = 0.2
+TOKEN_LOOKUP_FIRST_PAUSE_S = 0.002
+TOKEN_LOOKUP_MAX_PAUSE_S = 0.05
 
 
 class Library:
@@ -81,7 +89,7 @@ class Library:
         self.generation = 0
         self.device_error_streak = 0
         self.last_reinitialized = float("-inf")  # time.monotonic() of the last attempt
-        self.pools: dict[bytes, SessionPool] = {}  # by token serial; guarded by `lock`
+        self.pools: dict[str, SessionPool] = {}  # by `_pool_key`; guarded by `lock`
 
     def guard(self, serialize: bool) -> threading.RLock | nullcontext[None]:
         return self.lock if serialize else nullcontext()
@@ -168,24 +176,87 @@ class Worker:
     warmed: bool = False  # `keys` was filled from one enumeration of the token
 
 
+class _TokenNotSeenError(Exception):
+    """One look at the slots did not find the token. `torn`: a read came back torn, after which
+    this process's view of the token stays unreadable until the library is re-initialised."""
+
+    def __init__(self, message: str, *, torn: bool) -> None:
+        super().__init__(message)
+        self.torn = torn
+
+
 def _find_token(library: Library, token_label: str | None) -> Any:
+    """The configured token. One not seen is looked for again for up to TOKEN_LOOKUP_S (never
+    past the request's deadline), re-initialising the library when that goes on.
+
+    SoftHSM2 rereads a token's own file (label, flags, serial) at C_GetTokenInfo, and a process
+    that logs in or out rewrites that file. Measured with another process logging in and out in a
+    loop: about half the reads of the token information fail with CKR_GENERAL_ERROR, and some
+    come back torn (a blank label; on a busy machine also one that matches nothing). After a torn
+    read every later read in that process fails, long after the logins stopped, until
+    C_Finalize + C_Initialize. All of that is a busy token, not a lost one: taking it for lost
+    failed logins and requests at once, and re-initialised and logged in again without a pause,
+    which rewrote the file under the other processes in turn. A token really gone is reported
+    TOKEN_LOOKUP_S later than before; losing a token is rare, and its requests are retried anyway.
+    """
+    began = time.monotonic()
+    give_up = began + TOKEN_LOOKUP_S
+    left = deadline.remaining()
+    if left is not None:
+        give_up = min(give_up, began + left)
+    pause = TOKEN_LOOKUP_FIRST_PAUSE_S
+    while True:
+        try:
+            return _find_token_once(library, token_label)
+        except _TokenNotSeenError as exc:
+            now = time.monotonic()
+            if now + pause > give_up:
+                raise HsmUnreachableError(str(exc)) from None
+            if exc.torn or now - began >= TOKEN_LOOKUP_REINIT_AFTER_S:
+                library.reinitialize_at_most_every(TOKEN_LOOKUP_REINIT_AFTER_S)
+        time.sleep(pause)
+        pause = min(pause * 2, TOKEN_LOOKUP_MAX_PAUSE_S)
+
+
+def _find_token_once(library: Library, token_label: str | None) -> Any:
+    unreadable: list[str] = []
+    matches: list[Any] = []
+    torn = False
     try:
-        if token_label is not None:
-            return library.raw.get_token(token_label=token_label)
         for slot in library.raw.get_slots(token_present=True):
-            token = slot.get_token()
+            try:
+                token = slot.get_token()
+            except (pkcs11.TokenNotPresent, pkcs11.TokenNotRecognised):
+                continue
+            except pkcs11.PKCS11Error as exc:
+                unreadable.append(type(exc).__name__)
+                continue
+            initialised = bool(token.flags & TokenFlag.TOKEN_INITIALIZED)
+            if initialised and not token.label:
+                torn = True  # no initialised token has a blank label: see `_find_token`
+                continue
             # SoftHSM always shows one extra, uninitialised token (§1); never pick that one.
-            if token.flags & TokenFlag.TOKEN_INITIALIZED:
+            if token_label is None and initialised:
                 return token
-    except pkcs11.NoSuchToken:
-        pass
+            if token_label is not None and token.label == token_label:
+                matches.append(token)
     except pkcs11.PKCS11Error as exc:
         raise HsmUnreachableError(
             f"cannot list tokens of {library.path} ({type(exc).__name__})"
         ) from exc
+    if len(matches) > 1:
+        raise MisconfiguredError(
+            f"{len(matches)} tokens are labelled {token_label!r} in PKCS#11 module "
+            f"{library.path}; give each token its own label"
+        )
+    if matches:
+        return matches[0]
     where = f"labelled {token_label!r}" if token_label else "initialised"
-    raise HsmUnreachableError(
-        f"no {where} token in PKCS#11 module {library.path}; check the slot/token configuration"
+    why = f" (token information unreadable: {', '.join(unreadable)})" if unreadable else ""
+    raise _TokenNotSeenError(
+        f"no {where} token in PKCS#11 module {library.path}{why}; check the slot/token "
+        "configuration",
+        torn=torn,
     )
 
 
@@ -197,12 +268,12 @@ def acquire_pool(profile: HsmProfile, pin: str) -> SessionPool:
     library = load_library(profile.module_path)
     with library.lock:
         token = _find_token(library, profile.token_label)
-        serial = bytes(token.serial)
-        pool = library.pools.get(serial)
+        key = _pool_key(profile, token)
+        pool = library.pools.get(key)
         if pool is None:
-            pool = SessionPool(library, profile, pin)
+            pool = SessionPool(library, profile, pin, key)
             pool.login(token)
-            library.pools[serial] = pool
+            library.pools[key] = pool
         elif not hmac.compare_digest(pool.pin.encode(), pin.encode()):
             # A second C_Login cannot check the password without logging this token out for
             # everyone else in the process (§2.2), so we compare with the one that logged in.
@@ -214,11 +285,20 @@ def acquire_pool(profile: HsmProfile, pin: str) -> SessionPool:
         return pool
 
 
+def _pool_key(profile: HsmProfile, token: Any) -> str:
+    # By label when the profile names one: a token information read that came back torn (see
+    # `_find_token`) may carry a wrong serial, and a second pool would log in a second time.
+    if profile.token_label:
+        return f"label:{profile.token_label}"
+    return f"serial:{bytes(token.serial).hex()}"
+
+
 class SessionPool:
     """One token's login session plus up to `profile.max_sessions` worker sessions."""
 
-    def __init__(self, library: Library, profile: HsmProfile, pin: str) -> None:
+    def __init__(self, library: Library, profile: HsmProfile, pin: str, key: str) -> None:
         self.library = library
+        self.key = key
         self.profile = profile
         self.pin = pin
         self.users = 0
@@ -426,7 +506,7 @@ class SessionPool:
         with self.library.guard(self.profile.serialize_calls):
             try:
                 _find_token(self.library, self.profile.token_label)
-            except HsmUnreachableError:
+            except (HsmUnreachableError, MisconfiguredError):
                 return False
         return True
 
@@ -474,4 +554,4 @@ class SessionPool:
             if self._login is not None and self._generation == self.library.generation:
                 self._close_quietly(self._login)  # C_Logout + C_CloseSession
             self._login = None
-            self.library.pools.pop(self.serial, None)
+            self.library.pools.pop(self.key, None)

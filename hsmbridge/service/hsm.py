@@ -12,6 +12,9 @@ Must not import protocol, http or cli.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from types import TracebackType
 
 from hsmbridge.backend import BackendError, HsmBackend
@@ -21,6 +24,37 @@ from hsmbridge.model import ConnectionState, KeyRecord
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.hsm_errors import to_kms_error
 from hsmbridge.service.login_budget import LoginBudgetSpentError
+
+log = logging.getLogger(__name__)
+
+# An HSM that keeps failing must not turn every request into a log line: one line per kind of
+# failure at most this often, counting the ones left out.
+FAULT_LOG_INTERVAL_S = 1.0
+
+
+class _FaultLog:
+    """The HSM failures answered with a retryable fault (5xx): logged, since the client's answer
+    says only "retry", but throttled per kind of backend error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, left out since)
+
+    def report(self, exc: BackendError, answer: KmsError) -> None:
+        kind = type(exc).__name__
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (float("-inf"), 0))
+            if now - logged_at < FAULT_LOG_INTERVAL_S:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        more = f" ({left_out} more since the last such line)" if left_out else ""
+        # Backend messages name the failure and the CKR code, never a PIN or key material.
+        log.warning("HSM call failed, answered %s: %s: %s%s", answer.code, kind, exc, more)
+
+
+_FAULTS = _FaultLog()
 
 
 class _Translated:
@@ -42,7 +76,10 @@ class _Translated:
         tb: TracebackType | None,
     ) -> None:
         if isinstance(exc, BackendError):
-            raise to_kms_error(exc, self._arn, retryable=self._retryable) from exc
+            answer = to_kms_error(exc, self._arn, retryable=self._retryable)
+            if answer.fault:
+                _FAULTS.report(exc, answer)
+            raise answer from exc
 
 
 class HsmGateway:
