@@ -65,6 +65,7 @@ _AKID_RE: Final = re.compile(r"^[A-Z0-9]{16,128}$")
 _KEY_PATH: Final = re.compile(r"^/console/keys/([^/]+)$")
 _KEY_ACTION_PATH: Final = re.compile(r"^/console/keys/([^/]+)/([a-z-]+)$")
 _STORE_ACTION_PATH: Final = re.compile(r"^/console/keystores/([^/]+)/([a-z-]+)$")
+_STORE_EDIT_PATH: Final = re.compile(r"^/console/keystores/([^/]+)/edit$")
 # Compared against when the access key id is unknown, so both cases cost one comparison.
 _NO_SUCH_KEY_SECRET: Final = secrets.token_urlsafe(30)
 PageHandler = Callable[[Page], Response]
@@ -189,6 +190,9 @@ class ConsoleApp:
         match = _KEY_PATH.match(path)
         if match:
             return pages.key_detail(page, match[1])
+        match = _STORE_EDIT_PATH.match(path)
+        if match:
+            return keystores.edit_form(page, match[1])
         return self._not_found(page)
 
     def _post(self, page: Page) -> Response:

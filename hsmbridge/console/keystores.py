@@ -1,12 +1,14 @@
-"""The "Custom key stores" pages: the list, create, connect, disconnect and delete.
+"""The "Custom key stores" pages: the list, create, edit, connect, disconnect and delete.
 
 Owns: `store_list` (DescribeCustomKeyStores as the caller: name, ID, cluster ID, connection
 state, and for a FAILED store its ConnectionErrorCode with the troubleshooting text, plus the
 cluster's ACTIVE HSMs from the inventory), `store_action` (ConnectCustomKeyStore,
 DisconnectCustomKeyStore, DeleteCustomKeyStore) and `create_form` / `create_store`
-(CreateCustomKeyStore: name, cluster ID, trust anchor certificate, kmsuser password). The
-service's rules and messages apply unchanged; a KMS error is shown with the inputs kept (never
-the password).
+(CreateCustomKeyStore: name, cluster ID, trust anchor certificate, kmsuser password), and
+`edit_form` / `edit_store` (UpdateCustomKeyStore with the settings the form changed: name,
+related cluster ID, new kmsuser password). The service's rules and messages apply unchanged (the
+cluster and the password change only while the store is disconnected); a KMS error is shown
+with the inputs kept (never the password).
 Must not import uvicorn or pkcs11.
 """
 
@@ -53,6 +55,8 @@ def store_list(page: Page, *, error: ErrorText | None = None, status: int = 200)
 
 
 def store_action(page: Page, store_id: str, action: str) -> Response:
+    if action == "edit":
+        return edit_store(page, store_id)
     operation = _ACTIONS.get(action)
     if operation is None:
         error = ErrorText("NotFound", f"The console has no key store action {action!r}.")
@@ -99,3 +103,63 @@ def create_store(page: Page) -> Response:
     except KmsError as exc:
         return create_form(page, values=values, error=ErrorText.of(exc), status=400)
     return redirect("/console/keystores?done=create")
+
+
+def _described(page: Page, store_id: str) -> dict[str, Any]:
+    found = page.run("DescribeCustomKeyStores", {"CustomKeyStoreId": store_id})
+    stores: list[dict[str, Any]] = found.get("CustomKeyStores", [])
+    return stores[0]
+
+
+def edit_form(
+    page: Page,
+    store_id: str,
+    *,
+    values: dict[str, str] | None = None,
+    error: ErrorText | None = None,
+    status: int = 200,
+) -> Response:
+    try:
+        store = _described(page, store_id)
+    except KmsError as exc:
+        return store_list(page, error=ErrorText.of(exc), status=400)
+    current = {"name": store["CustomKeyStoreName"], "cluster": store["CloudHsmClusterId"]}
+    return page.html(
+        "keystore_edit.html",
+        status=status,
+        title=f"Edit {current['name']}",
+        nav="keystores",
+        store=store,
+        values=values or current,
+        error=error,
+    )
+
+
+def edit_store(page: Page, store_id: str) -> Response:
+    request = page.request
+    values = {"name": request.field("name").strip(), "cluster": request.field("cluster").strip()}
+    password = request.field("password")
+    try:
+        store = _described(page, store_id)
+    except KmsError as exc:
+        return store_list(page, error=ErrorText.of(exc), status=400)
+    # Only what the form changed: KMS checks each setting it is given (a cluster ID, even the
+    # current one, must be ACTIVE and related), and a blank password field means "unchanged".
+    params: dict[str, str] = {"CustomKeyStoreId": store_id}
+    if values["name"] != store["CustomKeyStoreName"]:
+        params["NewCustomKeyStoreName"] = values["name"]
+    if values["cluster"] != store["CloudHsmClusterId"]:
+        params["CloudHsmClusterId"] = values["cluster"]
+    if password:
+        params["KeyStorePassword"] = password
+    if len(params) == 1:
+        error = ErrorText(
+            "Nothing to change",
+            "Change the name, the CloudHSM cluster ID or the kmsuser password, or cancel.",
+        )
+        return edit_form(page, store_id, values=values, error=error, status=400)
+    try:
+        page.run("UpdateCustomKeyStore", params)
+    except KmsError as exc:
+        return edit_form(page, store_id, values=values, error=ErrorText.of(exc), status=400)
+    return redirect("/console/keystores?done=edit")

@@ -3,7 +3,9 @@
 Key detail: enable/disable, schedule deletion (the waiting period) and cancel it, edit the key
 policy (a refusal keeps the draft). Custom key stores: a FAILED store shows its
 ConnectionErrorCode with the troubleshooting text; Disconnect and Connect run the API's
-operations; a refused CreateCustomKeyStore shows KMS's error with the inputs kept.
+operations; Edit renames a disconnected store and changes its kmsuser password (a new password
+for a connected one is refused, a form with no change says so); a refused CreateCustomKeyStore or
+UpdateCustomKeyStore shows KMS's error with the inputs kept.
 """
 
 from __future__ import annotations
@@ -104,26 +106,62 @@ def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
     expect(row).to_contain_text(console_env.env.cluster_id)
     expect(row).to_contain_text("2 (us-east-1a, us-east-1b)")
 
-    # A wrong kmsuser password: the store FAILs with INVALID_CREDENTIALS and the page says why.
+    # A new kmsuser password for a connected store: KMS's refusal on the form, inputs kept.
+    row.get_by_role("link", name=f"Edit {STORE_NAME}").click()
+    page.get_by_label("Custom key store name").fill("RenamedStore")
+    page.get_by_label("New kmsuser password").fill("another-password-1")
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.get_by_role("alert")).to_contain_text("CustomKeyStoreInvalidStateException")
+    expect(page.get_by_label("Custom key store name")).to_have_value("RenamedStore")
+    expect(page.get_by_label("New kmsuser password")).to_have_value("")  # never sent back
+
+    # Disconnected, it is renamed and given a wrong kmsuser password through the console: the
+    # store then FAILs with INVALID_CREDENTIALS and the page says why.
+    renamed = "RenamedStore"
     kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
-    kms.update_custom_key_store(CustomKeyStoreId=store_id, KeyStorePassword="wrong-password-1")
-    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
     try:
+        page.get_by_role("navigation", name="Navigation pane").get_by_role(
+            "link", name="Custom key stores"
+        ).click()
+        row.get_by_role("link", name=f"Edit {STORE_NAME}").click()
+        page.get_by_role("button", name="Save changes").click()  # nothing changed
+        expect(page.get_by_role("alert")).to_contain_text("Nothing to change")
+        page.get_by_label("Custom key store name").fill(renamed)
+        page.get_by_label("New kmsuser password").fill("wrong-password-1")
+        page.get_by_role("button", name="Save changes").click()
+        expect(page.get_by_role("status")).to_contain_text("The key store was updated")
+        expect(row).to_contain_text(renamed)
+        update = events(console_env, "UpdateCustomKeyStore")[-1]
+        assert update["principalArn"] == TESTER_ARN
+        assert "wrong-password-1" not in json.dumps(update)
+        kms.connect_custom_key_store(CustomKeyStoreId=store_id)
         _wait_state(console_env, "FAILED")
         page.reload()
         expect(row).to_contain_text("INVALID_CREDENTIALS")
         expect(row).to_contain_text("The kmsuser password of the key store was refused")
-        row.get_by_role("button", name=f"Disconnect {STORE_NAME}").click()
+        row.get_by_role("button", name=f"Disconnect {renamed}").click()
         expect(page.get_by_role("status")).to_contain_text("disconnected")
         expect(row).to_contain_text("DISCONNECTED")
-        kms.update_custom_key_store(
-            CustomKeyStoreId=store_id, KeyStorePassword=console_env.env.password
-        )
+        row.get_by_role("link", name=f"Edit {renamed}").click()
+        page.get_by_label("Custom key store name").fill(STORE_NAME)
+        page.get_by_label("New kmsuser password").fill(console_env.env.password)
+        page.get_by_role("button", name="Save changes").click()
+        expect(page.get_by_role("status")).to_contain_text("The key store was updated")
         row.get_by_role("button", name=f"Connect {STORE_NAME}").click()
         expect(page.get_by_role("status")).to_contain_text("Connecting")
         _wait_state(console_env, "CONNECTED")
     finally:
-        console_env.live.connect(store_id)  # CONNECTED again for the other tests
+        # CONNECTED again, under its name, for the other tests.
+        state = kms.describe_custom_key_stores(CustomKeyStoreId=store_id)["CustomKeyStores"]
+        if state[0]["ConnectionState"] != "DISCONNECTED":
+            kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+            _wait_state(console_env, "DISCONNECTED")
+        kms.update_custom_key_store(
+            CustomKeyStoreId=store_id,
+            NewCustomKeyStoreName=STORE_NAME,
+            KeyStorePassword=console_env.env.password,
+        )
+        console_env.live.connect(store_id)
     assert events(console_env, "ConnectCustomKeyStore")[-1]["principalArn"] == TESTER_ARN
 
     # Creating a store on a cluster that already has one: KMS's error, inputs kept.
