@@ -50,6 +50,7 @@ from hsmbridge.console.web import (
     redirect,
     send_response,
 )
+from hsmbridge.errors import KmsError
 from hsmbridge.identity.credentials import Credential
 from hsmbridge.protocol.errors import GENERIC_INTERNAL_MESSAGE
 from hsmbridge.trail.calls import ApiEvent, api_event
@@ -132,6 +133,10 @@ class ConsoleApp:
     def _handle(self, request: Request) -> Response:
         try:
             return self._route(request)
+        except KmsError as exc:  # e.g. the metadata database (sign-outs) did not answer in time
+            logger.warning("console request %s %s failed: %s", request.method, request.path, exc)
+            body = render("plain_error.html", title="Error", message=str(exc))
+            return Response(503 if exc.fault else 400, body)
         except Exception:
             logger.exception("console request %s %s failed", request.method, request.path)
             body = render(

@@ -3,7 +3,8 @@
 Owns: `build_console`: the operation table of the same `KmsService` the API serves, the same
 per-call event hook (audit line and metrics), the credentials the SigV4 verifier checks, the IAM
 directory and cluster facts the service already loaded, and the session key derived from the
-server key in `sts.key` (`bootstrap.sessions`; `session.console_key`).
+server key in `sts.key` (`bootstrap.sessions`; `session.console_key`), with sign-outs recorded in
+the service's metadata store.
 Must not import uvicorn or pkcs11.
 """
 
@@ -43,7 +44,8 @@ def build_console(
         ),
         directory=Directory(iam, service.ctx.clusters),
         credentials=credentials,
-        codec=SessionCodec(key),
+        # Sign-outs live in the metadata: every worker and instance refuses a signed-out cookie.
+        codec=SessionCodec(key, sign_outs=service.ctx.meta),
         region=settings.region,
         partition=settings.partition,
         on_event=on_event,

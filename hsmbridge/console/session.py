@@ -6,8 +6,10 @@ secret file; replacing `sts.key` ends every console session too), `SessionCodec`
 cookie: access key id, principal ARN, expiry and a random nonce, HMAC-SHA256-signed; nothing
 secret in it) and the CSRF tokens (an HMAC of the session nonce under a second derived key, so a
 token is valid for one session only; before sign-in, of a random pre-session nonce kept in its
-own cookie). A session ends at its expiry or at sign-out; sign-out also revokes the nonce in
-this process (a copied cookie still works in other worker processes until it expires).
+own cookie). A session ends at its expiry or at sign-out: sign-out records the session's nonce in
+a `SignOutLog` until the session would have expired, and every request checks it. The server's
+log is the metadata database (`MetadataStore` has both methods), so a signed-out cookie is refused
+by every worker process and every instance, not only the one that signed it out.
 Must not import anything from hsmbridge.
 """
 
@@ -23,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 SESSION_COOKIE: Final = "hsmbridge-console-session"
 PRESESSION_COOKIE: Final = "hsmbridge-console-signin"
@@ -55,6 +57,32 @@ class Session:
     nonce: str
 
 
+class SignOutLog(Protocol):
+    """Where ended sessions are remembered (the metadata store, for a server)."""
+
+    def record_sign_out(self, nonce: str, expires_at: float, now: float) -> None: ...
+    def signed_out(self, nonce: str) -> bool: ...
+
+
+class InProcessSignOuts:
+    """A `SignOutLog` of this process alone: for a codec with no database behind it."""
+
+    def __init__(self) -> None:
+        self._ended: dict[str, float] = {}  # nonce -> its session's expiry
+        self._lock = threading.Lock()
+
+    def record_sign_out(self, nonce: str, expires_at: float, now: float) -> None:
+        with self._lock:
+            for old, expiry in list(self._ended.items()):
+                if expiry <= now:
+                    del self._ended[old]
+            self._ended[nonce] = expires_at
+
+    def signed_out(self, nonce: str) -> bool:
+        with self._lock:
+            return nonce in self._ended
+
+
 class SessionCodec:
     """Makes and checks session cookies and CSRF tokens under one console key."""
 
@@ -62,6 +90,7 @@ class SessionCodec:
         self,
         key: bytes,
         *,
+        sign_outs: SignOutLog | None = None,
         lifetime_s: float = SESSION_LIFETIME_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -71,8 +100,7 @@ class SessionCodec:
         self._csrf_key = hmac.new(key, b"csrf token", hashlib.sha256).digest()
         self._lifetime = lifetime_s
         self._clock = clock
-        self._revoked: dict[str, float] = {}  # nonce -> its session's expiry
-        self._lock = threading.Lock()
+        self._sign_outs = sign_outs if sign_outs is not None else InProcessSignOuts()
 
     def __repr__(self) -> str:
         return "SessionCodec(<key>)"
@@ -106,9 +134,8 @@ class SessionCodec:
         session = self._authentic(cookie) if cookie else None
         if session is None or session.expires_at <= self._clock():
             return None
-        with self._lock:
-            if session.nonce in self._revoked:
-                return None
+        if self._sign_outs.signed_out(session.nonce):
+            return None
         return session
 
     def _authentic(self, cookie: str) -> Session | None:
@@ -131,13 +158,8 @@ class SessionCodec:
             return None
 
     def revoke(self, session: Session) -> None:
-        """Sign-out: this session's cookie is refused from now on (in this process)."""
-        now = self._clock()
-        with self._lock:
-            for nonce, expiry in list(self._revoked.items()):
-                if expiry <= now:
-                    del self._revoked[nonce]
-            self._revoked[session.nonce] = session.expires_at
+        """Sign-out: this session's cookie is refused from now on, wherever the log is shared."""
+        self._sign_outs.record_sign_out(session.nonce, session.expires_at, self._clock())
 
     def csrf_token(self, nonce: str) -> str:
         """The CSRF token of a session (or of a pre-session nonce, on the sign-in form)."""

@@ -110,9 +110,19 @@ _V2: Final = (
 # metadata, so hsmbridge stops before the HSM locks the crypto user (service/login_budget.py).
 _V3: Final = ("ALTER TABLE custom_key_stores ADD COLUMN failed_logins INTEGER NOT NULL DEFAULT 0",)
 
+# v4: console sessions ended by sign-out, by their nonce, until they would have expired: every
+# worker process and instance refuses a signed-out cookie (console/session.py).
+_V4: Final = (
+    """CREATE TABLE console_sign_outs (
+        nonce {text_key} PRIMARY KEY,
+        expires_at {real} NOT NULL
+    )""",
+    "CREATE INDEX console_sign_outs_by_expiry ON console_sign_outs(expires_at)",
+)
+
 # _VERSIONS[i] takes the schema from version i to version i + 1. Append only; never edit one that
 # has shipped.
-_VERSIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+_VERSIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: Final = len(_VERSIONS)
 
 

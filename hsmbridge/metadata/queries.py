@@ -71,6 +71,7 @@ _PUT_STORE = upsert("custom_key_stores", "id", _STORE_COLUMNS)
 _PUT_ALIAS = upsert("aliases", "name", _ALIAS_COLUMNS)
 _PUT_GRANT = upsert("grants", "id", _GRANT_COLUMNS)
 _PUT_TOMB = upsert("deleted_keys", "key_id", _TOMB_COLUMNS)
+_PUT_SIGN_OUT = upsert("console_sign_outs", "nonce", ("nonce", "expires_at"))
 
 
 class SqlQueries(ABC):
@@ -305,6 +306,19 @@ class SqlQueries(ABC):
                 tomb.deleted_at,
                 tomb.material_deleted,  # a bool: SQLite stores 1/0, PostgreSQL a boolean
             ),
+        )
+
+    # -- console sign-outs -------------------------------------------------------------------
+
+    def record_sign_out(self, nonce: str, expires_at: float, now: float) -> None:
+        with self.write():
+            self._exec("DELETE FROM console_sign_outs WHERE expires_at <= ?", (now,))
+            self._exec(_PUT_SIGN_OUT, (nonce, expires_at))
+
+    def signed_out(self, nonce: str) -> bool:
+        # Never cached: another process may have ended the session a moment ago.
+        return (
+            self._one("SELECT 1 AS n FROM console_sign_outs WHERE nonce = ?", (nonce,)) is not None
         )
 
     def deleted_keys(self, store_id: str | None = None) -> Iterator[DeletedKey]:

@@ -137,6 +137,13 @@ class MetadataStore(Protocol):
     def record_deleted_key(self, tomb: DeletedKey) -> None: ...
     def deleted_keys(self, store_id: str | None = None) -> Iterator[DeletedKey]: ...
 
+    # -- console sign-outs -------------------------------------------------------------------
+    def record_sign_out(self, nonce: str, expires_at: float, now: float) -> None:
+        """Remember a console session ended before `expires_at`; forgets those expired by `now`."""
+        ...
+
+    def signed_out(self, nonce: str) -> bool: ...
+
     # -- background work that runs once per database ----------------------------------------
     def hold_maintenance(self) -> bool:
         """Whether this process runs the work that must run once per database (the deletion

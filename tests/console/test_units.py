@@ -7,6 +7,7 @@ import json
 
 from hsmbridge.console.session import SessionCodec, console_key
 from hsmbridge.console.wizard import WizardState, apply, check_step, error_step, refresh_policy
+from hsmbridge.metadata.sqlite import SqliteMetadataStore
 from hsmbridge.policy.console import console_key_policy
 
 KEY = console_key(b"k" * 32)
@@ -38,6 +39,25 @@ def test_a_session_cookie_is_signed_expires_and_ends_at_sign_out() -> None:
     clock.now -= 61
     codec.revoke(session)
     assert codec.verify(cookie) is None  # signed out
+
+
+def test_a_sign_out_through_one_worker_ends_the_session_in_every_worker(tmp_path) -> None:
+    # Two workers: two codecs over their own connections to one metadata file, as `serve
+    # --workers 2` has them. A session signed out in one is refused by the other.
+    stores = [SqliteMetadataStore(tmp_path / "metadata.db") for _ in range(2)]
+    try:
+        signing_in, other = (SessionCodec(KEY, sign_outs=s) for s in stores)
+        session, cookie = signing_in.issue("AKIAEXAMPLE000000001", "arn:aws:iam::1:user/a")
+        assert other.verify(cookie) == session
+        other.revoke(session)
+        assert signing_in.verify(cookie) is None
+        assert other.verify(cookie) is None
+        # Only that session: a new sign-in of the same user is a new session.
+        again, cookie = signing_in.issue("AKIAEXAMPLE000000001", "arn:aws:iam::1:user/a")
+        assert other.verify(cookie) == again
+    finally:
+        for s in stores:
+            s.close()
 
 
 def test_csrf_tokens_belong_to_one_session() -> None:

@@ -85,7 +85,7 @@ def test_both_engines_build_the_same_tables_columns_and_keys(postgres_url, tmp_p
         lite.close()
     assert pg_columns == lite_columns
     assert pg_keys == lite_keys
-    assert len(tables) == 6  # the five tables and schema_version
+    assert len(tables) == 7  # the six tables and schema_version
 
 
 def test_schema_version_is_recorded_and_a_newer_one_refused(postgres_url):

@@ -651,6 +651,20 @@ def test_failed_logins_are_counted_per_store_and_survive_store_updates(store, ma
     assert store.failed_logins("cks-missing") == 0
 
 
+def test_a_console_sign_out_is_seen_by_every_instance_until_its_session_expires(open_store):
+    one, other = open_store(), open_store()
+    one.record_sign_out("nonce-a", expires_at=2_000.0, now=1_000.0)
+    one.record_sign_out("nonce-a", expires_at=2_000.0, now=1_000.0)  # signing out twice is fine
+    other.record_sign_out("nonce-b", expires_at=3_000.0, now=1_500.0)
+    assert (one.signed_out("nonce-b"), other.signed_out("nonce-a")) == (True, True)
+    assert not one.signed_out("nonce-c")
+    # A sign-out is kept no longer than its session would have lasted: each new one prunes.
+    other.record_sign_out("nonce-c", expires_at=4_000.0, now=2_500.0)
+    assert not one.signed_out("nonce-a")
+    assert one.signed_out("nonce-b")
+    assert one.signed_out("nonce-c")
+
+
 # --- the crash-safety marks --------------------------------------------------------------------
 
 
