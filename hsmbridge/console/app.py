@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -38,6 +39,7 @@ from hsmbridge.console.session import (
     SessionCodec,
     new_presession_nonce,
 )
+from hsmbridge.console.signin_throttle import SignInThrottle
 from hsmbridge.console.view import ErrorText, Page
 from hsmbridge.console.web import (
     BodyError,
@@ -99,8 +101,10 @@ class ConsoleApp:
         max_request_bytes: int,
         body_timeout_s: float,
         threads: int = CONSOLE_THREADS,
+        throttle: SignInThrottle | None = None,
     ) -> None:
         self._ops = operations
+        self._throttle = throttle or SignInThrottle()
         self._directory = directory
         self._credentials = dict(credentials)
         self._codec = codec
@@ -284,10 +288,22 @@ class ConsoleApp:
         if not self._codec.csrf_ok(nonce, request.field("csrf") or None):
             message = "The sign-in form expired or was not sent by this console; try again."
             return self._signin_form(request, error=message, access_key_id=akid, status=403)
+        wait = self._throttle.retry_after(request.source_ip or "unknown", akid)
+        if wait > 0:
+            # Refused before the secret is compared: a guess made now learns nothing.
+            self._signin_event(request, akid, None, 429, "Too many failed sign-ins")
+            message = (
+                "Too many failed sign-ins from this address or for this access key ID. "
+                f"Try again in {math.ceil(wait)} seconds."
+            )
+            response = self._signin_form(request, error=message, access_key_id=akid, status=429)
+            response.headers.append((b"retry-after", str(math.ceil(wait)).encode()))
+            return response
         credential = self._credentials.get(akid)
         expected = credential.secret if credential is not None else _NO_SUCH_KEY_SECRET
         matches = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
         if credential is None or not matches:
+            self._throttle.failed(request.source_ip or "unknown", akid)
             self._signin_event(request, akid, None, 401, "Failed authentication")
             return self._signin_form(request, error=_FAILED_SIGNIN, access_key_id=akid, status=401)
         _, cookie = self._codec.issue(akid, credential.principal.arn)

@@ -2,7 +2,8 @@
 
 A wrong secret is refused without saying which half was wrong; the session cookie is HttpOnly,
 SameSite=Strict, scoped to /console/ and expiring; signing out ends the session (the old cookie
-is refused); a POST without or with a wrong CSRF token is refused with 403 and changes nothing.
+is refused); a POST without or with a wrong CSRF token is refused with 403 and changes nothing;
+after five wrong secrets for one access key ID its sign-ins are refused (429) for a while.
 """
 
 from __future__ import annotations
@@ -103,3 +104,27 @@ def test_a_post_without_the_right_csrf_token_is_refused_and_changes_nothing(
         form={"access_key_id": ACCESS_KEY, "secret_access_key": "x", "csrf": "forged"},
     )
     assert answer.status == 403
+
+
+def test_guessing_a_secret_is_refused_after_five_failures(
+    page: Page, console_env: ConsoleEnv
+) -> None:
+    # A key ID of its own: the tester's and the viewer's stay usable for the other tests.
+    guessed = "AKIAGUESSED000000001"
+    page.goto(console_env.url + "signin")
+    for attempt in range(5):
+        page.get_by_label("Access key ID").fill(guessed)
+        page.get_by_label("Secret access key").fill(f"guess-{attempt}")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_have_text(FAILED)
+    page.get_by_label("Secret access key").fill("guess-5")
+    with page.expect_response(lambda r: r.url.endswith("/console/signin")) as answer:
+        page.get_by_role("button", name="Sign in").click()
+    assert answer.value.status == 429
+    assert 0 < int(answer.value.headers["retry-after"]) <= 60
+    expect(page.get_by_role("alert")).to_contain_text("Too many failed sign-ins")
+    refused = events(console_env, "ConsoleLogin")[-1]
+    assert refused["errorCode"] == "Too many failed sign-ins"
+    # Another key from the same address still signs in (the address allows more failures).
+    sign_in(page, console_env)
+    expect(page.get_by_role("banner")).to_contain_text(TESTER_ARN)

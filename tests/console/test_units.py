@@ -6,6 +6,7 @@ import base64
 import json
 
 from hsmbridge.console.session import SessionCodec, console_key
+from hsmbridge.console.signin_throttle import SignInThrottle
 from hsmbridge.console.wizard import WizardState, apply, check_step, error_step, refresh_policy
 from hsmbridge.metadata.sqlite import SqliteMetadataStore
 from hsmbridge.policy.console import console_key_policy
@@ -58,6 +59,34 @@ def test_a_sign_out_through_one_worker_ends_the_session_in_every_worker(tmp_path
     finally:
         for s in stores:
             s.close()
+
+
+def test_failed_sign_ins_lock_a_key_and_then_an_address_for_the_window() -> None:
+    clock = Clock()
+    throttle = SignInThrottle(max_key_failures=3, max_address_failures=5, window_s=60, clock=clock)
+    for _ in range(3):
+        assert throttle.retry_after("10.0.0.1", "AKIAONE") == 0
+        throttle.failed("10.0.0.1", "AKIAONE")
+        clock.now += 1
+    assert throttle.retry_after("10.0.0.1", "AKIAONE") == 57  # t=3; the first one leaves at 60
+    assert throttle.retry_after("10.0.0.2", "AKIAONE") == 57  # the key, from anywhere
+    assert throttle.retry_after("10.0.0.1", "AKIATWO") == 0  # the address allows more
+    throttle.failed("10.0.0.1", "AKIATWO")
+    throttle.failed("10.0.0.1", "AKIATHREE")
+    assert throttle.retry_after("10.0.0.1", "AKIAFOUR") == 57  # 5 from one address
+    assert throttle.retry_after("10.0.0.3", "AKIAFOUR") == 0
+    clock.now += 58
+    assert throttle.retry_after("10.0.0.1", "AKIAONE") == 0  # the window moved on
+
+
+def test_the_throttle_forgets_the_least_recent_beyond_its_size() -> None:
+    clock = Clock()
+    throttle = SignInThrottle(max_key_failures=1, max_tracked=4, clock=clock)
+    throttle.failed("10.0.0.1", "AKIAOLD")
+    for i in range(3):
+        throttle.failed(f"10.0.1.{i}", f"AKIANEW{i}")  # 8 names tracked, 4 kept
+    assert throttle.retry_after("10.0.0.9", "AKIAOLD") == 0
+    assert throttle.retry_after("10.0.0.9", "AKIANEW2") > 0
 
 
 def test_csrf_tokens_belong_to_one_session() -> None:
