@@ -1,11 +1,12 @@
 """The "Customer managed keys" list, its column preferences, and the key detail page.
 
-Owns: `key_list` (ListKeys, DescribeKey per key and ListAliases, as the caller; the columns the
-browser's preferences cookie names), `save_preferences` (the gear's checkboxes, remembered per
-browser in a cookie), `key_detail` (general configuration, cryptographic configuration with the
-custom key store's name and ID and the CloudHSM cluster ID, key policy, aliases, tags; a section
-the caller may not read says why) and `key_action` (enable, disable, schedule and cancel deletion,
-edit the key policy; each one operation, its KMS error shown on the page with the input kept).
+Owns: `key_list` (one page of ListKeys, DescribeKey per key shown and ListAliases, as the caller;
+the columns the browser's preferences cookie names; Next page / First page links),
+`save_preferences` (the gear's checkboxes, remembered per browser in a cookie), `key_detail`
+(general configuration, cryptographic configuration with the custom key store's name and ID and
+the CloudHSM cluster ID, key policy, aliases, tags; a section the caller may not read says why)
+and `key_action` (enable, disable, schedule and cancel deletion, edit the key policy; each one
+operation, its KMS error shown on the page with the input kept).
 Must not import uvicorn or pkcs11.
 """
 
@@ -43,6 +44,7 @@ COLUMNS: Final = (
 FIXED_COLUMNS: Final = frozenset({"key_id"})  # always shown: the link to the key
 PREFERENCES_COOKIE: Final = "hsmbridge-console-columns"
 PREFERENCES_MAX_AGE: Final = 400 * 24 * 3600
+KEYS_PER_PAGE: Final = 50
 ORIGIN_LABELS: Final = {"AWS_CLOUDHSM": "CloudHSM", "AWS_KMS": "AWS KMS", "EXTERNAL": "External"}
 MIN_WINDOW_DAYS, MAX_WINDOW_DAYS, DEFAULT_WINDOW_DAYS = 7, 30, 30
 
@@ -57,11 +59,20 @@ def chosen_columns(cookie: str | None) -> list[Column]:
 
 
 def key_list(page: Page) -> Response:
+    """One page of KEYS_PER_PAGE keys (ListKeys order; the newest first within the page), so a
+    view costs one DescribeKey per key shown, not per key in the account."""
     columns = chosen_columns(page.request.cookies.get(PREFERENCES_COOKIE))
+    marker = page.request.query.get("marker") or None
     error: ErrorText | None = None
     rows: list[dict[str, Any]] = []
+    next_marker: str | None = None
     try:
-        keys = page.all_pages("ListKeys", "Keys", {"Limit": 1000})
+        params: dict[str, Any] = {"Limit": KEYS_PER_PAGE}
+        if marker is not None:
+            params["Marker"] = marker
+        listed = page.run("ListKeys", params)
+        if listed.get("Truncated"):
+            next_marker = listed.get("NextMarker")
         aliases: dict[str, list[str]] = {}
         try:
             for a in page.all_pages("ListAliases", "Aliases", {"Limit": 100}):
@@ -69,7 +80,7 @@ def key_list(page: Page) -> Response:
                     aliases.setdefault(a["TargetKeyId"], []).append(a["AliasName"])
         except KmsError:
             pass  # a caller who may not list aliases still sees its keys
-        for entry in keys:
+        for entry in listed.get("Keys", []):
             meta = page.run("DescribeKey", {"KeyId": entry["KeyId"]})["KeyMetadata"]
             rows.append(_row(meta, aliases.get(meta["KeyId"], [])))
     except KmsError as exc:
@@ -85,7 +96,13 @@ def key_list(page: Page) -> Response:
         fixed=FIXED_COLUMNS,
         rows=rows,
         error=error,
+        first_page=marker is None,
+        next_page=_keys_page(next_marker) if next_marker else None,
     )
+
+
+def _keys_page(marker: str) -> str:
+    return f"/console/keys?{urllib.parse.urlencode({'marker': marker})}"
 
 
 def _row(meta: dict[str, Any], aliases: list[str]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""The key detail page's actions and the custom key stores page, in Chromium.
+"""The key list's pages, the key detail page's actions and the custom key stores page, in Chromium.
 
+Key list: with two keys a page, Next page walks through every key once, First page returns, a
+forged marker shows InvalidMarkerException.
 Key detail: enable/disable, schedule deletion (the waiting period) and cancel it, edit the key
 policy (a refusal keeps the draft). Custom key stores: a FAILED store shows its
 ConnectionErrorCode with the troubleshooting text; Disconnect and Connect run the API's
@@ -16,6 +18,7 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
+from hsmbridge.console import pages as console_pages
 from tests.console.conftest import STORE_NAME, TESTER_ARN, ConsoleEnv, events, sign_in
 
 pytestmark = pytest.mark.slow
@@ -174,3 +177,29 @@ def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
     expect(page.get_by_role("alert")).to_contain_text("CloudHsmClusterInUseException")
     expect(page.get_by_label("Custom key store name")).to_have_value("SecondStore")
     expect(page.get_by_label("kmsuser password")).to_have_value("")  # never sent back
+
+
+def test_the_key_list_pages_through_every_key(
+    page: Page, console_env: ConsoleEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console_pages, "KEYS_PER_PAGE", 2)  # the server runs in this process
+    for _ in range(3):
+        console_env.live.create_key(Description="paged")
+    everything = {k["KeyId"] for k in console_env.live.kms.list_keys(Limit=1000)["Keys"]}
+    assert len(everything) >= 3
+    sign_in(page, console_env)
+    page.goto(console_env.url + "keys")
+    seen: list[str] = []
+    for _ in range(len(everything)):
+        table = page.get_by_role("table")
+        expect(table.locator("caption")).to_contain_text("on this page")
+        seen += table.locator("tbody tr td a").all_inner_texts()
+        following = page.get_by_role("link", name="Next page")
+        if following.count() == 0:
+            break
+        following.click()
+    assert sorted(seen) == sorted(everything)  # every key once, across the pages
+    page.get_by_role("link", name="First page").click()
+    expect(page.get_by_role("link", name="First page")).to_have_count(0)
+    page.goto(console_env.url + "keys?marker=not-a-marker")
+    expect(page.get_by_role("alert")).to_contain_text("InvalidMarkerException")
