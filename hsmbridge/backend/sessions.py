@@ -315,12 +315,28 @@ class SessionPool:
     # --- login ----------------------------------------------------------------------------------
 
     def login(self, token: Any) -> None:
-        """Open the one PIN session. Caller holds the library lock."""
+        """Open the one PIN session. Caller holds the library lock.
+
+        Where the profile says other processes' changes can be misread (SoftHSM2), C_Login also
+        reads the token's own file, which another process logging in may be rewriting: measured,
+        it then fails with CKR_GENERAL_ERROR or CKR_USER_PIN_NOT_INITIALIZED (a user "not found"
+        who is there), like the token information (`_find_token`). Those two are retried, after
+        re-initialising, for up to TOKEN_LOOKUP_S; a wrong PIN never is (it would spend one of
+        the attempts the HSM allows before it locks the user)."""
         self.serial = bytes(token.serial)
-        try:
-            self._login = token.open(rw=True, user_pin=self.pin)
-        except Exception as exc:
-            raise translate(exc, during_decrypt=False, profile=self.profile) from exc
+        give_up = time.monotonic() + TOKEN_LOOKUP_S
+        while True:
+            try:
+                self._login = token.open(rw=True, user_pin=self.pin)
+                break
+            except (pkcs11.GeneralError, pkcs11.UserPinNotInitialized) as exc:
+                if not self.profile.stale_cross_process_view or time.monotonic() >= give_up:
+                    raise translate(exc, during_decrypt=False, profile=self.profile) from exc
+            except Exception as exc:
+                raise translate(exc, during_decrypt=False, profile=self.profile) from exc
+            self.library.reinitialize_at_most_every(TOKEN_LOOKUP_REINIT_AFTER_S)
+            time.sleep(TOKEN_LOOKUP_MAX_PAUSE_S)
+            token = _find_token(self.library, self.profile.token_label)
         self._generation = self.library.generation
 
     def _relogin(self) -> None:

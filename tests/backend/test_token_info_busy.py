@@ -81,6 +81,25 @@ def test_logins_elsewhere_neither_fail_a_login_nor_lose_the_token(softhsm_token,
     assert logins > 10, logins
 
 
+def test_logins_here_while_others_log_in_succeed(softhsm_token) -> None:
+    """C_Login reads the same file: each round re-initialises the library, so the next call logs
+    in again (as after a lost device), while the other process logs in and out."""
+    binding, pin = softhsm_token()
+    backend = Pkcs11Connector({binding.cluster_id: binding}).connect(binding.cluster_id, pin)
+    library = backend._pool.library  # the test forces what a lost device would
+    relogins = 0
+    try:
+        with _logging_in_and_out(binding, pin, keys=False) as other:
+            while other.poll() is None:
+                library.reinitialize(library.generation)
+                health = backend.ping()  # logs in again first
+                assert health.ok, health.detail
+                relogins += 1
+    finally:
+        backend.close()
+    assert relogins > 3, relogins
+
+
 def test_the_token_information_does_fail_meanwhile(softhsm_token) -> None:
     """The SoftHSM2 behaviour itself, so the test above cannot pass for another reason."""
     binding, pin = softhsm_token()
