@@ -17,7 +17,7 @@ import threading
 import time
 from types import TracebackType
 
-from hsmbridge.backend import BackendError, HsmBackend
+from hsmbridge.backend import BackendError, HsmBackend, LoginError
 from hsmbridge.errors import KeyUnavailableException, KmsError, KMSInvalidStateException
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionState, KeyRecord
@@ -41,6 +41,8 @@ class _FaultLog:
         self._last: dict[str, tuple[float, int]] = {}  # kind -> (logged at, left out since)
 
     def report(self, exc: BackendError, answer: KmsError) -> None:
+        if isinstance(exc, LoginError):
+            return  # the login's own warning (service.connections) said it already
         kind = type(exc).__name__
         now = time.monotonic()
         with self._lock:

@@ -77,8 +77,8 @@ def test_logins_elsewhere_neither_fail_a_login_nor_lose_the_token(softhsm_token,
         assert backend.random(16)  # still the same login: no re-initialisation was needed
     finally:
         backend.close()
-    assert pings > 10, pings
-    assert logins > 10, logins
+    assert pings > 3, pings
+    assert logins > 3, logins
 
 
 def test_logins_here_while_others_log_in_succeed(softhsm_token) -> None:

@@ -233,6 +233,23 @@ class FaultyLibrary(_Proxy):
             return FaultyToken(token, self._inj)
         return token
 
+    def get_slots(self, *args: Any, **kwargs: Any) -> list[FaultySlot]:
+        """hsmbridge walks the slots itself to find its token (sessions._find_token)."""
+        return [
+            FaultySlot(slot, self._inj, self._label)
+            for slot in self._inner.get_slots(*args, **kwargs)
+        ]
+
+
+class FaultySlot(_Proxy):
+    def __init__(self, inner: Any, injector: Injector, token_label: str) -> None:
+        super().__init__(inner, injector)
+        self._label = token_label
+
+    def get_token(self) -> Any:
+        token = self._inner.get_token()
+        return FaultyToken(token, self._inj) if token.label == self._label else token
+
 
 @contextmanager
 def install_library_faults(
