@@ -118,6 +118,7 @@ class _Trace:
     sts: bool = False  # an STS (Query protocol) call
     cloudhsm: str | None = None  # a CloudHSM v2 call: "json" or "cbor"
     close: bool = False  # answer with Connection: close (the client is misbehaving)
+    body_handled: bool = False  # _read_body took charge of the request body
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -377,6 +378,7 @@ class KmsApi:
                     status, headers = 200, json_headers(request_id, len(body))
             except Exception as exc:  # the outermost guard; it logs non-hsmbridge errors
                 status, headers, body, error_code = self._error_response(trace, exc, request_id)
+                await self._discard_unread_body(receive, trace)
             finally:
                 self._in_flight -= 1
             if trace.close:
@@ -554,9 +556,33 @@ class KmsApi:
             f"Request body is too large: the limit is {self._max_bytes} bytes"
         )
 
+    async def _discard_unread_body(self, receive: Receive, trace: _Trace) -> None:
+        """A request refused before its body was read (an unsigned one is refused from its
+        headers): read the rest and drop it unparsed, so that a client still sending gets the
+        answer, not a connection reset (closing a socket with unread data resets it). Within the
+        body limit and timeout; past either the connection is closed instead."""
+        if trace.body_handled or trace.close:
+            return
+        size = 0
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    size += len(message.get("body", b""))
+                    if size > self._max_bytes:
+                        trace.close = True
+                        return
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            trace.close = True
+
     async def _read_body(
         self, receive: Receive, headers: Mapping[str, str], trace: _Trace
     ) -> bytes:
+        trace.body_handled = True
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
             raise self._too_large()  # early: uvicorn discards the unread body itself
