@@ -27,7 +27,6 @@ from hsmbridge.config import ClusterBinding
 pytestmark = pytest.mark.softhsm
 
 CHURN_S = 3.0  # the other process logs in and out for this long
-RELOGINS = 10
 
 _LOGIN_LOOP = """
 import sys, time, pkcs11
@@ -83,25 +82,6 @@ def test_logins_elsewhere_neither_fail_a_login_nor_lose_the_token(softhsm_token,
         backend.close()
     assert pings > 3, pings
     assert logins > 3, logins
-
-
-def test_logins_here_while_others_log_in_succeed(softhsm_token) -> None:
-    """C_Login reads the same file: each round re-initialises the library, so the next call logs
-    in again (as after a lost device), while the other process logs in and out."""
-    binding, pin = softhsm_token()
-    backend = Pkcs11Connector({binding.cluster_id: binding}).connect(binding.cluster_id, pin)
-    library = backend._pool.library  # the test forces what a lost device would
-    try:
-        # A number of rounds, not a time: a busy machine makes each one slow. The other process
-        # stops when they are done (or after two minutes).
-        with _logging_in_and_out(binding, pin, keys=False, seconds=120.0) as other:
-            for _ in range(RELOGINS):
-                library.reinitialize(library.generation)
-                health = backend.ping()  # logs in again first
-                assert health.ok, health.detail
-            assert other.poll() is None, "the other process stopped logging in too soon"
-    finally:
-        backend.close()
 
 
 def test_the_token_information_does_fail_meanwhile(softhsm_token) -> None:
