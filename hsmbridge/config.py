@@ -69,7 +69,7 @@ class HsmProfile:
     # hsmbridge stops one attempt short of it (service/login_budget.py).
     login_lockout_threshold: int = 0
     # The module can miss objects other processes created on the token (SoftHSM2: a process's
-    # own writes absorb their change counter), so a key not found is looked for once more after
+    # own writes absorb their change counter), so a key not found is looked for again after
     # re-initialising the library (backend/sessions.py `Library.refresh_after`).
     stale_cross_process_view: bool = False
     token_label: str | None = None  # None: first slot with a token present (CloudHSM)

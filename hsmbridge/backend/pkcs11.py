@@ -27,6 +27,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 from hsmbridge.backend.errors import (
     BackendError,
     BadCiphertextError,
+    DeadlineExceededError,
     DeviceLostError,
     DuplicateLabelError,
     HsmInternalError,
@@ -48,6 +49,7 @@ GCM_IV_BYTES = 12
 GCM_TAG_BITS = 128
 _RETRY_ATTEMPTS = 3
 _FIRST_BACKOFF_S = 0.005
+_STALE_VIEW_REFRESHES = 2
 _SECRET_KEYS = {Attribute.CLASS: ObjectClass.SECRET_KEY}
 _READ_ATTRS = [Attribute[name] for name in READ_BACK.values()]
 
@@ -105,16 +107,25 @@ class Pkcs11Backend:
     def _run_finding(self, op: Callable[[Worker], T], *, during_decrypt: bool = False) -> T:
         """`_run` for an op that looks a key up by label. Where the profile says this process's
         view of other processes' objects can be stale (SoftHSM2), a key not found is looked for
-        once more in a view re-read since this call began: the service only asks for keys it
-        knows exist, so "missing" may just mean another process made it."""
-        began = time.monotonic()
-        try:
-            return self._run(op, during_decrypt=during_decrypt)
-        except KeyMissingError:
-            if not self._profile.stale_cross_process_view:
-                raise
-            self._pool.library.refresh_after(began)
-            return self._run(op, during_decrypt=during_decrypt)
+        again in a view re-read since the last look began, up to _STALE_VIEW_REFRESHES times:
+        the service only asks for keys it knows exist, so "missing" may just mean another
+        process made it. Once, under load beside a SIGKILLed instance, the first re-read view
+        still lacked a key made seconds before; the second re-read comes REFRESH_INTERVAL_S
+        later, only while the request's deadline allows it."""
+        for refresh in range(_STALE_VIEW_REFRESHES + 1):
+            began = time.monotonic()
+            try:
+                return self._run(op, during_decrypt=during_decrypt)
+            except KeyMissingError as missing:
+                if not self._profile.stale_cross_process_view or refresh == _STALE_VIEW_REFRESHES:
+                    raise
+                try:
+                    self._pool.library.refresh_after(began)
+                except DeadlineExceededError:
+                    if refresh == 0:
+                        raise
+                    raise missing from None  # it was looked for in one re-read view already
+        raise AssertionError("unreachable: the last look re-raises")
 
     def _refreshed_if_none(self, began: float, op: Callable[[Worker], T], found: T) -> T:
         """`found` (an empty result of `op` run since `began`), or `op` again in a re-read view

@@ -5,7 +5,7 @@ the process last looked, and a process that writes records the counter it wrote 
 another process creates X and this one then creates Y, this process does not see X. hsmbridge
 served ~2% of Encrypts under keys another worker made as "key material not in the cluster", and
 a deletion swept by such a process left the material behind. With the profile's
-`stale_cross_process_view`, the backend looks for a missing key once more after re-reading the
+`stale_cross_process_view`, the backend looks for a missing key again after re-reading the
 token. The other process here is python-pkcs11 on the same token, as another worker would be.
 """
 
@@ -20,6 +20,7 @@ import pytest
 
 from hsmbridge.backend.errors import KeyMissingError
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
+from hsmbridge.backend.sessions import load_library
 from hsmbridge.config import ClusterBinding
 
 pytestmark = pytest.mark.softhsm
@@ -78,5 +79,38 @@ def test_without_the_profile_setting_the_key_stays_out_of_sight(softhsm_token) -
         with pytest.raises(KeyMissingError):
             backend.encrypt(theirs, b"x", b"aad")
         assert backend.destroy_key(_stale(backend, binding, pin)) == 0
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("misses", [1, 2, 3])
+def test_a_missing_key_is_looked_for_in_up_to_two_re_read_views(
+    softhsm_token, monkeypatch, misses
+) -> None:
+    """A re-read view was once measured still lacking a key another instance made seconds
+    before (beside a SIGKILLed instance, under load); here the first `misses` looks miss."""
+    binding, pin = softhsm_token()
+    backend = _backend(binding, pin)
+    try:
+        label = f"ours-{uuid.uuid4()}"
+        backend.generate_key(label, b"ours", fresh_label=True)
+        library = load_library(binding.profile.module_path)
+        generation = library.generation
+        real_run, looks = backend._run, []
+
+        def run(op, **kwargs):
+            looks.append(library.generation)
+            if len(looks) <= misses:
+                raise KeyMissingError(f"look {len(looks)} misses")
+            return real_run(op, **kwargs)
+
+        monkeypatch.setattr(backend, "_run", run)
+        if misses == 3:
+            with pytest.raises(KeyMissingError, match="look 3 misses"):
+                backend.encrypt(label, b"x", b"aad")
+        else:
+            assert backend.decrypt(label, backend.encrypt(label, b"x", b"aad"), b"aad") == b"x"
+        # Each look after a miss is in a view re-read since that miss began.
+        assert looks[: misses + 1] == [generation + n for n in range(min(misses, 2) + 1)]
     finally:
         backend.close()
