@@ -284,7 +284,9 @@ def _tab_to(page: Page, name: str, limit: int = 80) -> None:
 
 def test_keyboard_only_creation(page: Page, console_env: ConsoleEnv) -> None:
     page.goto(console_env.url + "signin")
-    page.keyboard.type("AKIAHSMBRIDGETEST001")  # the access key field has the focus
+    # Chromium applies `autofocus` after the load event: type only once it has.
+    expect(page.get_by_label("Access key ID")).to_be_focused()
+    page.keyboard.type("AKIAHSMBRIDGETEST001")
     page.keyboard.press("Tab")
     page.keyboard.type("test-secret-key-for-hsmbridge-tests-0001")
     page.keyboard.press("Enter")
@@ -292,7 +294,8 @@ def test_keyboard_only_creation(page: Page, console_env: ConsoleEnv) -> None:
     _tab_to(page, "Create key")
     page.keyboard.press("Enter")
     wizard_step(page, 1)
-    page.keyboard.type("KeyboardKey")  # the alias field has the focus
+    expect(page.locator("#alias")).to_be_focused()
+    page.keyboard.type("KeyboardKey")
     _tab_to(page, "Advanced options")
     page.keyboard.press("Enter")
     _tab_to(page, "Custom key store (CloudHSM)")
