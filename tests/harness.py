@@ -12,6 +12,7 @@ would; the token, real or fake, keeps its keys.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,21 @@ class KmsEnv:
             subnet_azs=("us-east-1a", "us-east-1b"),
         )
         self.inventory_path.write_text(json.dumps(describe_clusters_document([spec])))
+
+    def add_clusters(self, *specs: DemoClusterSpec) -> None:
+        """More clusters in the inventory, each bound to this env's token (takes effect at the
+        next open or restart)."""
+        doc = json.loads(self.inventory_path.read_text())
+        doc["Clusters"] += describe_clusters_document(list(specs))["Clusters"]
+        self.inventory_path.write_text(json.dumps(doc))
+        profile = re.search(r'^profile = "(.*)"$', self.config_path.read_text(), re.M)
+        assert profile, "the config binds no cluster to a profile"
+        with self.config_path.open("a") as fh:
+            for spec in specs:
+                fh.write(
+                    f'\n[[clusters]]\ncluster_id = "{spec.cluster_id}"\n'
+                    f'profile = "{profile[1]}"\ntoken_label = "{self.token_label}"\n'
+                )
 
     def open(self, *, synchronous_connect: bool = True) -> KmsService:
         settings = self.settings

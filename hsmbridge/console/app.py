@@ -68,7 +68,7 @@ _AKID_RE: Final = re.compile(r"^[A-Z0-9]{16,128}$")
 _KEY_PATH: Final = re.compile(r"^/console/keys/([^/]+)$")
 _KEY_ACTION_PATH: Final = re.compile(r"^/console/keys/([^/]+)/([a-z-]+)$")
 _STORE_ACTION_PATH: Final = re.compile(r"^/console/keystores/([^/]+)/([a-z-]+)$")
-_STORE_EDIT_PATH: Final = re.compile(r"^/console/keystores/([^/]+)/edit$")
+_STORE_FORM_PATH: Final = re.compile(r"^/console/keystores/([^/]+)/(edit|delete)$")
 # Compared against when the access key id is unknown, so both cases cost one comparison.
 _NO_SUCH_KEY_SECRET: Final = secrets.token_urlsafe(30)
 PageHandler = Callable[[Page], Response]
@@ -199,9 +199,10 @@ class ConsoleApp:
         match = _KEY_PATH.match(path)
         if match:
             return pages.key_detail(page, match[1])
-        match = _STORE_EDIT_PATH.match(path)
+        match = _STORE_FORM_PATH.match(path)
         if match:
-            return keystores.edit_form(page, match[1])
+            form = keystores.edit_form if match[2] == "edit" else keystores.delete_form
+            return form(page, match[1])
         return self._not_found(page)
 
     def _post(self, page: Page) -> Response:

@@ -6,9 +6,10 @@ cluster's ACTIVE HSMs from the inventory), `store_action` (ConnectCustomKeyStore
 DisconnectCustomKeyStore, DeleteCustomKeyStore) and `create_form` / `create_store`
 (CreateCustomKeyStore: name, cluster ID, trust anchor certificate, kmsuser password), and
 `edit_form` / `edit_store` (UpdateCustomKeyStore with the settings the form changed: name,
-related cluster ID, new kmsuser password). The service's rules and messages apply unchanged (the
-cluster and the password change only while the store is disconnected); a KMS error is shown
-with the inputs kept (never the password).
+related cluster ID, new kmsuser password) and `delete_form`, the confirmation a deletion goes
+through (the list links to it; only its button posts DeleteCustomKeyStore). The service's rules
+and messages apply unchanged (the cluster and the password change only while the store is
+disconnected); a KMS error is shown with the inputs kept (never the password).
 Must not import uvicorn or pkcs11.
 """
 
@@ -64,8 +65,27 @@ def store_action(page: Page, store_id: str, action: str) -> Response:
     try:
         page.run(operation, {"CustomKeyStoreId": store_id})
     except KmsError as exc:
+        if action == "delete":  # the refusal belongs on the confirmation that asked for it
+            return delete_form(page, store_id, error=ErrorText.of(exc), status=400)
         return store_list(page, error=ErrorText.of(exc), status=400)
     return redirect(f"/console/keystores?done={action}")
+
+
+def delete_form(
+    page: Page, store_id: str, *, error: ErrorText | None = None, status: int = 200
+) -> Response:
+    try:
+        store = _described(page, store_id)
+    except KmsError as exc:
+        return store_list(page, error=ErrorText.of(exc), status=400)
+    return page.html(
+        "keystore_delete.html",
+        status=status,
+        title=f"Delete {store['CustomKeyStoreName']}",
+        nav="keystores",
+        store=store,
+        error=error,
+    )
 
 
 def create_form(

@@ -1,6 +1,7 @@
 """The web console under a real browser: Debian's Chromium driven by Playwright, against a live
 hsmbridge (`create_app` served by uvicorn on loopback, as `hsmbridge serve` does) over a real
-SoftHSM2 token with a CONNECTED custom key store named ExampleKeyStore.
+SoftHSM2 token with a CONNECTED custom key store named ExampleKeyStore, and a second cluster in
+the inventory with no key store yet.
 
 One server and one browser serve a whole module (each test gets a fresh browser context, so
 fresh cookies). The credentials file holds the administrator `tester` (IAM allows everything) and
@@ -23,8 +24,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from hsmbridge.config import ClusterBinding
+from hsmbridge.keystore.demo import DemoClusterSpec, DemoPki, make_demo_pki, new_cluster_id
 from tests.conftest import SoftHsmEnv
-from tests.harness import ACCESS_KEY, ACCOUNT, SECRET_KEY, KmsEnv, build_env
+from tests.harness import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, KmsEnv, build_env
 from tests.iam_files import ALLOW_ALL, Iam, Keys, document, new_keys, statement, write_credentials
 from tests.live import Live, start_live
 
@@ -44,6 +46,8 @@ class ConsoleEnv:
     viewer: Keys
     token_label: str
     pin: str
+    spare_cluster: DemoClusterSpec  # in the inventory, with no key store: for creating one
+    spare_pki: DemoPki
 
     @property
     def url(self) -> str:
@@ -70,6 +74,10 @@ def console_env(
     softhsm_env.used[label] = pin
     binding = ClusterBinding("", replace(softhsm_env.profile, token_label=label))
     env = build_env(tmp_path_factory.mktemp("console"), binding, pin)
+    spare_id = new_cluster_id()
+    spare_pki = make_demo_pki(spare_id)
+    spare = DemoClusterSpec(spare_id, spare_pki.cluster_cert_pem, region=REGION)
+    env.add_clusters(spare)
     iam = Iam(ACCOUNT)
     iam.user("tester", ALLOW_ALL)
     iam.user("viewer", document(statement("Allow", ["kms:List*", "kms:Describe*", "kms:Get*"])))
@@ -93,7 +101,7 @@ def console_env(
         )["CustomKeyStoreId"]
         live.store_id = store_id
         live.connect()
-        yield ConsoleEnv(live, env, store_id, viewer, label, pin)
+        yield ConsoleEnv(live, env, store_id, viewer, label, pin, spare, spare_pki)
     finally:
         live.close()
 

@@ -177,6 +177,47 @@ def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
     expect(page.get_by_role("alert")).to_contain_text("CloudHsmClusterInUseException")
     expect(page.get_by_label("Custom key store name")).to_have_value("SecondStore")
     expect(page.get_by_label("kmsuser password")).to_have_value("")  # never sent back
+    _second_store_created_and_deleted(page, console_env)
+
+
+def _second_store_created_and_deleted(page: Page, console_env: ConsoleEnv) -> None:
+    """On the form KMS refused: the cluster with no store yet, then the store deleted again."""
+    spare, pki = console_env.spare_cluster, console_env.spare_pki
+    page.get_by_label("CloudHSM cluster ID").fill(spare.cluster_id)
+    page.get_by_label("Trust anchor certificate").fill(pki.ca_cert_pem)
+    page.get_by_label("kmsuser password").fill(console_env.env.password)
+    page.get_by_role("button", name="Create custom key store").click()
+    expect(page.get_by_role("status")).to_contain_text("The key store was created")
+    row = page.get_by_role("row").filter(has_text="SecondStore")
+    expect(row).to_contain_text(spare.cluster_id)
+    expect(row).to_contain_text("DISCONNECTED")
+    expect(row).to_contain_text("2 (us-east-1a, us-east-1b)")
+    created = events(console_env, "CreateCustomKeyStore")[-1]
+    assert created["principalArn"] == TESTER_ARN
+    assert created.get("errorCode") is None
+    assert console_env.env.password not in json.dumps(created)
+    kms = console_env.live.kms
+    stores = kms.describe_custom_key_stores(CustomKeyStoreName="SecondStore")["CustomKeyStores"]
+    assert [s["CloudHsmClusterId"] for s in stores] == [spare.cluster_id]
+    second_id = stores[0]["CustomKeyStoreId"]
+
+    # Deleting goes through a confirmation; KMS's refusal for a connected store shows there.
+    page.goto(f"{console_env.url}keystores/{console_env.store_id}/delete")
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Delete {STORE_NAME}")
+    page.get_by_role("button", name="Delete custom key store").click()
+    expect(page.get_by_role("alert")).to_contain_text("CustomKeyStoreInvalidStateException")
+    assert kms.describe_custom_key_stores(CustomKeyStoreId=console_env.store_id)
+    page.get_by_role("link", name="Cancel").click()
+    row.get_by_role("link", name="Delete SecondStore").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Delete SecondStore")
+    page.get_by_role("button", name="Delete custom key store").click()
+    expect(page.get_by_role("status")).to_contain_text("The key store was deleted")
+    expect(page.get_by_role("row").filter(has_text="SecondStore")).to_have_count(0)
+    names = [s["CustomKeyStoreName"] for s in kms.describe_custom_key_stores()["CustomKeyStores"]]
+    assert names == [STORE_NAME]
+    deleted = events(console_env, "DeleteCustomKeyStore")
+    assert [e.get("errorCode") for e in deleted] == ["CustomKeyStoreInvalidStateException", None]
+    assert deleted[-1]["requestParameters"] == {"CustomKeyStoreId": second_id}
 
 
 def test_the_key_list_pages_through_every_key(

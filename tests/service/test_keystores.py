@@ -10,7 +10,6 @@ test_keystores_softhsm.py.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -34,7 +33,6 @@ from hsmbridge.errors import (
 )
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
-    describe_clusters_document,
     make_demo_pki,
     new_cluster_id,
 )
@@ -43,7 +41,7 @@ from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore
 from hsmbridge.protocol import codec
 from hsmbridge.service.keys import CreateKeyRequest
 from tests.callers import ADMIN
-from tests.harness import REGION, SOFTHSM2_PROFILE, KmsEnv
+from tests.harness import REGION, KmsEnv
 from tests.output_shapes import output_validate
 from tests.service.steps import new_key, store_state
 
@@ -55,17 +53,7 @@ def _stores(env: KmsEnv) -> list[CustomKeyStore]:
 
 
 def _add_clusters(env: KmsEnv, *specs: DemoClusterSpec) -> None:
-    """Put more clusters into the inventory and bind each to the env's token, then restart."""
-    doc = json.loads(env.inventory_path.read_text())
-    doc["Clusters"] += describe_clusters_document(list(specs))["Clusters"]
-    env.inventory_path.write_text(json.dumps(doc))
-    profile = SOFTHSM2_PROFILE
-    with env.config_path.open("a") as fh:
-        for spec in specs:
-            fh.write(
-                f'\n[[clusters]]\ncluster_id = "{spec.cluster_id}"\nprofile = "{profile}"\n'
-                f'token_label = "{env.token_label}"\n'
-            )
+    env.add_clusters(*specs)
     env.restart()
 
 
