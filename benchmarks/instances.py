@@ -141,7 +141,19 @@ def _rest(target: signing.Target) -> tuple[int, str, str, str]:
     return target.port, target.access_key, target.secret_key, target.region
 
 
-def run(seconds: int, concurrency: int, out: Path) -> dict[str, Any]:
+def parse_setups(text: str) -> tuple[tuple[str, int], ...]:
+    """`sqlite-1,postgresql-2` -> the setups to run, each one of SETUPS."""
+    known = {f"{engine}-{n}": (engine, n) for engine, n in SETUPS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"setups are among {', '.join(known)}; got {text!r}")
+    return tuple(known[name] for name in names)
+
+
+def run(
+    seconds: int, concurrency: int, out: Path, setups: tuple[tuple[str, int], ...] = SETUPS
+) -> dict[str, Any]:
     from tests.postgres import start_server  # the test suite's server, durable here
 
     logs = out / "logs"
@@ -158,7 +170,7 @@ def run(seconds: int, concurrency: int, out: Path) -> dict[str, Any]:
         work = Path(tmp)
         server, _ = start_server(work / "postgres", durable=True)
         try:
-            for engine, n in SETUPS:
+            for engine, n in setups:
                 url = None
                 if engine == "postgresql":
                     url = server.url(server.create_database())
@@ -244,13 +256,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6, help="wrk run per operation")
     parser.add_argument("--concurrency", type=int, default=64, help="connections in all")
     parser.add_argument("--out", type=Path, help="default: bench-results/instances-<timestamp>")
+    parser.add_argument(
+        "--setups", type=parse_setups, default=SETUPS,
+        help="comma-separated, default: every one of " + ",".join(f"{e}-{n}" for e, n in SETUPS),
+    )  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
+    if args.docs and args.setups != SETUPS:
+        parser.error("--docs publishes a full run: leave out --setups")
     if not wrk.available():
         raise SystemExit("wrk is not installed: apt-get install wrk (benchmarks/run.sh does)")
     out = args.out or REPO / "bench-results" / time.strftime("instances-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    results = run(args.seconds, args.concurrency, out)
+    results = run(args.seconds, args.concurrency, out, args.setups)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     section = markdown(results)
     (out / "report.md").write_text(section)

@@ -1,5 +1,5 @@
 """Pure checks of the audit's vocabulary, a counting fake for the one-pass rule, and the
-2,000-key scale sanity run on SoftHSM2 (the 20,000-key figure belongs to the benchmark)."""
+500-key scale sanity run on SoftHSM2 (the 20,000-key figure belongs to the benchmark)."""
 
 from __future__ import annotations
 
@@ -161,12 +161,14 @@ def _bulk_keys(env, n: int) -> list[str]:
 
 
 _TYPED = frozenset({"CLASS", "KEY_TYPE"})  # set by generate_key from its arguments
+# Enough that a per-key search or lookup would show in the counts below; the benchmark times 20,000.
+KEYS = 500
 
 
 @pytest.mark.softhsm
 @pytest.mark.slow
-def test_two_thousand_keys_audit_in_one_pass(kms_env, audit, monkeypatch):
-    arns = _bulk_keys(kms_env, 2000)
+def test_hundreds_of_keys_audit_in_one_pass(kms_env, audit, monkeypatch):
+    arns = _bulk_keys(kms_env, KEYS)
     calls: Counter[str] = Counter()
     for cls, name in (
         (Pkcs11Backend, "list_keys"),  # the one enumeration of the token
@@ -177,8 +179,8 @@ def test_two_thousand_keys_audit_in_one_pass(kms_env, audit, monkeypatch):
         _count_calls(monkeypatch, cls, name, calls)
     result = audit(kms_env)
     assert result.code == 0, result.json["findings"][:3]
-    assert (result.json["hsmObjects"], result.json["kmsKeys"]) == (2000, 2000)
-    assert len(arns) == 2000
+    assert (result.json["hsmObjects"], result.json["kmsKeys"]) == (KEYS, KEYS)
+    assert len(arns) == KEYS
     # "One pass" at scale is a count, not a time (the 20,000-key timing is the benchmark's): no
     # per-key HSM search and no per-key metadata lookup, which is what made an audit O(n^2).
     assert calls == Counter(

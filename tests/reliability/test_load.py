@@ -1,5 +1,5 @@
 """Load: several client processes over HTTP against one real server for HSMBRIDGE_LOAD_SECONDS
-(default 45), mixing CreateKey, Encrypt, Decrypt, GenerateDataKey, Disable/EnableKey and
+(default 30), mixing CreateKey, Encrypt, Decrypt, GenerateDataKey, Disable/EnableKey and
 Schedule/CancelKeyDeletion on shared keys.
 
 Proves: no crash and no unexpected error (DisabledException and KMSInvalidStateException are the
@@ -33,7 +33,7 @@ from tests.reliability.servers import InitEnv, ServerProcess, init_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.softhsm]
 
-SECONDS = float(os.environ.get("HSMBRIDGE_LOAD_SECONDS", "45"))
+SECONDS = float(os.environ.get("HSMBRIDGE_LOAD_SECONDS", "30"))
 PROCESSES = int(os.environ.get("HSMBRIDGE_LOAD_PROCESSES", "3"))
 SHARED_KEYS = 6
 CREATE_SHARE = float(os.environ.get("HSMBRIDGE_LOAD_CREATE_SHARE", "0.04"))
