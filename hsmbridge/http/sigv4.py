@@ -104,6 +104,8 @@ def _parse_authorization(value: str) -> _AuthHeader:
 
 
 def _canonical_query(query: str) -> str:
+    if not query:
+        return ""  # every KMS, STS and CloudHSM request: no need to parse
     pairs = parse_qsl(query, keep_blank_values=True)
     return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(pairs))
 
@@ -139,7 +141,7 @@ def _signature(
     canonical = "\n".join(
         (
             method,
-            quote(path or "/", safe="/~"),
+            "/" if path in ("", "/") else quote(path, safe="/~"),
             _canonical_query(query),
             _canonical_headers(headers, auth.signed_headers),
             ";".join(auth.signed_headers),
@@ -151,7 +153,7 @@ def _signature(
         (ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest())
     )
     key = _signing_key(secret, auth.date, auth.region, auth.service)
-    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, to_sign.encode(), "sha256").hex()  # one-shot: no HMAC object
 
 
 def _default_clock() -> datetime:
@@ -302,7 +304,7 @@ class SigV4Verifier:
                 " header."
             )
         try:
-            signed_at = datetime.strptime(amz_date, _AMZ_DATE_FORMAT).replace(tzinfo=UTC)
+            signed_at = _parse_amz_date(amz_date)
         except ValueError:
             raise IncompleteSignatureException(
                 f"Date must be in ISO-8601 'basic format'. Got '{amz_date}'."
@@ -341,3 +343,17 @@ class SigV4Verifier:
                 "Credential should be scoped with a valid terminator: 'aws4_request', "
                 f"not '{auth.terminator}'. "
             )
+
+
+def _parse_amz_date(text: str) -> datetime:
+    """X-Amz-Date (`20241101T120000Z`), as `strptime(text, _AMZ_DATE_FORMAT)` but stricter (two
+    digits per field, always) and at a third of its cost, which showed in the per-request
+    profile. ValueError for anything else, including an impossible date."""
+    if len(text) != 16 or text[8] != "T" or text[15] != "Z" or not text.isascii():
+        raise ValueError(text)
+    if not (text[:8].isdigit() and text[9:15].isdigit()):
+        raise ValueError(text)
+    return datetime(
+        int(text[0:4]), int(text[4:6]), int(text[6:8]),
+        int(text[9:11]), int(text[11:13]), int(text[13:15]), tzinfo=UTC,
+    )  # fmt: skip
