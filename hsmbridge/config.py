@@ -72,6 +72,10 @@ class HsmProfile:
     # own writes absorb their change counter), so a key not found is looked for again after
     # re-initialising the library (backend/sessions.py `Library.refresh_after`).
     stale_cross_process_view: bool = False
+    # The module answers from this process in microseconds (a library, not a network HSM), so a
+    # cryptographic request may call it on the server's event loop when its lock is free
+    # (`hsmbridge.nowait`); never for an HSM across a network, whose calls can stall.
+    inline_calls: bool = False
     token_label: str | None = None  # None: first slot with a token present (CloudHSM)
 
     def login_pin(self, password: str) -> str:
@@ -159,6 +163,9 @@ class Settings:
     ops_token_file: Path | None = None
     # Open connections one client address may hold; 0: no cap (behind a proxy or load balancer).
     max_connections_per_client: int = 256
+    # Cryptographic requests on a store whose profile allows it run on the event loop when
+    # nothing would make them wait (`hsmbridge.nowait`); False: always on a worker thread.
+    inline_hsm_calls: bool = True
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
@@ -269,6 +276,7 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
             _get(raw, "decrypt_auth_failure_errors", list, where, [])
         ),
         login_lockout_threshold=lockout,
+        inline_calls=_get(raw, "inline_calls", bool, where, False),
         token_label=token_label,
     )
 
@@ -485,6 +493,7 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         tls_key=tls_key,
         ops_token_file=_optional_path(service, "ops_token_file", base, here),
         max_connections_per_client=_connections_per_client(service, here),
+        inline_hsm_calls=_get(service, "inline_hsm_calls", bool, here, True),
         quotas=_quotas(_get(raw, "quotas", dict, where, {}), f"{where}: [quotas]"),
         audit=_audit(_get(raw, "audit", dict, where, {}), f"{where}: [audit]"),
     )

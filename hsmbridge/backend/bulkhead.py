@@ -10,7 +10,8 @@ milliseconds, so waiting is brief and nothing is refused however many requests q
 `stall_after_s` with none finishing, refuses new calls and wakes its waiters to refuse them too
 (`StoreSaturatedError`, retryable): a stuck cluster then holds `in_flight` worker threads, not
 every thread the server has, and its clients learn at once instead of at their deadline.
-Must not import anything in hsmbridge above `hsmbridge.backend` and `hsmbridge.deadline`.
+Must not import anything in hsmbridge above `hsmbridge.backend`, `hsmbridge.deadline` and
+`hsmbridge.nowait`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from hsmbridge import deadline
+from hsmbridge import deadline, nowait
 from hsmbridge.backend.errors import BackendError, DeadlineExceededError, StoreSaturatedError
 from hsmbridge.backend.interface import HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
 
@@ -95,6 +96,7 @@ class Bulkhead:
             if self._running < self.limits.in_flight:
                 self._take_slot()
                 return
+            nowait.refuse("the store's bulkhead is full")
             stuck = self._stalled_for()
             if stuck:
                 raise self._saturated(stuck)

@@ -2,8 +2,8 @@
 
 Owns: `Library` (one loaded module: its `pkcs11.lib`, call lock and generation) and `SessionPool`
 (one login plus PIN-less worker sessions for one token). Must not import anything in hsmbridge
-above `hsmbridge.backend.errors`, `hsmbridge.backend.pkcs11_errors`, `hsmbridge.config` and
-`hsmbridge.deadline`.
+above `hsmbridge.backend.errors`, `hsmbridge.backend.pkcs11_errors`, `hsmbridge.config`,
+`hsmbridge.deadline` and `hsmbridge.nowait`.
 
 Concurrency design:
 * python-pkcs11 calls `C_Initialize(NULL)`, so SoftHSM runs with its internal mutexes off, and it
@@ -18,6 +18,10 @@ Concurrency design:
 * A request's waits (for a free session, for the library lock) end at its deadline
   (`hsmbridge.deadline`) with DeadlineExceededError: behind a call stuck in the HSM, work whose
   client has given up is refused instead of run late. Re-login and housekeeping wait as before.
+* A request run on the event loop (`hsmbridge.nowait`, only for profiles with `inline_calls`)
+  waits for nothing: it takes the library lock only if it is free, uses only an idle session
+  of the current login, and leaves every failure's recovery (probe, eviction, re-login,
+  re-initialisation) to its rerun on a worker thread: each of those takes the lock.
 * Lock order: library lock, then a pool's condition. Nothing takes the library lock while holding
   a pool's condition, and nobody waits for a free session while holding the library lock.
 * Login is per process (§2.2): one long-lived login session per token, shared by every backend of
@@ -44,9 +48,10 @@ from typing import Any
 import pkcs11
 from pkcs11 import TokenFlag
 
-from hsmbridge import deadline
+from hsmbridge import deadline, nowait
 from hsmbridge.backend.errors import (
     BackendError,
+    BadCiphertextError,
     DeadlineExceededError,
     DeviceLostError,
     HsmInternalError,
@@ -394,13 +399,27 @@ class SessionPool:
         session is evicted, the login restored or the library re-initialised as the error says.
         Consume every python-pkcs11 iterator inside the block (§2.4).
         """
+        inline = nowait.inline()
+        if inline:
+            if not self.profile.inline_calls:
+                raise nowait.WouldBlock(f"{self.profile.name} calls are not made inline")
+            if self._generation != self.library.generation:
+                raise nowait.WouldBlock("the library was re-initialised: log in again")
         self._rebuild_if_reinitialised()
-        worker = self._acquire()
+        worker = self._acquire_idle() if inline else self._acquire()
         try:
             with self._serialized():
                 yield worker
+        except nowait.WouldBlock:
+            self._release(worker)
+            raise
         except Exception as exc:
             err = self._classify(exc, during_decrypt)
+            if inline and not isinstance(err, BadCiphertextError):
+                # Every other failure is recovered (probe, evict, re-login) under the library
+                # lock: the rerun on a worker thread meets it again and recovers there.
+                self._release(worker)
+                raise nowait.WouldBlock(f"recovering from {type(err).__name__}") from exc
             if isinstance(err, KeyMissingError | HsmInternalError) and not self.token_present():
                 # SoftHSM with its token directory gone answers "no such object" to finds and
                 # GeneralError to writes, as if the key were deleted; only the token probe tells
@@ -421,6 +440,14 @@ class SessionPool:
             yield
             return
         lock = self.library.lock
+        if nowait.inline():
+            if not lock.acquire(blocking=False):
+                raise nowait.WouldBlock("the PKCS#11 library lock is held")
+            try:
+                yield
+            finally:
+                lock.release()
+            return
         left = deadline.remaining()
         if not (lock.acquire() if left is None else left > 0 and lock.acquire(timeout=left)):
             raise DeadlineExceededError(
@@ -430,6 +457,17 @@ class SessionPool:
             yield
         finally:
             lock.release()
+
+    def _acquire_idle(self) -> Worker:
+        """An idle worker of the current login, for an inline call; opening one takes the lock."""
+        with self._cond:
+            if not self._closed:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.epoch == self._epoch:
+                        self._busy.add(worker)
+                        return worker
+        raise nowait.WouldBlock("no idle HSM session")
 
     def _acquire(self) -> Worker:
         with self._cond:

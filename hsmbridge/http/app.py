@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from hsmbridge import deadline
+from hsmbridge import deadline, nowait
 from hsmbridge.errors import (
     DependencyTimeoutException,
     IncompleteSignatureException,
@@ -118,6 +118,9 @@ class _Trace:
     sts: bool = False  # an STS (Query protocol) call
     cloudhsm: str | None = None  # a CloudHSM v2 call: "json" or "cbor"
     close: bool = False  # answer with Connection: close (the client is misbehaving)
+    # Where the handler ran: "inline" (on the event loop), "rerun" (an inline attempt refused,
+    # then a worker thread), "thread"; None: no handler ran.
+    ran: str | None = None
     body_handled: bool = False  # _read_body took charge of the request body
 
 
@@ -215,6 +218,7 @@ class KmsApi:
         body_timeout_s: float,
         anonymous_account: str,
         hsm_operations: frozenset[str] = frozenset(),
+        inline_operations: frozenset[str] = frozenset(),
         light_threads: int = LIGHT_THREADS,
         max_in_flight: int = MAX_IN_FLIGHT,
         ops_token: str | None = None,
@@ -246,6 +250,9 @@ class KmsApi:
         self._pool = ThreadPoolExecutor(worker_threads, thread_name_prefix="hsmbridge-hsm")
         self._light = ThreadPoolExecutor(light_threads, thread_name_prefix="hsmbridge-op")
         self._hsm_operations = hsm_operations
+        # Tried on the event loop first (`hsmbridge.nowait`): no thread hand-off when nothing
+        # would make them wait, else rerun in `_pool`.
+        self._inline_operations = inline_operations & hsm_operations
         # Requests being served (headers in, answer not yet sent). Idle and half-open connections
         # do not count: only requests take a slot, so holding sockets open costs an attacker a
         # socket each and denies nobody service.
@@ -427,8 +434,13 @@ class KmsApi:
         context = self._context(
             scope, headers, trace, request_id, tuple(typed.get("GrantTokens") or ())
         )
-        pool = self._pool if operation in self._hsm_operations else self._light
-        result = await self._call(self._operations[operation], context, typed, pool)
+        handler = self._operations[operation]
+        if operation in self._inline_operations:
+            result = await self._call_inline(handler, context, typed, trace)
+        else:
+            pool = self._pool if operation in self._hsm_operations else self._light
+            trace.ran = "thread"
+            result = await self._call(handler, context, typed, pool)
         created_store = result.get("CustomKeyStoreId")  # CreateCustomKeyStore names it only here
         if isinstance(created_store, str):
             annotate_store(created_store)
@@ -624,8 +636,33 @@ class KmsApi:
         # does the deadline: the backend refuses to start HSM work for a request that has
         # waited past it (in the pool's queue, for a session or the library lock).
         deadline.start(self._timeout)
-        run = contextvars.copy_context().run
-        future = asyncio.get_running_loop().run_in_executor(pool, run, handler, context, params)
+        return await self._in_thread(contextvars.copy_context(), handler, context, params, pool)
+
+    async def _call_inline(
+        self, handler: Handler, context: RequestContext, params: dict[str, Any], trace: _Trace
+    ) -> dict[str, Any]:
+        """The handler on the event loop, unless something on its way would wait: then again
+        from the start on an HSM worker thread, in the same context (the deadline counts from
+        the first attempt, and the rerun knows what the attempt already counted)."""
+        deadline.start(self._timeout)
+        ctx = contextvars.copy_context()
+        trace.ran = "inline"  # also when the handler answers with a KMS error
+        try:
+            return ctx.run(nowait.attempt, handler, context, params)
+        except nowait.WouldBlock:
+            trace.ran = "rerun"
+            return await self._in_thread(ctx, handler, context, params, self._pool)
+
+    async def _in_thread(
+        self,
+        ctx: contextvars.Context,
+        handler: Handler,
+        context: RequestContext,
+        params: dict[str, Any],
+        pool: ThreadPoolExecutor,
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(pool, ctx.run, handler, context, params)
         if self._timeout is None:
             return await future
         try:
@@ -663,6 +700,7 @@ class KmsApi:
                 if trace.cloudhsm
                 else redact_params(trace.operation, trace.params)
             ),
+            ran=trace.ran,
         )
         try:
             self._on_event(event)
@@ -686,6 +724,7 @@ def create_asgi_app(
     body_timeout_s: float = BODY_TIMEOUT_S,
     anonymous_account: str = "",
     hsm_operations: frozenset[str] = frozenset(),
+    inline_operations: frozenset[str] = frozenset(),
     ops_token: str | None = None,
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
     console: SubApp | None = None,
@@ -709,6 +748,7 @@ def create_asgi_app(
         body_timeout_s=body_timeout_s,
         anonymous_account=anonymous_account,
         hsm_operations=hsm_operations,
+        inline_operations=inline_operations,
         ops_token=ops_token,
         max_connections_per_client=max_connections_per_client,
         console=console,

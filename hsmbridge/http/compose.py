@@ -39,7 +39,7 @@ from hsmbridge.protocol.cloudhsm import (
     build_cloudhsm_endpoint,
     unavailable_endpoint,
 )
-from hsmbridge.protocol.operations import HSM_OPERATIONS, build_operations
+from hsmbridge.protocol.operations import HSM_OPERATIONS, INLINE_OPERATIONS, build_operations
 from hsmbridge.protocol.sts import build_sts_operations
 from hsmbridge.service.cloudhsm import CloudHsmService
 from hsmbridge.service.context import Clock
@@ -74,9 +74,20 @@ def _on_event(audit: AuditSink, metrics: Metrics) -> Callable[[ApiEvent], None]:
     def on_event(event: ApiEvent) -> None:
         operation = event.operation or "Unknown"
         metrics.observe_request(operation, event.error_code, event.duration_ms / 1000.0)
+        if event.ran is not None:
+            metrics.observe_dispatch(event.ran)
         audit.emit(audit_event(event))
 
     return on_event
+
+
+def _inline_operations(settings: Settings) -> frozenset[str]:
+    """The operations tried on the event loop first: the cryptographic ones, when enabled and
+    the metadata is a local SQLite file (PostgreSQL reads cross the network). Whether a store's
+    HSM may be called there is its profile's `inline_calls` (the backend refuses otherwise)."""
+    if not settings.inline_hsm_calls or settings.metadata_db is None:
+        return frozenset()
+    return INLINE_OPERATIONS
 
 
 def _store_collector(service: KmsService) -> StoreCollector:
@@ -192,6 +203,7 @@ def create_app(
         anonymous_account=settings.account_id,
         worker_threads=HSM_THREADS,
         hsm_operations=HSM_OPERATIONS,
+        inline_operations=_inline_operations(settings),
         ops_token=ops_token,
         max_connections_per_client=settings.max_connections_per_client,
         console=build_console(settings, service, credentials, on_event),

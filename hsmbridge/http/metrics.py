@@ -64,6 +64,16 @@ class Metrics:
             "HSM calls in progress; each holds one PKCS#11 worker session.",
             registry=r,
         )
+        self._dispatch = Counter(
+            "hsmbridge_request_dispatch",
+            "Requests that may reach an HSM, by where their handler ran: inline (on the event "
+            "loop), rerun (an inline attempt would have waited, so a worker thread ran it), "
+            "thread.",
+            ["ran"], registry=r,
+        )  # fmt: skip
+        self._dispatch_children = {
+            ran: self._dispatch.labels(ran) for ran in ("inline", "rerun", "thread")
+        }
         self._request_children: dict[tuple[str, str], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._hsm_children: dict[str, Any] = {}
@@ -79,6 +89,9 @@ class Metrics:
             hist = self._latency_children[operation] = self._latency.labels(operation)
         hist.observe(seconds)
 
+    def observe_dispatch(self, ran: str) -> None:
+        self._dispatch_children[ran].inc()
+
     def observe_hsm(self, call: str, seconds: float, error: str | None) -> None:
         hist = self._hsm_children.get(call)
         if hist is None:
@@ -89,6 +102,9 @@ class Metrics:
 
     def hsm_call_started(self) -> None:
         self.hsm_in_flight.inc()
+
+    def hsm_call_refused(self) -> None:
+        self.hsm_in_flight.dec()
 
     def hsm_call_finished(self, call: str, seconds: float, error: str | None) -> None:
         self.hsm_in_flight.dec()

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from hsmbridge import nowait
 from hsmbridge.errors import ConfigError
 from hsmbridge.policy.document import (
     PolicyDocument,
@@ -277,6 +278,7 @@ class IamDirectory:
     def _current(self) -> _State:
         if self._clock() < self._next_check:
             return self._state
+        nowait.refuse("re-reading the IAM directory")
         with self._lock:
             now = self._clock()
             if now >= self._next_check:  # else another thread just refreshed

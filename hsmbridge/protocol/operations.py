@@ -44,6 +44,20 @@ HSM_OPERATIONS: Final = frozenset(
         "ReEncrypt",
     }
 )
+# The cryptographic ones among them: no state changes before their HSM calls, each call a few
+# microseconds on a local library, so the edge may try them on its event loop first
+# (`hsmbridge.nowait`). CreateKey writes metadata before its key exists and a disconnect logs
+# out: both always run on a worker thread.
+INLINE_OPERATIONS: Final = frozenset(
+    {
+        "Decrypt",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateRandom",
+        "ReEncrypt",
+    }
+)
 
 
 def _keystore_handlers(s: KmsService) -> dict[str, Handler]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hsmbridge import nowait
 from hsmbridge.errors import (
     CloudHsmClusterInvalidConfigurationException,
     CloudHsmClusterNotActiveException,
@@ -77,6 +78,7 @@ class ClusterFacts:
         now = self._monotonic()
         cached = self._active.get(cluster_id)
         if cached is None or now - cached[0] > self._ttl:
+            nowait.refuse("reading the cluster inventory")  # a file, or the CloudHSM API
             cluster = self.describe(cluster_id)
             count = len(cluster.active_hsms) if cluster is not None else 0
             with self._lock:

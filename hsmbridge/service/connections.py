@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hsmbridge import deadline
+from hsmbridge import deadline, nowait
 from hsmbridge.backend import DeadlineExceededError, HsmBackend, HsmConnector, LoginError
 from hsmbridge.model import ConnectionErrorCode
 from hsmbridge.service.login_budget import LoginBudget
@@ -83,6 +83,7 @@ class StoreConnections:
         live = self._live.get(store_id)
         if live is not None and live.cluster_id == cluster_id:
             return live.backend
+        nowait.refuse("logging in to the store's HSM")
         # Logins are made one at a time; a request waits for another's no longer than its
         # deadline, and one whose deadline has passed never starts a C_Login.
         left = deadline.remaining()
@@ -164,6 +165,7 @@ class StoreConnections:
     def detach(self, store_id: str) -> None:
         """Close this process's login; the backoff goes too: the store left CONNECTED, and a
         reconnect may come with a new password."""
+        nowait.refuse("closing the store's HSM login")  # the lock is held across logins
         with self._lock:
             self._close_locked(store_id)
             self._backoff.pop(store_id, None)

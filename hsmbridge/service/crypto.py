@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
+from hsmbridge import nowait
 from hsmbridge.backend import HsmBackend, Sealed
 from hsmbridge.errors import (
     CustomKeyStoreInvalidStateException,
@@ -79,8 +80,10 @@ class CryptoService:
 
         Called as soon as the key is found: KMS throttles before it authorizes (an AccessDenied,
         DryRun or Disabled answer still counted), and the store quota needs the key's store.
-        A KeyId that names no key is not counted (NOTE: KMS would count it)."""
-        self._ctx.quotas.charge_cryptographic(caller.account_id, store_id)
+        A KeyId that names no key is not counted (NOTE: KMS would count it). Counted once even
+        when the request runs twice (an inline attempt refused, then its rerun: `nowait`)."""
+        if nowait.first_time("quota"):
+            self._ctx.quotas.charge_cryptographic(caller.account_id, store_id)
 
     def _usable(self, record: KeyRecord) -> HsmBackend:
         """The backend for a key that may be used for cryptography right now."""

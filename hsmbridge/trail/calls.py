@@ -34,6 +34,9 @@ class ApiEvent:
     custom_key_store_id: str | None = None
     hsm_latency_ms: float | None = None  # None: the request made no HSM call
     additional: Mapping[str, Any] | None = None  # service facts (e.g. CreateKey's backingKeyId)
+    # How the HTTP edge ran the handler ("inline", "rerun", "thread"), for its metrics; not in
+    # the trail.
+    ran: str | None = None
 
 
 def api_event(
@@ -46,6 +49,7 @@ def api_event(
     error_code: str | None,
     duration_ms: float,
     params_redacted: Mapping[str, Any],
+    ran: str | None = None,
 ) -> ApiEvent:
     """The event of a finished call, with what the service annotated in its request scope."""
     additional = dict(scope.additional)
@@ -64,6 +68,7 @@ def api_event(
         custom_key_store_id=scope.custom_key_store_id,
         hsm_latency_ms=scope.hsm_latency_ms if scope.hsm_calls else None,
         additional=additional,
+        ran=ran,
     )
 
 

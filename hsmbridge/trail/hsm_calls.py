@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from hsmbridge import nowait
 from hsmbridge.backend import BackendError, HsmBackend, HsmConnector, HsmHealth, HsmKeyInfo, Sealed
 from hsmbridge.trail import context
 
@@ -21,6 +22,7 @@ from hsmbridge.trail import context
 class HsmCallObserver(Protocol):
     def hsm_call_started(self) -> None: ...
     def hsm_call_finished(self, call: str, seconds: float, error: str | None) -> None: ...
+    def hsm_call_refused(self) -> None: ...  # an inline attempt gave up before the HSM
 
 
 class TimedBackend:
@@ -38,17 +40,25 @@ class TimedBackend:
         if observer is not None:
             observer.hsm_call_started()
         error: str | None = None
+        refused = False
         start = time.perf_counter()
         try:
             return fn(*args)
         except BackendError as exc:
             error = type(exc).__name__
             raise
+        except nowait.WouldBlock:
+            refused = True  # not an HSM call: the rerun on a worker thread makes it, timed then
+            raise
         finally:
-            elapsed = time.perf_counter() - start
-            if observer is not None:
-                observer.hsm_call_finished(call, elapsed, error)
-            context.add_hsm_latency(elapsed * 1000.0)
+            if refused:
+                if observer is not None:
+                    observer.hsm_call_refused()
+            else:
+                elapsed = time.perf_counter() - start
+                if observer is not None:
+                    observer.hsm_call_finished(call, elapsed, error)
+                context.add_hsm_latency(elapsed * 1000.0)
 
     def generate_key(self, label: str, key_id: bytes, *, fresh_label: bool = False) -> HsmKeyInfo:
         info: HsmKeyInfo = self._timed(
