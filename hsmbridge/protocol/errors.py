@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
+
 from hsmbridge.errors import (
     CloudHsmInternalFailureException,
     DependencyTimeoutException,
@@ -68,9 +70,20 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot encode {type(value).__name__} as KMS JSON")
 
 
+# Datetimes and dataclasses go to `_json_default` as with `json` (orjson would write ISO strings).
+_ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 def encode_json(obj: Mapping[str, Any]) -> bytes:
-    """Serialise a response dict to the wire: compact JSON, blobs base64, datetimes epoch."""
-    return json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
+    """Serialise a response dict to the wire: compact JSON, blobs base64, datetimes epoch.
+
+    orjson (a C codec) on the hot path: the standard library's encoder was ~2 % of a
+    GenerateDataKey's server time. Anything orjson refuses (an unpaired surrogate in a string a
+    caller stored, a non-string key) goes through `json` with the same rules, as before."""
+    try:
+        return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
 
 
 def json_headers(request_id: str, body_len: int) -> Headers:

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+import orjson
+
 from hsmbridge.config import AuditSettings
 
 # The one list of member names the trail never carries in clear, wherever they appear (the edges
@@ -153,9 +155,20 @@ def bounded_json(event: AuditEvent, max_bytes: int) -> str:
     return line
 
 
+# Datetimes and dataclasses go to `default=str` as with `json`.
+_ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 def _dumps(record: Mapping[str, Any]) -> str:
-    # default=str: a stray non-JSON value in the extras must not lose the whole event.
-    return json.dumps(record, separators=(",", ":"), default=str)
+    # default=str: a stray non-JSON value in the extras must not lose the whole event. orjson
+    # (C) on the hot path, ASCII-escaped afterwards only when needed so that the line stays
+    # ASCII, as `bounded_json` counts characters as bytes; `json` for what orjson refuses (an
+    # unpaired surrogate, a non-string key).
+    try:
+        line = orjson.dumps(record, default=str, option=_ORJSON_OPTIONS).decode()
+    except TypeError:
+        return json.dumps(record, separators=(",", ":"), default=str)
+    return line if line.isascii() else json.dumps(json.loads(line), separators=(",", ":"))
 
 
 def _truncated(value: Any) -> dict[str, Any]:
