@@ -24,7 +24,7 @@ from hsmbridge.config import Settings, load_settings
 from hsmbridge.errors import ConfigError
 from hsmbridge.http.compose import create_app, start_maintenance
 from hsmbridge.http.logs import configure_logging
-from hsmbridge.http.server import Tls, serve, serve_workers
+from hsmbridge.http.server import Tls, serve, serve_workers, tune_gc_for_serving
 from hsmbridge.http.workers import FACTORY, default_workers, worker_environment
 from hsmbridge.identity.credentials import load_principals
 
@@ -161,6 +161,7 @@ def _tls(args: argparse.Namespace, settings: Settings) -> Tls | None:
 
 def _serve_in_process(settings: Settings, host: str, port: int, tls: Tls | None) -> int:
     runtime = create_app(settings, server_processes=1)
+    tune_gc_for_serving()
     try:
         print(_banner(settings, host, port, 1, https=tls is not None), file=sys.stderr, flush=True)
         serve(

@@ -31,6 +31,7 @@ from hsmbridge.config import load_settings
 from hsmbridge.http.app import KmsApi
 from hsmbridge.http.compose import create_app
 from hsmbridge.http.logs import configure_logging
+from hsmbridge.http.server import tune_gc_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -88,5 +89,6 @@ def app_from_env() -> KmsApi:
         log.exception("worker %d could not start", os.getpid())
         raise SystemExit(STARTUP_FAILURE) from None
     runtime.app.on_shutdown = runtime.close
+    tune_gc_for_serving()
     log.info("worker %d serving", os.getpid())
     return runtime.app

@@ -1,11 +1,13 @@
-"""`OneSendPerResponse`: a response's status line and headers leave with its body in one write,
-and nothing is ever left behind (HEAD, close, abort, 100 Continue, error pages)."""
+"""The serving process's own tuning: `OneSendPerResponse` (a response's status line and headers
+leave with its body in one write, and nothing is ever left behind: HEAD, close, abort,
+100 Continue, error pages), and the garbage collector's settings while serving."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
-from hsmbridge.http.server import OneSendPerResponse
+from hsmbridge.http.server import GC_GEN0_THRESHOLD, OneSendPerResponse, tune_gc_for_serving
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -73,3 +75,14 @@ def test_other_writes_go_out_at_once() -> None:
     sender.write(b"HTTP/1.1 chunk of a body")
     assert inner.writes == [cont, page, b"HTTP/1.1 chunk of a body"]
     assert not sender.is_closing()  # everything else is the real transport's
+
+
+def test_serving_processes_collect_garbage_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0  # start-up's objects are never scanned again
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
