@@ -26,7 +26,9 @@ from tests.live import Live, served_with_store
 
 pytestmark = [pytest.mark.softhsm]
 
-HELD_S = 1.0
+# Long enough that a loop blocked behind the lock could not answer within HELD_S / 2, even on a
+# busy machine.
+HELD_S = 3.0
 
 
 def _dispatch(live: Live) -> dict[str, float]:
@@ -87,9 +89,10 @@ def test_cryptographic_requests_run_on_the_event_loop(live: Live) -> None:
         _every_crypto_operation(live, key_id)
     after = _dispatch(live)
     served = {ran: after[ran] - before.get(ran, 0.0) for ran in after}
-    # 3 rounds of 9 requests (the failed Decrypt included). An occasional rerun is allowed: the
-    # IAM directory and the cluster inventory are re-read on a thread when their caches expire.
-    assert served["inline"] >= 27 - 3, served
+    # 3 rounds of 9 requests (the failed Decrypt included). Some reruns are allowed: the IAM
+    # directory and the cluster inventory are re-read on a thread when their caches expire
+    # (every second or two, more often than not on a busy machine).
+    assert served["inline"] >= 18, served
     assert served["inline"] + served["rerun"] == 27, served
     assert served["thread"] == 0, served
 
