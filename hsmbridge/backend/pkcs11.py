@@ -285,6 +285,12 @@ class Pkcs11Backend:
         an object and it holds no key material, so exactly that shape is destroyed."""
         if not self._profile.incomplete_key_objects:
             return 0
+        if self._profile.stale_cross_process_view:
+            # The object is another process's (a killed worker or instance): on SoftHSM2 this
+            # process's own writes can hide it from its view, so look in a re-read one. Seen
+            # once: an instance SIGKILLed mid-generation left one that the survivor rolling back
+            # its intents did not see, and the audit found it afterwards.
+            self._pool.library.refresh_after(time.monotonic())
         doomed = [
             info
             for info in self.list_keys()
