@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+LIST_ATTEMPTS = 5  # a listing is retried this often (see `secret_key_objects`)
 _HEADER = "Secret Key Object"
 _LABEL = "  label:      "  # OpenSC prints the label verbatim after this prefix (0.23)
 
@@ -83,9 +85,24 @@ def _words(value: str) -> frozenset[str]:
 def secret_key_objects(
     token_label: str, pin: str, *, softhsm_conf: Path | None = None
 ) -> list[SecretKeyObject]:
-    """Every secret key object on the token, as a list: duplicates stay separate entries."""
-    out = run(token_label, pin, "--list-objects", "--type", "secrkey", softhsm_conf=softhsm_conf)
-    return parse_secret_keys(out)
+    """Every secret key object on the token, as a list: duplicates stay separate entries.
+
+    A read, so a failed one is tried again: while servers on the same token log in or
+    re-initialise, SoftHSM2 misreads the token's own file for a moment (CKR_GENERAL_ERROR,
+    a torn label), and pkcs11-tool, the independent witness, has no retry of its own. Seen once
+    beside two CPU burners in the SIGKILL instances test."""
+    for attempt in range(LIST_ATTEMPTS):
+        try:
+            out = run(
+                token_label, pin, "--list-objects", "--type", "secrkey", softhsm_conf=softhsm_conf
+            )
+        except subprocess.CalledProcessError:
+            if attempt == LIST_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2)
+            continue
+        return parse_secret_keys(out)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def secret_key_labels(
