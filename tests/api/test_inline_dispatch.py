@@ -12,7 +12,6 @@ real SoftHSM2 token with real boto3 clients.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from hsmbridge.backend.sessions import load_library
+from tests.held_lock import HeldLock
 from tests.live import Live, served_with_store
 
 pytestmark = [pytest.mark.softhsm]
@@ -109,29 +109,10 @@ def test_switched_off_every_request_runs_on_a_thread(make_kms_env: Any) -> None:
     assert served == {"inline": 0, "rerun": 0, "thread": 9}, served
 
 
-class _HeldLibrary:
-    """Hold the PKCS#11 library lock from another thread, as a call stuck in the HSM would."""
-
-    def __init__(self, live: Live) -> None:
-        profile = live.env.settings.binding(live.env.cluster_id).profile
-        self.library = load_library(profile.module_path)
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        self._thread = threading.Thread(target=self._hold, daemon=True)
-
-    def _hold(self) -> None:
-        with self.library.lock:
-            self.holding.set()
-            self.release.wait(HELD_S)
-
-    def __enter__(self) -> _HeldLibrary:
-        self._thread.start()
-        assert self.holding.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self._thread.join(10)
+def _held_library(live: Live) -> HeldLock:
+    """The PKCS#11 library lock held from another thread, as a call stuck in the HSM would."""
+    profile = live.env.settings.binding(live.env.cluster_id).profile
+    return HeldLock(load_library(profile.module_path).lock, HELD_S)
 
 
 def test_a_request_that_would_wait_runs_on_a_thread_and_the_loop_serves_meanwhile(
@@ -140,7 +121,7 @@ def test_a_request_that_would_wait_runs_on_a_thread_and_the_loop_serves_meanwhil
     key_id = live.create_key()["KeyId"]
     live.kms.encrypt(KeyId=key_id, Plaintext=b"warm")
     before = _dispatch(live)
-    with _HeldLibrary(live), ThreadPoolExecutor(1) as pool:
+    with _held_library(live), ThreadPoolExecutor(1) as pool:
         held_at = time.monotonic()
         pending = pool.submit(live.client().encrypt, KeyId=key_id, Plaintext=b"late")
         time.sleep(0.2)
@@ -164,7 +145,7 @@ def test_a_rerun_request_is_charged_to_the_quotas_once(make_kms_env: Any) -> Non
         key_id = live.create_key()["KeyId"]
         before = _dispatch(live)
         with ThreadPoolExecutor(1) as pool:
-            with _HeldLibrary(live):
+            with _held_library(live):
                 pending = pool.submit(live.client().encrypt, KeyId=key_id, Plaintext=b"once")
                 time.sleep(0.2)
                 assert not pending.done()

@@ -19,6 +19,7 @@ from hsmbridge.backend.errors import BadCiphertextError
 from hsmbridge.backend.interface import Sealed
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
 from hsmbridge.config import ClusterBinding
+from tests.held_lock import HeldLock
 
 pytestmark = pytest.mark.softhsm
 
@@ -49,28 +50,9 @@ def _new_key(backend: Pkcs11Backend) -> str:
     return label
 
 
-class _Held:
+def _held(backend: Pkcs11Backend) -> HeldLock:
     """The library lock held by another thread until the block ends."""
-
-    def __init__(self, backend: Pkcs11Backend) -> None:
-        self._lock = backend._pool.library.lock
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        self._thread = threading.Thread(target=self._hold, daemon=True)
-
-    def _hold(self) -> None:
-        with self._lock:
-            self.holding.set()
-            self.release.wait(30)
-
-    def __enter__(self) -> _Held:
-        self._thread.start()
-        assert self.holding.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self._thread.join(10)
+    return HeldLock(backend._pool.library.lock)
 
 
 def test_a_cached_key_encrypts_decrypts_and_draws_random_inline(backend: Pkcs11Backend) -> None:
@@ -94,7 +76,7 @@ def test_a_tampered_ciphertext_is_answered_inline(backend: Pkcs11Backend) -> Non
 
 def test_the_library_lock_held_elsewhere_refuses_without_waiting(backend: Pkcs11Backend) -> None:
     label = _new_key(backend)
-    with _Held(backend) as held:
+    with _held(backend) as held:
         with pytest.raises(nowait.WouldBlock, match="library lock"):
             _inline(backend.encrypt, label, b"x", AAD)
         assert not held.release.is_set()  # refused while the lock was still held
@@ -104,7 +86,7 @@ def test_the_library_lock_held_elsewhere_refuses_without_waiting(backend: Pkcs11
 def test_the_rerun_in_the_same_context_waits_for_the_lock(backend: Pkcs11Backend) -> None:
     label = _new_key(backend)
     ctx = contextvars.copy_context()
-    with _Held(backend) as held:
+    with _held(backend) as held:
         with pytest.raises(nowait.WouldBlock):
             ctx.run(nowait.attempt, backend.encrypt, label, b"x", AAD)
         threading.Timer(0.2, held.release.set).start()
