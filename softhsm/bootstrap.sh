@@ -4,12 +4,15 @@
 #     postgresql (the server the metadata tests start as the `postgres` user; the service itself
 #     needs one only when `[metadata] url` names a PostgreSQL database, usually on another host)
 #     and wrk (the benchmark's C load generator, whose phase the benchmark smoke test runs)
-#     and chromium (the browser the web console's Playwright tests drive by its path)
+#     and chromium (the browser the web console's Playwright tests drive by its path);
+#     with `test` or `shim` also gcc, libc6-dev and libp11-kit-dev (PKCS#11 header), to build
+#   - the CloudHSM stand-in PKCS#11 module (softhsm/cloudhsm-shim/build.sh), with `test` or `shim`
 #   - a virtualenv at .venv with hsmbridge installed editable (plus test tools with `test`)
 # Idempotent and quiet when everything is already there; safe with no standard input (CI).
 #
 #   bash softhsm/bootstrap.sh          # runtime only
-#   bash softhsm/bootstrap.sh test     # runtime + test/lint tools
+#   bash softhsm/bootstrap.sh test     # runtime + test/lint tools + the CloudHSM stand-in
+#   bash softhsm/bootstrap.sh shim     # runtime + the CloudHSM stand-in (`init --hsm cloudhsm-shim`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-}
@@ -26,6 +29,10 @@ fi
 if [ "$extras" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
     need_apt+=(chromium)  # tests/console drive it with Playwright (no browser download)
 fi
+if [ "$extras" = "test" ] || [ "$extras" = "shim" ]; then
+    command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+    [ -f /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || need_apt+=(libp11-kit-dev)
+fi
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need_apt+=(python3-venv)
@@ -39,6 +46,9 @@ fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
+fi
+if [ "$extras" = "test" ] || [ "$extras" = "shim" ]; then
+    sh softhsm/cloudhsm-shim/build.sh >/dev/null
 fi
 spec="."
 [ "$extras" = "test" ] && spec=".[test]"
