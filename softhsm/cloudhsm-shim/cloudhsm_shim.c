@@ -60,7 +60,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -916,14 +915,17 @@ static CK_RV shim_GetObjectSize(CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b, CK_ULON
 
 /* ---- loading ------------------------------------------------------------------------------ */
 
+/* dlopen a copy of `path` under a unique name (the loader shares a library that has the same name
+ * or file as one already loaded); the copy is unlinked at once, its mapping stays. */
 static void *open_private_copy(const char *path) {
+    const char *tmp = getenv("TMPDIR");
+    char name[PATH_MAX];
+    snprintf(name, sizeof name, "%s/cloudhsm-shim-target-XXXXXX", tmp && tmp[0] ? tmp : "/tmp");
     int in = open(path, O_RDONLY | O_CLOEXEC);
-    int copy = memfd_create("cloudhsm-shim-target", MFD_CLOEXEC);
-    if (in < 0 || copy < 0) {
+    int copy = in >= 0 ? mkostemp(name, O_CLOEXEC) : -1;
+    if (copy < 0) {
         if (in >= 0)
             close(in);
-        if (copy >= 0)
-            close(copy);
         return dlopen(path, RTLD_NOW | RTLD_LOCAL);
     }
     char buf[1 << 16];
@@ -934,13 +936,9 @@ static void *open_private_copy(const char *path) {
             break;
         }
     close(in);
-    void *handle = NULL;
-    if (n == 0) {
-        char name[64];
-        snprintf(name, sizeof name, "/proc/self/fd/%d", copy);
-        handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-    }
-    close(copy); /* the mapping keeps the library alive */
+    close(copy);
+    void *handle = n == 0 ? dlopen(name, RTLD_NOW | RTLD_LOCAL) : NULL;
+    unlink(name);
     return handle != NULL ? handle : dlopen(path, RTLD_NOW | RTLD_LOCAL);
 }
 
