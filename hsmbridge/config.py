@@ -20,7 +20,7 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -290,11 +290,16 @@ def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterB
         cluster_id = _get(entry, "cluster_id", str, here)
         profile = _get(entry, "profile", str, here)
         token_label = _get(entry, "token_label", str, here, None)
+        # The vendor's library installed somewhere else, or a stand-in for it (the CloudHSM
+        # stand-in over SoftHSM2 that CI runs the `cloudhsm` profile through).
+        module_path = _get(entry, "module_path", str, here, None)
         try:
             loaded = load_profile(resolve_profile_path(profile, base), token_label)
         except ConfigError as exc:
             # The profile's own errors name only the profile file; say which setting led there.
             raise ConfigError(f"{here}: 'profile' {profile!r}: {exc}") from None
+        if module_path is not None:
+            loaded = replace(loaded, module_path=str(base / module_path))
         clusters[cluster_id] = ClusterBinding(cluster_id, loaded)
     return clusters
 

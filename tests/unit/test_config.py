@@ -77,6 +77,23 @@ def test_good_config_resolves_relative_paths_and_profiles(tmp_path: Path) -> Non
     assert cloudhsm.iv_policy is IvPolicy.HSM_ZERO_BUFFER
 
 
+def test_a_cluster_may_name_its_own_module_path(tmp_path: Path) -> None:
+    """The vendor's library installed elsewhere, or a stand-in for it; relative to the file."""
+    entry = (
+        '[[clusters]]\ncluster_id = "cluster-abcdefghijk"\nprofile = "cloudhsm"\n'
+        'module_path = "lib/libcloudhsm-shim.so"\n'
+        '[[clusters]]\ncluster_id = "cluster-bcdefghijkl"\nprofile = "cloudhsm"\n'
+    )
+    s = load_settings(write(tmp_path, SERVICE + INVENTORY + entry))
+    moved, stock = s.binding("cluster-abcdefghijk"), s.binding("cluster-bcdefghijkl")
+    assert moved is not None
+    assert stock is not None
+    assert moved.profile.module_path == str(tmp_path / "lib" / "libcloudhsm-shim.so")
+    assert stock.profile.module_path == "/opt/cloudhsm/lib/libcloudhsm_pkcs11.so"
+    assert moved.profile.token_label is None  # CloudHSM: the first slot with a token
+    assert moved.profile.login_pin("pw12345") == "kmsuser:pw12345"  # the rest is the profile's
+
+
 # (config text, words the ConfigError must contain besides the file's path)
 BAD_CONFIGS = [
     ("[service\nregion=", ["not valid TOML"]),
