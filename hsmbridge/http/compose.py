@@ -82,10 +82,13 @@ def _on_event(audit: AuditSink, metrics: Metrics) -> Callable[[ApiEvent], None]:
 
 
 def _inline_operations(settings: Settings) -> frozenset[str]:
-    """The operations tried on the event loop first: the cryptographic ones, when enabled and
-    the metadata is a local SQLite file (PostgreSQL reads cross the network). Whether a store's
-    HSM may be called there is its profile's `inline_calls` (the backend refuses otherwise)."""
+    """The operations tried on the event loop first: the cryptographic ones, when enabled, the
+    metadata is a local SQLite file (PostgreSQL reads cross the network) and some cluster's
+    profile allows `inline_calls`. Whether one store's HSM may be called there is its profile's
+    business (the backend refuses otherwise); with none that may, no request is tried inline."""
     if not settings.inline_hsm_calls or settings.metadata_db is None:
+        return frozenset()
+    if not any(binding.profile.inline_calls for binding in settings.clusters.values()):
         return frozenset()
     return INLINE_OPERATIONS
 
