@@ -38,8 +38,10 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -147,12 +149,50 @@ _LIBRARIES: dict[str, Library] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
+def _failed_search_echo(exc: BaseException | None, tb: Any) -> bool:
+    """Is this python-pkcs11 finalising a search whose C_FindObjectsInit failed?"""
+    if not isinstance(exc, pkcs11.exceptions.OperationNotInitialized):
+        return False
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    return any("SearchIter._finalize" in frame.name for frame in frames)
+
+
+def _quiet_failed_search_finalizer() -> None:
+    """Keep python-pkcs11's cleanup of a failed search out of stderr.
+
+    When C_FindObjectsInit fails (CloudHSM answers CKR_FUNCTION_FAILED when it throttles), the
+    search object python-pkcs11 made stays marked active, and when it is collected its finaliser
+    calls C_FindObjectsFinal on a search that never started: CKR_OPERATION_NOT_INITIALIZED,
+    printed twice as a traceback on stderr (Cython prints it through sys.excepthook, then reports
+    it to sys.unraisablehook). The failure itself was raised and handled where it happened; only
+    this echo of it is dropped, at debug level. Anything else goes to the hooks installed before.
+    """
+    previous_unraisable = sys.unraisablehook
+    previous_except = sys.excepthook
+
+    def unraisable_hook(unraisable: Any) -> None:
+        if _failed_search_echo(unraisable.exc_value, unraisable.exc_traceback):
+            log.debug("ignored the finaliser of a failed PKCS#11 search")
+            return
+        previous_unraisable(unraisable)
+
+    def except_hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if _failed_search_echo(value, tb):
+            return
+        previous_except(kind, value, tb)
+
+    sys.unraisablehook = unraisable_hook
+    sys.excepthook = except_hook
+
+
 def load_library(path: str) -> Library:
     """The process-wide `Library` for a module path; HsmUnreachableError if it will not load."""
     with _LIBRARIES_LOCK:
         library = _LIBRARIES.get(path)
         if library is not None:
             return library
+        if not _LIBRARIES:
+            _quiet_failed_search_finalizer()
         if not os.path.isfile(path):
             raise HsmUnreachableError(
                 f"PKCS#11 module {path} does not exist; install the HSM client or fix module_path"
