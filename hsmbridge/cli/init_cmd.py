@@ -1,4 +1,5 @@
-"""`hsmbridge init --data-dir DIR`: a complete local environment on SoftHSM2, idempotently.
+"""`hsmbridge init --data-dir DIR`: a complete local environment on SoftHSM2 (or on the CloudHSM
+stand-in over it), idempotently.
 
 Owns: writing the demo environment; what it writes, file by file, is `DESCRIPTION` (the command's
 `--help`).
@@ -36,10 +37,15 @@ DEFAULT_ACCOUNT = "111122223333"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PORT = 4599
 _ALNUM = string.ascii_letters + string.digits
+HSM_CHOICES = ("softhsm2", "cloudhsm-shim")
+SHIM_CONF = "cloudhsm-shim.conf"
 
 DESCRIPTION = """\
 Set up a complete local environment in DIR on SoftHSM2, then create the custom key store
 ExampleKeyStore on the demo cluster and connect it. Running it again reuses everything that exists.
+With --hsm cloudhsm-shim the cluster is reached through the CloudHSM stand-in instead: a PKCS#11
+module (built from softhsm/cloudhsm-shim/) that behaves like AWS CloudHSM's SDK 5 library over the
+same SoftHSM2 token, and the `cloudhsm` profile.
 
 files written in DIR:
   hsmbridge.toml    the configuration every command takes with --config
@@ -51,6 +57,10 @@ files written in DIR:
   customerCA.crt    the trust anchor that signed the demo cluster certificate
   kmsuser.password  (0600) the demo kmsuser password (the token's user PIN)
   softhsm-so.pin    (0600) the token's security-officer PIN, for resetting kmsuser's password
+  cloudhsm-shim.conf, cloudhsm-shim-state/  (--hsm cloudhsm-shim) the stand-in's settings and
+                    its record of failed and current logins; writing `throttle_rate = 0.2`,
+                    `latency_ms = 50`, `down = 1` or `key_availability_fails = 1` into
+                    cloudhsm-shim.faults injects CloudHSM's failures while the service runs
   credentials       (0600) AWS shared-credentials file: the local principal for the HTTP API
   iam/ACCOUNT.json  (0600) the account's IAM, in `aws iam get-account-authorization-details`
                     shape: the demo administrator may do everything; add users, groups, roles
@@ -101,6 +111,14 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="where the metadata lives, written to hsmbridge.toml: postgresql://... or "
         "sqlite:///PATH (default: SQLite in DIR)",
     )
+    p.add_argument(
+        "--hsm",
+        choices=HSM_CHOICES,
+        default="softhsm2",
+        help="softhsm2 (default): the token through SoftHSM2 itself; cloudhsm-shim: through the "
+        "CloudHSM stand-in, with the `cloudhsm` profile (needs a C compiler: bash "
+        "softhsm/bootstrap.sh shim)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -149,6 +167,31 @@ def _token(data: Path, cluster_id: str, password: str) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+def _shim(data: Path, cluster_id: str) -> Path:
+    """Build the CloudHSM stand-in (if not built yet) and write its settings; its library."""
+    build = _softhsm_dir() / "cloudhsm-shim" / "build.sh"
+    done = subprocess.run(["sh", str(build)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(
+            f"cannot build the CloudHSM stand-in ({why[0]}); run `bash softhsm/bootstrap.sh "
+            "shim` first, which installs a C compiler and the PKCS#11 header"
+        )
+    conf = data / SHIM_CONF
+    if not conf.exists():
+        conf.write_text(
+            "# The CloudHSM stand-in's settings (softhsm/cloudhsm-shim/cloudhsm_shim.c).\n"
+            "target = /usr/lib/softhsm/libsofthsm2.so\n"
+            "state_dir = cloudhsm-shim-state\n"
+            f"token_label = {cluster_id}\n"
+            "# CloudHSM locks a crypto user after 5 failed logins in a row.\n"
+            "lockout_threshold = 5\n"
+            "faults = cloudhsm-shim.faults\n",
+            encoding="utf-8",
+        )
+    return Path(done.stdout.strip())
 
 
 def _credentials(data: Path, account: str, region: str) -> tuple[str, str, str, bool]:
@@ -204,11 +247,25 @@ def _metadata_table(url: str | None) -> str:
 
 
 def _config(
-    data: Path, cluster_id: str, region: str, account: str, port: int, *, metadata: str | None
+    data: Path,
+    cluster_id: str,
+    region: str,
+    account: str,
+    port: int,
+    *,
+    metadata: str | None,
+    shim: Path | None,
 ) -> Path:
     path = data / "hsmbridge.toml"
     if path.exists():
         return path
+    if shim is None:
+        hsm_env, binding = "", f'profile = "softhsm2"\ntoken_label = "{cluster_id}"\n'
+    else:
+        # Like a real CloudHSM cluster: one slot, no token label to name (the stand-in shows
+        # only this cluster's token).
+        hsm_env = f'HSMBRIDGE_SHIM_CONF = "{SHIM_CONF}"\n'
+        binding = f'profile = "cloudhsm"\nmodule_path = {json.dumps(str(shim))}\n'
     text = (
         "# Written by `hsmbridge init`; see hsmbridge/cli/init_cmd.py for every file here.\n"
         "[service]\n"
@@ -221,11 +278,11 @@ def _config(
         'provider = "static"\n'
         'path = "clusters.json"\n\n'
         "[hsm.env]\n"
-        'SOFTHSM2_CONF = "softhsm2.conf"\n\n'
+        'SOFTHSM2_CONF = "softhsm2.conf"\n'
+        f"{hsm_env}\n"
         "[[clusters]]\n"
         f'cluster_id = "{cluster_id}"\n'
-        'profile = "softhsm2"\n'
-        f'token_label = "{cluster_id}"\n'
+        f"{binding}"
     )
     # WARNING: a metadata URL with a password makes the configuration a secret file.
     secret = metadata is not None and mask_url(metadata) != metadata
@@ -288,8 +345,15 @@ def run(args: argparse.Namespace) -> int:
     _token(data, cluster_id, password)
     akid, secret, admin_arn, created = _credentials(data, args.account_id, args.region)
     iam = _iam(data, args.account_id, admin_arn)
+    shim = _shim(data, cluster_id) if args.hsm == "cloudhsm-shim" else None
     config = _config(
-        data, cluster_id, args.region, args.account_id, args.port, metadata=args.metadata_url
+        data,
+        cluster_id,
+        args.region,
+        args.account_id,
+        args.port,
+        metadata=args.metadata_url,
+        shim=shim,
     )
     store_id, state = _store(config, cluster_id, anchor, password)
     settings = load_settings(config)
@@ -299,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"hsmbridge environment ready in {data}")
     print(f"  config:            {config}")
     print(f"  IAM:               {iam}")
-    print(f"  cluster:           {cluster_id} (SoftHSM2 token, 2 ACTIVE HSMs in 2 AZs)")
+    hsm = "SoftHSM2 token" if shim is None else "CloudHSM stand-in over a SoftHSM2 token"
+    print(f"  cluster:           {cluster_id} ({hsm}, 2 ACTIVE HSMs in 2 AZs)")
     print(f"  custom key store:  {store_id} ({STORE_NAME}, {state})")
     print(f"  endpoint:          http://{settings.listen_host}:{settings.listen_port}")
     if created:  # the secret is shown once, when it is made; later runs say where it is

@@ -28,6 +28,7 @@ from botocore.config import Config
 
 from hsmbridge import bootstrap
 from hsmbridge.config import load_settings
+from tests.cloudhsm_shim import run_hsm
 from tests.reliability import consistency
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,10 +104,12 @@ class InitEnv:
         return report
 
 
-def init_env(root: Path, metadata_url: str | None = None) -> InitEnv:
+def init_env(root: Path, metadata_url: str | None = None, hsm: str | None = None) -> InitEnv:
     """`hsmbridge init --data-dir root`; with `metadata_url` (postgresql://...) the metadata
-    lives in that database (`--metadata-url`), so several servers may share the environment."""
+    lives in that database (`--metadata-url`), so several servers may share the environment.
+    `hsm` is init's `--hsm` (default: the run's, HSMBRIDGE_TEST_HSM)."""
     argv = [sys.executable, "-m", "hsmbridge", "init", "--data-dir", str(root)]
+    argv += ["--hsm", hsm or run_hsm()]
     if metadata_url is not None:
         argv += ["--metadata-url", metadata_url]
     subprocess.run(
@@ -132,7 +135,9 @@ def init_env(root: Path, metadata_url: str | None = None) -> InitEnv:
         root=root,
         config=config,
         store_id=store.store.store_id,
-        token_label=doc["clusters"][0]["token_label"],
+        # The CloudHSM stand-in shows one slot, the cluster's, so no token label is configured:
+        # the token is labelled with the cluster id.
+        token_label=doc["clusters"][0].get("token_label", doc["clusters"][0]["cluster_id"]),
         password=(root / "kmsuser.password").read_text().strip(),
         access_key=creds["aws_access_key_id"],
         secret_key=creds["aws_secret_access_key"],

@@ -1,0 +1,56 @@
+"""The CloudHSM stand-in (softhsm/cloudhsm-shim/) for tests: built once, configured per run.
+
+`HSMBRIDGE_TEST_HSM=cloudhsm-shim` makes every test token of the run a cluster reached through the
+stand-in with the `cloudhsm` profile (tests/conftest.py `softhsm_env`); tests of the stand-in
+itself use `shim_conf` to write settings of their own. The stand-in reads its settings file when
+it initialises, so a process keeps the settings it started with: in-process tests share the
+run's file, subprocesses may be given another one through `HSMBRIDGE_SHIM_CONF`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Final
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "softhsm" / "cloudhsm-shim" / "build.sh"
+STAND_IN_CLI = REPO / "softhsm" / "cloudhsm-shim" / "cloudhsm-cli"
+TEST_HSM_ENV: Final = "HSMBRIDGE_TEST_HSM"
+HSMS: Final = ("softhsm2", "cloudhsm-shim")
+
+
+def run_hsm() -> str:
+    """Which HSM this run's tokens are reached through."""
+    hsm = os.environ.get(TEST_HSM_ENV, "softhsm2")
+    if hsm not in HSMS:
+        raise ValueError(f"{TEST_HSM_ENV} must be one of {', '.join(HSMS)}, got {hsm!r}")
+    return hsm
+
+
+def build_shim() -> Path:
+    """The stand-in's library, built from source if it is not built yet."""
+    done = subprocess.run(["sh", str(BUILD)], capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip())
+
+
+def shim_conf(
+    directory: Path,
+    *,
+    token_label: str | None = None,
+    lockout_threshold: int = 5,
+    faults: str = "",
+) -> Path:
+    """Write a settings file for the stand-in in `directory`: state in directory/state, faults
+    read from directory/faults (written now with `faults`). No token label: every slot shows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "faults").write_text(faults)
+    conf = directory / "cloudhsm-shim.conf"
+    conf.write_text(
+        "state_dir = state\n"
+        "faults = faults\n"
+        f"lockout_threshold = {lockout_threshold}\n"
+        + (f"token_label = {token_label}\n" if token_label else "")
+    )
+    return conf
