@@ -24,6 +24,7 @@ import pytest
 
 from hsmbridge.config import ClusterBinding, HsmProfile, builtin_profile, load_profile
 from tests.callers import ADMIN
+from tests.cloudhsm_shim import build_shim, run_hsm, shim_conf
 from tests.fake_hsm import FakeHsm
 from tests.harness import SOFTHSM2_PROFILE, KmsEnv, build_env
 from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
@@ -75,7 +76,7 @@ def softhsm_env(
     conf.write_text(template.replace("@TOKENDIR@", str(tokens)))
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before any pkcs11.lib() of SoftHSM in this process
-    env = SoftHsmEnv(conf=conf, profile=load_profile(builtin_profile("softhsm2")))
+    env = SoftHsmEnv(conf=conf, profile=_run_profile(base))
     start = time.perf_counter()
     for i in range(TOKEN_STOCK):
         # Equal-length labels: pkcs11-tool --token-label matches a prefix, so "hsmb-test-10"
@@ -89,6 +90,15 @@ def softhsm_env(
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
         os.environ["SOFTHSM2_CONF"] = previous
+
+
+def _run_profile(base: Path) -> HsmProfile:
+    """SoftHSM2 itself, or with HSMBRIDGE_TEST_HSM=cloudhsm-shim the `cloudhsm` profile through
+    the CloudHSM stand-in over the same tokens."""
+    if run_hsm() == "softhsm2":
+        return load_profile(builtin_profile("softhsm2"))
+    os.environ["HSMBRIDGE_SHIM_CONF"] = str(shim_conf(base / "cloudhsm-shim"))
+    return replace(load_profile(builtin_profile("cloudhsm")), module_path=str(build_shim()))
 
 
 _cluster_ids = itertools.count(1)

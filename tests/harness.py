@@ -182,14 +182,15 @@ def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
 
 
 def _profile_file(root: Path, binding: ClusterBinding) -> Path:
-    """The stock SoftHSM2 profile, or a copy naming the binding's module when a test loads the
-    module from another path (a private copy is a separate library in this process)."""
-    stock = SOFTHSM2_PROFILE
+    """The binding's stock profile, or a copy naming the binding's module when a test loads the
+    module from another path (a private copy is a separate library in this process; the
+    `cloudhsm` profile runs through the CloudHSM stand-in)."""
+    stock = builtin_profile(binding.profile.name)
     text = stock.read_text()
     module = binding.profile.module_path
     if f'module_path = "{module}"' in text:
         return stock
-    private = root / "softhsm2-profile.toml"
+    private = root / f"{binding.profile.name}-profile.toml"
     lines = [
         f'module_path = "{module}"' if line.startswith("module_path") else line
         for line in text.splitlines()

@@ -23,6 +23,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ from hsmbridge.service.keys import CreateKeyRequest
 from hsmbridge.service.kms import KmsService
 from tests import pkcs11_tool
 from tests.callers import ADMIN
-from tests.conftest import SOFTHSM_MODULE
+from tests.conftest import SoftHsmEnv
 from tests.harness import KmsEnv
 from tests.reliability import consistency
 from tests.reliability.faults import (
@@ -52,13 +53,14 @@ pytestmark = pytest.mark.softhsm
 
 
 @pytest.fixture(scope="module")
-def private_module(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A copy of the SoftHSM2 module for this file's environments. Loaded under its own path it
-    is a separate library in this process, with its own C_Initialize state, so the
-    re-initialisations these faults cause never reach the library that other tests' backends
-    (the session-wide e2e server among them) share."""
-    path = tmp_path_factory.mktemp("faults-module") / "libsofthsm2-faults.so"
-    shutil.copy(SOFTHSM_MODULE, path)
+def private_module(softhsm_env: SoftHsmEnv, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A copy of the run's PKCS#11 module (SoftHSM2, or the CloudHSM stand-in) for this file's
+    environments. Loaded under its own path it is a separate library in this process, with its
+    own C_Initialize state, so the re-initialisations these faults cause never reach the library
+    that other tests' backends (the session-wide e2e server among them) share."""
+    module = Path(softhsm_env.profile.module_path)
+    path = tmp_path_factory.mktemp("faults-module") / f"{module.stem}-faults.so"
+    shutil.copy(module, path)
     return str(path)
 
 
@@ -156,14 +158,14 @@ def _reconnect(svc: KmsService, store_id: str) -> None:
 
 
 def test_pkcs11_faults_are_retried_or_surface_as_retryable_errors(
-    kms_env: KmsEnv, caplog: pytest.LogCaptureFixture
+    kms_env: KmsEnv, softhsm_env: SoftHsmEnv, caplog: pytest.LogCaptureFixture
 ) -> None:
     svc, store_id = kms_env.svc, kms_env.store_id
     assert store_id is not None
     injector = Injector(SEED, 0.08, PKCS11_FAULTS)
     module = kms_env.settings.clusters[kms_env.cluster_id].profile.module_path
-    assert module != SOFTHSM_MODULE
-    shared = load_library(SOFTHSM_MODULE)
+    assert module != softhsm_env.profile.module_path
+    shared = load_library(softhsm_env.profile.module_path)
     shared_generation = shared.generation
     caplog.set_level(logging.INFO, logger="hsmbridge")
     with install_library_faults(module, kms_env.token_label, injector) as library:
