@@ -2,15 +2,57 @@
 
 It owns the officer's and the crypto users' side of the shim's user model
 (`cloudhsm_shim.c` next to this file): listing the crypto users (CUs) with their lockout and
-login state, and changing a CU's password - by an admin (SoftHSM2's security officer), which is
-also how a locked CU is unlocked, or by the CU itself. It reads the shim's configuration
-(HSMBRIDGE_SHIM_CONF), talks to the real SoftHSM2 module the shim wraps (`target`), never to the
-shim, and shares the shim's cross-process state under STATE_DIR/<token label>/ with the shim's
-rules: `users`, `failed-logins/<user>`, `logins/<user>.<pid>`, all read and written under an
-exclusive flock of `.lock`. All CUs of a token share SoftHSM2's one user PIN.
+login state, changing a CU's password - by an admin (SoftHSM2's security officer), which is
+also how a locked CU is unlocked, or by the CU itself - and creating and deleting CUs. It reads
+the shim's configuration (HSMBRIDGE_SHIM_CONF), talks to the real SoftHSM2 module the shim wraps
+(`target`), never to the shim, and shares the shim's cross-process state under
+STATE_DIR/<token label>/, all read and written under an exclusive flock of `.lock`, files
+replaced atomically (a temporary file renamed in the same directory, mode 0600):
+
+    users                 one CU a line: `NAME` (passthrough: the CU's password is SoftHSM2's
+                          user PIN of the token, as a fresh cluster has it) or
+                          `NAME SALT_HEX SHA256_HEX` (a password record: hex(SHA-256(SALT ||
+                          NAME || ":" || PASSWORD)), SALT 16 random bytes). Missing: only
+                          kmsuser, passthrough. The first line naming a user counts.
+    token-pin             SoftHSM2's user PIN, the cluster's internal secret (followed by one
+                          newline), which the shim logs in with for a CU that has a record.
+                          Written once, never changed.
+    failed-logins/<user>  failed logins in a row; logins/<user>.<pid>: processes logged in.
+
+Why records: SoftHSM2 reads a token's PIN when a process initialises it, so after a C_SetPIN a
+process that loaded it before goes on accepting the old PIN and refusing the new one. CloudHSM
+checks passwords on the cluster, so a change is seen by every process at once; the shim does
+the same by checking records itself, and a password change writes a record instead of touching
+SoftHSM2's PIN:
+
+  - A CU's own change (CLOUDHSM_PIN=U:OLD) verifies OLD as the shim would (against U's record,
+    or, passthrough, by a SoftHSM2 login in this process; a wrong OLD counts toward lockout
+    like a failed shim login). A passthrough U's OLD is SoftHSM2's PIN: it becomes `token-pin`
+    if there is none yet. Then U gets a record of the new password.
+  - An admin's change (CLOUDHSM_PIN=admin:SO_PIN; the SO PIN is checked by an SO login) writes
+    U's record and clears U's failed logins, which unlocks U. On a cluster without `token-pin`
+    (all CUs passthrough; the admin does not know their PIN) it first re-keys: SoftHSM2's user
+    PIN is set (C_InitPIN) to a random 24-character one kept in `token-pin`, and every other
+    passthrough CU gets a record of a random password (an admin must reset those too). That is
+    the one case where processes that loaded the module before must re-initialise (their
+    SoftHSM2 still has the old PIN; the shim answers them CKR_GENERAL_ERROR);
+    `hsmbridge init --hsm cloudhsm-shim` avoids it by writing `token-pin` and a kmsuser record
+    up front.
 
     cloudhsm-cli user list
-    cloudhsm-cli user change-password --username U --role crypto-user --password NEW
+    cloudhsm-cli user change-password --username U --role crypto-user [--password NEW]
+    cloudhsm-cli user create --username U --role crypto-user [--password NEW]      (admin)
+    cloudhsm-cli user delete --username U --role crypto-user                       (admin)
+
+`--cluster-id ID` (before the command or among its options) names the cluster: the token labelled
+ID, as `hsmbridge init` labels a cluster's token; it must agree with the conf's `token_label`
+if that is set, and is needed if it is not.
+
+Without --password the new password is read from standard input, as the real tool prompts for
+it: its first line, and a second line, if there is one, must repeat it (on a terminal both are
+prompted for). Passwords are 8 to 32 printable characters. `user create` needs `token-pin` (a
+CU with a record); `user delete` and `user change-password` refuse while the user is logged in
+from another process; `user create` refuses an existing user.
 
 Credentials come from CLOUDHSM_ROLE (`admin` or `crypto-user`) and CLOUDHSM_PIN (`name:password`;
 the admin is `admin` with SoftHSM2's SO PIN). Output is JSON on stdout, as the real tool prints
@@ -20,15 +62,19 @@ with exit status 1. No password is ever printed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from pkcs11.types import Session, Token
@@ -41,14 +87,22 @@ MAX_LABEL_BYTES = 32  # CK_TOKEN_INFO.label
 MAX_USER = 31  # the shim's longest user name
 MAX_LOGIN_PIN_BYTES = 128  # the shim's longest "USER:password"
 PASSWORD_MIN, PASSWORD_MAX = 8, 32  # CloudHSM's password rule
+SALT_BYTES = 16  # of a password record
+TOKEN_PIN_CHARS = 24  # of the random SoftHSM2 user PIN an admin re-key sets
 ROLE_ADMIN, ROLE_CU = "admin", "crypto-user"
+USERS_FILE, TOKEN_PIN_FILE = "users", "token-pin"
 USAGE = (
-    "usage: cloudhsm-cli user list | cloudhsm-cli user change-password --username NAME "
-    "--role crypto-user --password NEW (credentials in CLOUDHSM_ROLE=admin|crypto-user and "
+    "usage: cloudhsm-cli [--cluster-id ID] user list | cloudhsm-cli [--cluster-id ID] user "
+    "change-password|create --username NAME --role crypto-user [--password NEW, else read from "
+    "standard input] | cloudhsm-cli [--cluster-id ID] user delete --username NAME --role "
+    "crypto-user (credentials in CLOUDHSM_ROLE=admin|crypto-user and "
     "CLOUDHSM_PIN=name:password)"
 )
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LEADING_INT = re.compile(r"[ \t\n\r\f\v]*([+-]?[0-9]+)")
+_FIELD_SEPARATORS = re.compile(r"[ \t\r]+")  # the shim's strtok(" \t\r\n") on one line
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_secrets_seen: list[str] = []  # passwords read from stdin or drawn here, for scrubbing messages
 
 
 class CliError(Exception):
@@ -78,8 +132,9 @@ class ShimConf:
     lockout_threshold: int
 
 
-def load_conf(environ: Mapping[str, str]) -> ShimConf:
-    """The shim's settings from the file HSMBRIDGE_SHIM_CONF names, parsed as the shim does."""
+def load_conf(environ: Mapping[str, str], cluster_id: str | None = None) -> ShimConf:
+    """The shim's settings from the file HSMBRIDGE_SHIM_CONF names, parsed as the shim does;
+    `cluster_id` (--cluster-id) names the cluster's token when the file does not."""
     path = environ.get("HSMBRIDGE_SHIM_CONF", "")
     if not path:
         raise CliError("HSMBRIDGE_SHIM_CONF is not set: point it at the CloudHSM shim's conf file")
@@ -108,8 +163,17 @@ def load_conf(environ: Mapping[str, str]) -> ShimConf:
             settings[key] = cut.decode("utf-8", errors="ignore")
         elif key == "lockout_threshold":
             threshold = _leading_int(value) or 0
+    if cluster_id is not None:
+        if settings["token_label"] and settings["token_label"] != cluster_id:
+            raise CliError(
+                f"--cluster-id {cluster_id!r} is not the cluster of {path} "
+                f"(token_label = {settings['token_label']!r})"
+            )
+        settings["token_label"] = cluster_id
     if not settings["token_label"]:
-        raise CliError(f"{path} sets no token_label: name the cluster's token there")
+        raise CliError(
+            f"{path} sets no token_label: name the cluster's token there or give --cluster-id"
+        )
     if not settings["state_dir"]:
         raise CliError(
             f"{path} sets no state_dir: without it the shim keeps no shared user state to manage"
@@ -149,6 +213,77 @@ def _process_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def _password_digest(salt: bytes, user: str, password: str) -> bytes:
+    """SHA-256(SALT || NAME || ":" || PASSWORD), over the bytes the shim's C_Login is given."""
+    data = salt + user.encode() + b":" + password.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True)
+class PasswordRecord:
+    salt: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, user: str, password: str) -> PasswordRecord:
+        salt = secrets.token_bytes(SALT_BYTES)
+        return cls(salt, _password_digest(salt, user, password))
+
+    def matches(self, user: str, password: str) -> bool:
+        return hmac.compare_digest(_password_digest(self.salt, user, password), self.digest)
+
+    def line(self, user: str) -> str:
+        return f"{user} {self.salt.hex()} {self.digest.hex()}"
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """A CU as its line of `users` makes it: passthrough, with a record, or a malformed line."""
+
+    kind: Literal["passthrough", "record", "malformed"]
+    record: PasswordRecord | None = None
+
+
+def _hex_bytes(text: str, size: int) -> bytes | None:
+    if len(text) != 2 * size or not _HEX.fullmatch(text):
+        return None
+    return bytes.fromhex(text)
+
+
+def _parse_user_line(line: str) -> tuple[str, UserEntry] | None:
+    """(name, entry) of one line of `users` as the shim's find_user() reads it; None if blank."""
+    fields = [f for f in _FIELD_SEPARATORS.split(line) if f]
+    if not fields:
+        return None
+    if len(fields) == 1:
+        return fields[0], UserEntry("passthrough")
+    if len(fields) == 3:
+        salt, digest = _hex_bytes(fields[1], SALT_BYTES), _hex_bytes(fields[2], 32)
+        if salt is not None and digest is not None:
+            return fields[0], UserEntry("record", PasswordRecord(salt, digest))
+    return fields[0], UserEntry("malformed")
+
+
+def _line_name(line: str) -> str | None:
+    parsed = _parse_user_line(line)
+    return None if parsed is None else parsed[0]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replaces path by a file holding data, mode 0600, through a rename in its directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class ClusterState:
     """STATE_DIR/<token>/ as the shim keeps it; methods other than `locked` expect the lock held."""
 
@@ -170,17 +305,63 @@ class ClusterState:
         finally:
             os.close(fd)  # releases the flock
 
-    def users(self) -> list[str]:
+    def _user_lines(self) -> list[str]:
+        """The lines of `users`; a missing file is the one line `kmsuser`."""
         try:
-            text = (self.root / "users").read_text(encoding="utf-8", errors="replace")
+            text = (self.root / USERS_FILE).read_text(encoding="utf-8", errors="surrogateescape")
         except FileNotFoundError:
             return [DEFAULT_USER]
-        names: list[str] = []
-        for line in text.splitlines():
-            name = _trim(line)
-            if valid_name(name) and name not in names:
-                names.append(name)
-        return names
+        return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+    def entries(self) -> dict[str, UserEntry]:
+        """The CUs in file order; the first line naming one counts, invalid names none."""
+        found: dict[str, UserEntry] = {}
+        for line in self._user_lines():
+            parsed = _parse_user_line(line)
+            if parsed is not None and valid_name(parsed[0]) and parsed[0] not in found:
+                found[parsed[0]] = parsed[1]
+        return found
+
+    def users(self) -> list[str]:
+        return list(self.entries())
+
+    def entry(self, user: str) -> UserEntry:
+        found = self.entries().get(user)
+        if found is None:
+            raise CliError(f"user {user} not found")
+        return found
+
+    def _write_users(self, lines: list[str]) -> None:
+        text = "".join(f"{line}\n" for line in lines)
+        _write_atomically(self.root / USERS_FILE, text.encode("utf-8", "surrogateescape"))
+
+    def set_records(self, records: Mapping[str, PasswordRecord]) -> None:
+        """Each named user's line becomes its record (the first line naming it; appended if none
+        does); every other line stays as it is."""
+        lines, done = self._user_lines(), set()
+        for i, line in enumerate(lines):
+            parsed = _parse_user_line(line)
+            if parsed is not None and parsed[0] in records and parsed[0] not in done:
+                lines[i] = records[parsed[0]].line(parsed[0])
+                done.add(parsed[0])
+        lines.extend(record.line(user) for user, record in records.items() if user not in done)
+        self._write_users(lines)
+
+    def remove_user(self, user: str) -> None:
+        """Every line naming user goes (a later one would name it again)."""
+        kept = [line for line in self._user_lines() if _line_name(line) != user]
+        self._write_users(kept)
+
+    def has_token_pin(self) -> bool:
+        return (self.root / TOKEN_PIN_FILE).exists()
+
+    def write_token_pin(self, pin: str) -> None:
+        """The cluster's SoftHSM2 user PIN; written once: never over an existing one."""
+        if self.has_token_pin():
+            raise CliError(f"{self.root / TOKEN_PIN_FILE} exists already; it is never replaced")
+        _write_atomically(
+            self.root / TOKEN_PIN_FILE, pin.encode("utf-8", "surrogateescape") + b"\n"
+        )
 
     def failures(self, user: str) -> int:
         try:
@@ -194,7 +375,7 @@ class ClusterState:
         if count == 0:
             path.unlink(missing_ok=True)
         else:
-            path.write_text(f"{count}\n")
+            _write_atomically(path, f"{count}\n".encode())
 
     def is_locked(self, user: str) -> bool:
         return self.lockout_threshold > 0 and self.failures(user) >= self.lockout_threshold
@@ -341,9 +522,33 @@ def _check_new_password(user: str, password: str) -> None:
         )
 
 
-def _require_user(state: ClusterState, user: str) -> None:
-    if user not in state.users():
-        raise CliError(f"user {user} not found")
+def _new_password(opts: Mapping[str, str]) -> str:
+    """--password, else standard input: its first line, repeated by the second if there is one
+    (on a terminal, prompted for twice)."""
+    if "--password" in opts:
+        return opts["--password"]
+    if sys.stdin is None:
+        raise CliError("no new password: give --password NEW or write it to standard input")
+    if sys.stdin.isatty():
+        import getpass
+
+        lines = [getpass.getpass("Enter password: "), getpass.getpass("Confirm password: ")]
+    else:
+        lines = sys.stdin.read().split("\n")
+        while lines and not lines[-1]:
+            lines.pop()
+        lines = [line.removesuffix("\r") for line in lines]
+    _secrets_seen.extend(line for line in lines if line)
+    if not lines or not lines[0]:
+        raise CliError("no new password: give --password NEW or write it to standard input")
+    if len(lines) > 2:
+        raise CliError(
+            "standard input has more than two lines: give the new password, then optionally "
+            "the same again"
+        )
+    if len(lines) == 2 and lines[1] != lines[0]:
+        raise CliError("passwords do not match")
+    return lines[0]
 
 
 def _require_logged_out(state: ClusterState, user: str) -> None:
@@ -354,62 +559,162 @@ def _require_logged_out(state: ClusterState, user: str) -> None:
         )
 
 
-def change_password(conf_env: Mapping[str, str], args: Sequence[str]) -> dict[str, str]:
-    opts = _options(args, ("--username", "--role", "--password"))
-    missing = [k for k in ("--username", "--role", "--password") if k not in opts]
+@dataclass(frozen=True)
+class _Request:
+    """A user command's checked arguments and credentials."""
+
+    user: str
+    cluster_id: str | None
+    login_role: str
+    login_name: str
+    password: str  # of the caller: the SO PIN, or the CU's old password
+    new: str | None  # the new password, for commands that set one
+
+
+def _request(
+    environ: Mapping[str, str],
+    args: Sequence[str],
+    cluster_id: str | None,
+    *,
+    new: bool,
+    admin_only: str | None,
+) -> _Request:
+    names = ["--username", "--role", "--cluster-id"] + (["--password"] if new else [])
+    opts = _options(args, names)
+    cluster_id = _one_cluster_id(cluster_id, opts)
+    missing = [k for k in ("--username", "--role") if k not in opts]
     if missing:
         raise CliError(f"missing {', '.join(missing)}; {USAGE}")
-    user, role, new = opts["--username"], opts["--role"], opts["--password"]
+    user, role = opts["--username"], opts["--role"]
     if role != ROLE_CU:
-        raise CliError(f"--role {role!r} is not supported: only crypto-user passwords change here")
-    login_role, login_name, password = _credentials(conf_env)
+        raise CliError(f"--role {role!r} is not supported: only crypto users are managed here")
+    login_role, login_name, password = _credentials(environ)
+    if admin_only is not None and login_role != ROLE_ADMIN:
+        raise CliError(f"only an admin may {admin_only} (CLOUDHSM_ROLE=admin)")
     if login_role == ROLE_CU and login_name != user:
         raise CliError(
             f"crypto user {login_name} may change only its own password, not {user}'s; "
             "an admin changes another user's password"
         )
-    _check_new_password(user, new)
-    conf = load_conf(conf_env)
+    new_password = _new_password(opts) if new else None
+    if new_password is not None:
+        _check_new_password(user, new_password)
+    return _Request(user, cluster_id, login_role, login_name, password, new_password)
+
+
+def _one_cluster_id(leading: str | None, opts: Mapping[str, str]) -> str | None:
+    if leading is not None and "--cluster-id" in opts:
+        raise CliError(f"--cluster-id given twice; {USAGE}")
+    return opts.get("--cluster-id", leading)
+
+
+def _cluster(environ: Mapping[str, str], cluster_id: str | None) -> tuple[Token, ClusterState]:
+    conf = load_conf(environ, cluster_id)
     token, name = find_token(conf)
-    state = ClusterState(Path(conf.state_dir) / name, conf.lockout_threshold)
-    if login_role == ROLE_ADMIN:
-        _admin_change(token, state, user, password, new)
+    return token, ClusterState(Path(conf.state_dir) / name, conf.lockout_threshold)
+
+
+def change_password(
+    environ: Mapping[str, str], args: Sequence[str], cluster_id: str | None = None
+) -> dict[str, str]:
+    req = _request(environ, args, cluster_id, new=True, admin_only=None)
+    assert req.new is not None
+    token, state = _cluster(environ, req.cluster_id)
+    if req.login_role == ROLE_ADMIN:
+        _admin_change(token, state, req.user, req.password, req.new)
     else:
-        _self_change(token, state, user, password, new)
-    return {"username": user, "role": ROLE_CU}
+        _self_change(token, state, req.user, req.password, req.new)
+    return {"username": req.user, "role": ROLE_CU}
+
+
+def create_user(
+    environ: Mapping[str, str], args: Sequence[str], cluster_id: str | None = None
+) -> dict[str, str]:
+    req = _request(environ, args, cluster_id, new=True, admin_only="create users")
+    assert req.new is not None
+    if not valid_name(req.user):
+        raise CliError(
+            f"invalid user name {req.user!r}: 1 to {MAX_USER} of A-Z a-z 0-9 _ . -, not "
+            "starting with '.'"
+        )
+    token, state = _cluster(environ, req.cluster_id)
+    with state.locked(), _so_session(token, req.password):
+        if req.user in state.entries():
+            raise CliError(f"user {req.user} already exists")
+        if not state.has_token_pin():
+            raise CliError(
+                "the cluster still uses SoftHSM2's PIN for its users; reset a user's password "
+                "as admin first"
+            )
+        state.set_records({req.user: PasswordRecord.of(req.user, req.new)})
+        state.set_failures(req.user, 0)  # a count left by an earlier user of that name
+    return {"username": req.user, "role": ROLE_CU}
+
+
+def delete_user(
+    environ: Mapping[str, str], args: Sequence[str], cluster_id: str | None = None
+) -> dict[str, str]:
+    req = _request(environ, args, cluster_id, new=False, admin_only="delete users")
+    token, state = _cluster(environ, req.cluster_id)
+    with state.locked(), _so_session(token, req.password):
+        state.entry(req.user)
+        _require_logged_out(state, req.user)
+        state.remove_user(req.user)
+        state.set_failures(req.user, 0)
+    return {"username": req.user, "role": ROLE_CU}
+
+
+@contextmanager
+def _so_session(token: Token, so_pin: str) -> Iterator[Session]:
+    """A session logged in as the security officer (the admin), closed afterwards."""
+    from pkcs11.exceptions import PinIncorrect, PinLenRange, PinLocked, PKCS11Error
+
+    try:
+        session = _login(token, so_pin=so_pin)
+    except (PinIncorrect, PinLenRange):
+        raise CliError(f"admin login failed: incorrect password for {ADMIN_NAME}") from None
+    except PinLocked:
+        raise CliError(f"admin {ADMIN_NAME} is locked on the HSM") from None
+    except PKCS11Error as exc:
+        raise _hsm_error(f"logging in as {ADMIN_NAME}", exc) from None
+    try:
+        yield session
+    finally:
+        _close(session)
 
 
 def _admin_change(token: Token, state: ClusterState, user: str, so_pin: str, new: str) -> None:
-    """C_InitPIN as the security officer, then the user's failed logins reset (an unlock)."""
-    from pkcs11.exceptions import PinIncorrect, PinLenRange, PinLocked, PKCS11Error
+    """The user's record of `new`, and its failed logins reset (an unlock); on a cluster without
+    token-pin, SoftHSM2's user PIN re-keyed first (C_InitPIN as the officer)."""
+    from pkcs11.exceptions import PKCS11Error
 
-    with state.locked():
-        try:
-            session = _login(token, so_pin=so_pin)
-        except (PinIncorrect, PinLenRange):
-            raise CliError(f"admin login failed: incorrect password for {ADMIN_NAME}") from None
-        except PinLocked:
-            raise CliError(f"admin {ADMIN_NAME} is locked on the HSM") from None
-        except PKCS11Error as exc:
-            raise _hsm_error(f"logging in as {ADMIN_NAME}", exc) from None
-        try:
-            _require_user(state, user)
-            _require_logged_out(state, user)
+    with state.locked(), _so_session(token, so_pin) as session:
+        state.entry(user)
+        _require_logged_out(state, user)
+        records = {user: PasswordRecord.of(user, new)}
+        if not state.has_token_pin():
+            # Passthrough: every CU's password is SoftHSM2's user PIN, which the admin does not
+            # know. A random one becomes the cluster's; the other passthrough CUs, whose
+            # password it was, get records nobody knows (an admin must reset them too).
+            internal = secrets.token_urlsafe(TOKEN_PIN_CHARS * 3 // 4)  # 4 chars per 3 bytes
+            _secrets_seen.append(internal)
             try:
-                session.init_pin(new)
+                session.init_pin(internal)
             except PKCS11Error as exc:
-                raise _hsm_error(f"setting {user}'s password", exc) from None
-            state.set_failures(user, 0)
-        finally:
-            _close(session)
+                raise _hsm_error("re-keying the token's user PIN", exc) from None
+            state.write_token_pin(internal)
+            for other, entry in state.entries().items():
+                if other != user and entry.kind == "passthrough":
+                    records[other] = PasswordRecord.of(other, secrets.token_urlsafe(24))
+        state.set_records(records)
+        state.set_failures(user, 0)
 
 
 def _self_change(token: Token, state: ClusterState, user: str, old: str, new: str) -> None:
-    """A user login counted as the shim counts it, then C_SetPIN(old, new)."""
-    from pkcs11.exceptions import PinIncorrect, PinLenRange, PKCS11Error
-
+    """`old` checked as the shim checks it, a failure counted as the shim counts it; then the
+    user's record of `new` (and a passthrough user's `old`, SoftHSM2's PIN, as token-pin)."""
     with state.locked():
-        _require_user(state, user)
+        entry = state.entry(user)
         failures = state.failures(user)
         if state.is_locked(user):
             raise CliError(
@@ -417,9 +722,15 @@ def _self_change(token: Token, state: ClusterState, user: str, old: str, new: st
                 "its password (user change-password with CLOUDHSM_ROLE=admin)"
             )
         _require_logged_out(state, user)
-        try:
-            session = _login(token, user_pin=old)
-        except (PinIncorrect, PinLenRange):
+        if entry.kind == "malformed":
+            raise CliError(
+                f"the users file has a malformed line for {user}: an admin must reset its password"
+            )
+        if entry.record is not None:
+            right = entry.record.matches(user, old)
+        else:
+            right = _softhsm_user_login(token, user, old)
+        if not right:
             failures += 1
             state.set_failures(user, failures)
             threshold = state.lockout_threshold
@@ -427,21 +738,30 @@ def _self_change(token: Token, state: ClusterState, user: str, old: str, new: st
                 raise CliError(
                     f"incorrect password for user {user}; {user} is now locked after "
                     f"{failures} failed logins: an admin must reset its password"
-                ) from None
+                )
             plural = "" if failures == 1 else "s"
             left = f", {threshold - failures} left before lockout" if threshold > 0 else ""
             raise CliError(
                 f"incorrect password for user {user} ({failures} failed login{plural}{left})"
-            ) from None
-        except PKCS11Error as exc:
-            raise _hsm_error(f"logging in as {user}", exc) from None
+            )
         state.set_failures(user, 0)
-        try:
-            session.set_pin(old, new)
-        except PKCS11Error as exc:
-            raise _hsm_error(f"changing {user}'s password", exc) from None
-        finally:
-            _close(session)
+        if entry.kind == "passthrough" and not state.has_token_pin():
+            state.write_token_pin(old)  # verified: it is SoftHSM2's user PIN
+        state.set_records({user: PasswordRecord.of(user, new)})
+
+
+def _softhsm_user_login(token: Token, user: str, pin: str) -> bool:
+    """Whether SoftHSM2 takes `pin` as its user PIN (a login in this fresh process)."""
+    from pkcs11.exceptions import PinIncorrect, PinLenRange, PKCS11Error
+
+    try:
+        session = _login(token, user_pin=pin)
+    except (PinIncorrect, PinLenRange):
+        return False
+    except PKCS11Error as exc:
+        raise _hsm_error(f"logging in as {user}", exc) from None
+    _close(session)
+    return True
 
 
 def _close(session: Session) -> None:
@@ -455,18 +775,29 @@ def _close(session: Session) -> None:
 
 
 def run(args: Sequence[str], environ: Mapping[str, str]) -> Any:
-    match list(args):
-        case ["user", "list"]:
-            return user_list(load_conf(environ))
+    args = list(args)
+    cluster_id = None  # `--cluster-id ID` before the command, or among its options
+    if args and args[0].partition("=")[0] == "--cluster-id":
+        width = 1 if "=" in args[0] else 2
+        cluster_id = _options(args[:width], ("--cluster-id",))["--cluster-id"]
+        args = args[width:]
+    match args:
+        case ["user", "list", *rest]:
+            opts = _options(rest, ("--cluster-id",))
+            return user_list(load_conf(environ, _one_cluster_id(cluster_id, opts)))
         case ["user", "change-password", *rest]:
-            return change_password(environ, rest)
+            return change_password(environ, rest, cluster_id)
+        case ["user", "create", *rest]:
+            return create_user(environ, rest, cluster_id)
+        case ["user", "delete", *rest]:
+            return delete_user(environ, rest, cluster_id)
         case _:
             raise CliError(USAGE)
 
 
 def _secrets(args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
     """Every string that may be a password, for scrubbing from messages."""
-    found = [environ.get("CLOUDHSM_PIN", "").partition(":")[2]]
+    found = [environ.get("CLOUDHSM_PIN", "").partition(":")[2], *_secrets_seen]
     for i, arg in enumerate(args):
         if arg == "--password" and i + 1 < len(args):
             found.append(args[i + 1])

@@ -12,6 +12,23 @@
  *     locked (CKR_PIN_LOCKED, no attempt reaches the HSM) until an officer resets its password
  *     (the stand-in `cloudhsm-cli` next to this file). Officer logins (CKU_SO) are refused:
  *     CloudHSM's PKCS#11 library serves crypto users only.
+ *   - Crypto users' passwords are the cluster's, as on CloudHSM, where a change is seen by every
+ *     process at once. SoftHSM2 cannot do that with its user PIN: a process keeps the PIN it read
+ *     at C_Initialize, accepting the old one and refusing the new one after a change until it
+ *     re-initialises. So a user is one of two kinds (a line of the cluster's `users` file):
+ *       "NAME"                      passthrough: the password is SoftHSM2's user PIN, given to
+ *                                   SoftHSM2's C_Login as it is (the form of a fresh cluster);
+ *       "NAME SALT_HEX SHA256_HEX"  a password record: SHA256_HEX = hex(SHA-256(SALT || NAME ||
+ *                                   ":" || password)), SALT 16 random bytes. The shim computes the
+ *                                   digest with the real module (C_Digest on the caller's
+ *                                   session, which needs no login) and compares in constant time:
+ *                                   a mismatch counts a failure and answers CKR_PIN_INCORRECT
+ *                                   without reaching SoftHSM2's C_Login; a match logs in to
+ *                                   SoftHSM2 with the cluster's own PIN from `token-pin`.
+ *     `token-pin` is written once (by cloudhsm-cli, or `hsmbridge init`) and never changed, so no
+ *     process's copy of SoftHSM2 goes stale; a missing or refused token-pin, or a malformed line,
+ *     answers CKR_GENERAL_ERROR with a line on stderr and counts no failure. (The one re-keying
+ *     is an admin reset on a cluster that has no token-pin yet: see cloudhsm_cli.py.)
  *   - Each process logged in as a user is recorded, so a password change can see that the user
  *     is logged in elsewhere.
  *   - AES-GCM encryption ignores the caller's IV: pIv must point at 12 zero bytes; the HSM draws
@@ -30,8 +47,15 @@
  * Configuration: the file named by HSMBRIDGE_SHIM_CONF ("key = value" lines, read at
  * C_Initialize; relative paths are relative to the file):
  *   target            the real module (default /usr/lib/softhsm/libsofthsm2.so)
- *   state_dir         cross-process state: STATE/<token label>/users (user names, one per
- *                     line; missing: only kmsuser), .../failed-logins/<user>, .../logins/<user>.<pid>
+ *   state_dir         cross-process state, per cluster in STATE/<token label>/ (the label with
+ *                     '/' as '_'), read and written under an flock of its `.lock`:
+ *                       users                  one crypto user a line, "NAME" or "NAME SALT_HEX
+ *                                              SHA256_HEX" (above); the first line naming a
+ *                                              user counts; missing: only kmsuser, passthrough
+ *                       token-pin              SoftHSM2's user PIN (one trailing newline
+ *                                              ignored), mode 0600; needed by record users
+ *                       failed-logins/<user>   the failed logins in a row
+ *                       logins/<user>.<pid>    a process logged in as the user
  *   token_label       the cluster's token; unset: every SoftHSM2 slot is listed
  *   lockout_threshold failed logins in a row that lock a user (CloudHSM: 5; 0: never)
  *   faults            a file re-read whenever it changes, with any of
@@ -44,8 +68,8 @@
  *                       key_availability_fails = 1  token-key generation answers
  *                                                   CKR_FUNCTION_FAILED (the key is on fewer than
  *                                                   two HSMs)
- * Without HSMBRIDGE_SHIM_CONF: SoftHSM2 at its Debian path, failed logins counted in this process
- * only, every slot listed, no faults.
+ * Without HSMBRIDGE_SHIM_CONF (or without state_dir): SoftHSM2 at its Debian path, only kmsuser,
+ * passthrough, failed logins counted in this process only, every slot listed, no faults.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -73,6 +97,9 @@
 #define MAX_USER 31
 #define MAX_LABEL 32
 #define SESSION_SLOTS 4096
+#define SALT_BYTES 16
+#define DIGEST_BYTES 32
+#define TOKEN_PIN_MAX 255 /* SoftHSM2's longest PIN */
 
 /* ---- configuration ----------------------------------------------------------------------- */
 
@@ -339,22 +366,130 @@ static void unlock_cluster(int fd) {
         close(fd); /* releases the flock */
 }
 
-static int user_exists(const char *token, const char *user) {
+/* How the cluster knows a crypto user (a line of STATE/<token>/users). */
+enum user_kind {
+    USER_MISSING,     /* no line names it */
+    USER_PASSTHROUGH, /* "NAME": its password is SoftHSM2's user PIN */
+    USER_RECORD,      /* "NAME SALT_HEX SHA256_HEX": its password is checked here */
+    USER_MALFORMED,   /* a line names it, but the rest is neither of those */
+};
+
+struct password_record {
+    unsigned char salt[SALT_BYTES];
+    unsigned char digest[DIGEST_BYTES];
+};
+
+/* Decodes exactly `n` bytes of hex (either case) from `hex`, which must hold 2n digits. */
+static int unhex(const char *hex, unsigned char *out, size_t n) {
+    if (strlen(hex) != 2 * n)
+        return -1;
+    for (size_t i = 0; i < 2 * n; i++) {
+        char c = hex[i];
+        int v = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
+        if (v < 0)
+            return -1;
+        if (i % 2 == 0)
+            out[i / 2] = (unsigned char)(v << 4);
+        else
+            out[i / 2] |= (unsigned char)v;
+    }
+    return 0;
+}
+
+/* The first line naming `user` decides (fields separated by blanks; blank lines are skipped). */
+static enum user_kind find_user(const char *token, const char *user, struct password_record *rec) {
     if (conf.state_dir[0] == '\0')
-        return strcmp(user, "kmsuser") == 0;
+        return strcmp(user, "kmsuser") == 0 ? USER_PASSTHROUGH : USER_MISSING;
     char path[PATH_MAX];
     cluster_path(path, sizeof path, token, "users");
     FILE *fh = fopen(path, "r");
     if (fh == NULL)
-        return strcmp(user, "kmsuser") == 0;
-    char line[256];
-    int found = 0;
-    while (!found && fgets(line, sizeof line, fh) != NULL) {
-        trim(line);
-        found = strcmp(line, user) == 0;
+        return strcmp(user, "kmsuser") == 0 ? USER_PASSTHROUGH : USER_MISSING;
+    char *line = NULL;
+    size_t cap = 0;
+    enum user_kind kind = USER_MISSING;
+    while (kind == USER_MISSING && getline(&line, &cap, fh) >= 0) {
+        char *fields[4], *save = NULL;
+        int n = 0;
+        for (char *f = strtok_r(line, " \t\r\n", &save); f != NULL && n < 4;
+             f = strtok_r(NULL, " \t\r\n", &save))
+            fields[n++] = f;
+        if (n == 0 || strcmp(fields[0], user) != 0)
+            continue;
+        if (n == 1)
+            kind = USER_PASSTHROUGH;
+        else if (n == 3 && unhex(fields[1], rec->salt, SALT_BYTES) == 0 &&
+                 unhex(fields[2], rec->digest, DIGEST_BYTES) == 0)
+            kind = USER_RECORD;
+        else
+            kind = USER_MALFORMED;
     }
+    free(line);
     fclose(fh);
-    return found;
+    return kind;
+}
+
+/* SHA-256(salt || user || ":" || password), computed by the real module on `session` (a digest
+ * needs no login). */
+static CK_RV password_digest(CK_SESSION_HANDLE session, const unsigned char *salt,
+                             const char *user, const char *password,
+                             unsigned char out[DIGEST_BYTES]) {
+    unsigned char buf[SALT_BYTES + MAX_USER + 1 + 128];
+    size_t user_len = strlen(user), password_len = strlen(password);
+    if (user_len > MAX_USER || password_len > 128)
+        return CKR_ARGUMENTS_BAD;
+    memcpy(buf, salt, SALT_BYTES);
+    memcpy(buf + SALT_BYTES, user, user_len);
+    buf[SALT_BYTES + user_len] = ':';
+    memcpy(buf + SALT_BYTES + user_len + 1, password, password_len);
+    CK_MECHANISM mech = {CKM_SHA256, NULL, 0};
+    CK_RV rv = real->C_DigestInit(session, &mech);
+    CK_ULONG out_len = DIGEST_BYTES;
+    if (rv == CKR_OK)
+        rv = real->C_Digest(session, buf, SALT_BYTES + user_len + 1 + password_len, out,
+                            &out_len);
+    if (rv == CKR_OK && out_len != DIGEST_BYTES)
+        rv = CKR_GENERAL_ERROR;
+    explicit_bzero(buf, sizeof buf);
+    return rv;
+}
+
+static int same_bytes(const unsigned char *a, const unsigned char *b, size_t n) {
+    volatile unsigned char diff = 0; /* constant time: every byte is compared */
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
+/* The cluster's SoftHSM2 user PIN from STATE/<token>/token-pin (one trailing newline dropped);
+ * its length, or -1 with a line on stderr. */
+static long read_token_pin(const char *token, char *out, size_t size) {
+    char path[PATH_MAX];
+    cluster_path(path, sizeof path, token, "token-pin");
+    int fd = conf.state_dir[0] ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd < 0) {
+        fprintf(stderr,
+                "cloudhsm-shim: cannot read %s: %s (users with a password record need it)\n",
+                path, conf.state_dir[0] ? strerror(errno) : "no state_dir");
+        return -1;
+    }
+    char buf[TOKEN_PIN_MAX + 2];
+    ssize_t n = read(fd, buf, sizeof buf);
+    close(fd);
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n <= 0 || n > TOKEN_PIN_MAX || (size_t)n >= size) {
+        fprintf(stderr, "cloudhsm-shim: %s holds no usable PIN\n", path);
+        explicit_bzero(buf, sizeof buf);
+        return -1;
+    }
+    memcpy(out, buf, (size_t)n);
+    out[n] = '\0';
+    explicit_bzero(buf, sizeof buf);
+    return (long)n;
 }
 
 static int *local_counter(const char *token, const char *user) {
@@ -578,7 +713,9 @@ static CK_RV shim_Login(CK_SESSION_HANDLE session, CK_USER_TYPE type, CK_UTF8CHA
     if (rv != CKR_OK)
         return rv;
     int fd = lock_cluster(token);
-    if (!user_exists(token, user)) {
+    struct password_record rec;
+    enum user_kind kind = find_user(token, user, &rec);
+    if (kind == USER_MISSING) {
         unlock_cluster(fd);
         return CKR_USER_PIN_NOT_INITIALIZED;
     }
@@ -587,11 +724,42 @@ static CK_RV shim_Login(CK_SESSION_HANDLE session, CK_USER_TYPE type, CK_UTF8CHA
         unlock_cluster(fd);
         return CKR_PIN_LOCKED;
     }
-    rv = real->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)password, strlen(password));
-    if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LEN_RANGE) {
-        write_failures(token, user, failures + 1);
-        rv = CKR_PIN_INCORRECT;
-    } else if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
+    char token_pin[TOKEN_PIN_MAX + 1];
+    if (kind == USER_MALFORMED) {
+        fprintf(stderr, "cloudhsm-shim: the users file of %s has a malformed line for %s\n",
+                token, user);
+        rv = CKR_GENERAL_ERROR;
+    } else if (kind == USER_RECORD) {
+        /* The cluster checks the password; SoftHSM2 gets the cluster's own PIN. */
+        unsigned char digest[DIGEST_BYTES];
+        rv = password_digest(session, rec.salt, user, password, digest);
+        if (rv == CKR_OK && !same_bytes(digest, rec.digest, DIGEST_BYTES)) {
+            write_failures(token, user, failures + 1);
+            rv = CKR_PIN_INCORRECT;
+        } else if (rv == CKR_OK) {
+            long len = read_token_pin(token, token_pin, sizeof token_pin);
+            rv = len < 0 ? CKR_GENERAL_ERROR
+                         : real->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)token_pin,
+                                         (CK_ULONG)len);
+            explicit_bzero(token_pin, sizeof token_pin);
+            if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LEN_RANGE) {
+                fprintf(stderr,
+                        "cloudhsm-shim: SoftHSM2 refuses the PIN in token-pin of %s: it was "
+                        "re-keyed after this process initialised the module (re-initialise), or "
+                        "the file is wrong\n",
+                        token);
+                rv = CKR_GENERAL_ERROR;
+            }
+        }
+        explicit_bzero(digest, sizeof digest);
+    } else {
+        rv = real->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)password, strlen(password));
+        if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LEN_RANGE) {
+            write_failures(token, user, failures + 1);
+            rv = CKR_PIN_INCORRECT;
+        }
+    }
+    if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
         write_failures(token, user, 0);
         if (rv == CKR_OK) {
             pthread_mutex_lock(&state_lock);
@@ -603,7 +771,7 @@ static CK_RV shim_Login(CK_SESSION_HANDLE session, CK_USER_TYPE type, CK_UTF8CHA
         }
     }
     unlock_cluster(fd);
-    memset(given, 0, sizeof given);
+    explicit_bzero(given, sizeof given);
     return rv;
 }
 

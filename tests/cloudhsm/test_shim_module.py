@@ -3,13 +3,14 @@
 Each check runs in processes of its own with stand-in settings of its own (the stand-in reads
 them when it initialises), on a fresh SoftHSM2 token of the run's stock. What is checked is what
 the stand-in promises to do as CloudHSM's SDK 5 library does: "USER:password" logins and lockout
-counted across processes, the HSM-written GCM IV, the decrypt tag error, the 16 KB single-part
-limit, the functions and attributes SDK 5 lacks, one slot per cluster, a search that sees other
-processes' keys, and the injected faults.
+counted across processes, passwords checked against the cluster's records, the HSM-written GCM
+IV, the decrypt tag error, the 16 KB single-part limit, the functions and attributes SDK 5 lacks,
+one slot per cluster, a search that sees other processes' keys, and the injected faults.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -104,6 +105,34 @@ def test_login_takes_user_colon_password_and_locks_after_five_failures(shim, tok
     (state / "users").write_text("appuser\n")
     assert login(shim, conf, token, f"appuser:{pin}") == "ok"
     assert login(shim, conf, token, f"kmsuser:{pin}") == "UserPinNotInitialized"
+
+
+def test_a_user_with_a_password_record_logs_in_with_the_token_pin_behind_it(shim, token, tmp_path):
+    conf = shim_conf(tmp_path)
+    label, pin = token
+    state = tmp_path / "state" / label
+    state.mkdir(parents=True)
+    salt, password = os.urandom(16), "record-password-1"
+    digest = hashlib.sha256(salt + f"kmsuser:{password}".encode()).digest()
+    # Hex in either case; blanks between the fields; the first line naming a user counts.
+    (state / "users").write_text(
+        f"kmsuser\t{salt.hex().upper()}  {digest.hex()}\nappuser\nbroken 00ff\nkmsuser\n"
+    )
+    assert login(shim, conf, token, f"kmsuser:{password}") == "GeneralError"  # no token-pin
+    (state / "token-pin").write_text("not-the-pin\n")
+    assert login(shim, conf, token, f"kmsuser:{password}") == "GeneralError"  # SoftHSM2 refuses
+    assert not (state / "failed-logins" / "kmsuser").exists()  # neither is the user's failure
+    (state / "token-pin").write_text(f"{pin}\n")
+    assert login(shim, conf, token, f"kmsuser:{password}") == "ok"
+    # The record decides: SoftHSM2's PIN is not kmsuser's password; a passthrough user's it is.
+    assert login(shim, conf, token, f"kmsuser:{pin}") == "PinIncorrect"
+    assert (state / "failed-logins" / "kmsuser").read_text().strip() == "1"
+    assert login(shim, conf, token, f"appuser:{pin}") == "ok"
+    assert login(shim, conf, token, f"broken:{pin}") == "GeneralError"
+    assert not (state / "failed-logins" / "broken").exists()
+    for _ in range(4):
+        assert login(shim, conf, token, "kmsuser:wrong-password") == "PinIncorrect"
+    assert login(shim, conf, token, f"kmsuser:{password}") == "PinLocked"
 
 
 def test_officer_logins_and_functions_sdk5_lacks_are_refused(shim, token, tmp_path):
