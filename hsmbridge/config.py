@@ -43,6 +43,14 @@ class LoginFormat(enum.StrEnum):
     USER_COLON_PASSWORD = "user:password"  # noqa: S105 - CloudHSM SDK 5: "kmsuser:<password>"
 
 
+class PasswordRotation(enum.StrEnum):
+    """How the crypto user's password is changed when a store connects (KMS does it at every
+    connect, to a value only it knows)."""
+
+    NONE = "none"  # never changed by hsmbridge
+    COMMAND = "command"  # the vendor's user-management CLI (CloudHSM: cloudhsm-cli)
+
+
 class IvPolicy(enum.StrEnum):
     CALLER = "caller"  # the caller draws a random 12-byte IV (SoftHSM2)
     HSM_ZERO_BUFFER = "hsm_zero_buffer"  # a zeroed mutable buffer the HSM overwrites (CloudHSM)
@@ -76,6 +84,12 @@ class HsmProfile:
     # cryptographic request may call it on the server's event loop when its lock is free
     # (`hsmbridge.nowait`); never for an HSM across a network, whose calls can stall.
     inline_calls: bool = False
+    password_rotation: PasswordRotation = PasswordRotation.NONE
+    # COMMAND: argv of the command that changes `{user}`'s password. It logs in as that user
+    # with CLOUDHSM_ROLE=crypto-user and CLOUDHSM_PIN=user:old-password in its environment and
+    # reads the new password twice (new, confirmation) from standard input; nothing secret is
+    # put on its command line, which other local users can read.
+    password_change_command: tuple[str, ...] = ()
     token_label: str | None = None  # None: first slot with a token present (CloudHSM)
 
     def login_pin(self, password: str) -> str:
@@ -258,6 +272,17 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
             f"{where}: 'login_lockout_threshold' must be 0 (the HSM never locks) or at least 2,"
             f" got {lockout}"
         )
+    rotation = _enum(
+        PasswordRotation,
+        _get(raw, "password_rotation", str, where, "none"),
+        where,
+        "password_rotation",
+    )
+    command = _command(raw, "password_change_command", where)
+    if rotation is PasswordRotation.COMMAND and not command:
+        raise ConfigError(
+            f"{where}: 'password_rotation' is \"command\" but 'password_change_command' is empty"
+        )
     return HsmProfile(
         name=_get(raw, "name", str, where),
         module_path=_get(raw, "module_path", str, where),
@@ -277,8 +302,17 @@ def load_profile(path: Traversable, token_label: str | None = None) -> HsmProfil
         ),
         login_lockout_threshold=lockout,
         inline_calls=_get(raw, "inline_calls", bool, where, False),
+        password_rotation=rotation,
+        password_change_command=command,
         token_label=token_label,
     )
+
+
+def _command(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    argv = _get(table, key, list, where, [])
+    if not all(isinstance(arg, str) and arg for arg in argv):
+        raise ConfigError(f"{where}: '{key}' must be a list of non-empty strings")
+    return tuple(argv)
 
 
 def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterBinding]:
@@ -300,6 +334,11 @@ def _load_clusters(raw: list[Any], base: Path, where: str) -> dict[str, ClusterB
             raise ConfigError(f"{here}: 'profile' {profile!r}: {exc}") from None
         if module_path is not None:
             loaded = replace(loaded, module_path=str(base / module_path))
+        command = _command(entry, "password_change_command", here)
+        if command:
+            # A relative program path is relative to this file, like every other path here.
+            program = command[0] if "/" not in command[0] else str(base / command[0])
+            loaded = replace(loaded, password_change_command=(program, *command[1:]))
         clusters[cluster_id] = ClusterBinding(cluster_id, loaded)
     return clusters
 

@@ -175,3 +175,6 @@ class BulkheadConnector:
 
     def connect(self, cluster_id: str, password: str) -> HsmBackend:
         return BulkheadBackend(self.inner.connect(cluster_id, password), Bulkhead(self.limits))
+
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        self.inner.change_password(cluster_id, old, new)

@@ -112,3 +112,8 @@ class HsmConnector(Protocol):
     def connect(self, cluster_id: str, password: str) -> HsmBackend:
         """Raises LoginError (with a reason), HsmUnreachableError or MisconfiguredError."""
         ...
+
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        """Change the crypto user's password in the cluster, as the cluster's profile says (a
+        no-op when it does not rotate); raises LoginError (with a reason) or BackendError."""
+        ...

@@ -39,6 +39,7 @@ from hsmbridge.backend.errors import (
     TransientHsmError,
 )
 from hsmbridge.backend.interface import HsmHealth, HsmKeyInfo, Sealed
+from hsmbridge.backend.password_change import change_password
 from hsmbridge.backend.sessions import SessionPool, Worker, acquire_pool
 from hsmbridge.backend.templates import BASE_TEMPLATE, READ_BACK, key_template, violations
 from hsmbridge.config import ClusterBinding, IvPolicy
@@ -79,6 +80,12 @@ class Pkcs11Connector:
             raise HsmUnreachableError(f"no HSM is configured for cluster {cluster_id!r}")
         pool = acquire_pool(binding.profile, binding.profile.login_pin(password))
         return Pkcs11Backend(binding, pool)
+
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        binding = self._clusters.get(cluster_id)
+        if binding is None:
+            raise HsmUnreachableError(f"no HSM is configured for cluster {cluster_id!r}")
+        change_password(binding, old, new)
 
 
 class Pkcs11Backend:

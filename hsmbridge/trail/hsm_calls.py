@@ -109,3 +109,6 @@ class TimedConnector:
 
     def connect(self, cluster_id: str, password: str) -> HsmBackend:
         return TimedBackend(self.inner.connect(cluster_id, password), self._observer)
+
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        self.inner.change_password(cluster_id, old, new)

@@ -132,6 +132,9 @@ class CrashingConnector:
         self.backends.append(backend)
         return backend
 
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        self._inner.change_password(cluster_id, old, new)
+
 
 def _rss_kb() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -152,6 +152,9 @@ class FaultyConnector:
         self.backends.append(backend)
         return backend
 
+    def change_password(self, cluster_id: str, old: str, new: str) -> None:
+        self.inner.change_password(cluster_id, old, new)
+
 
 # --- python-pkcs11 level ------------------------------------------------------------------------
 
