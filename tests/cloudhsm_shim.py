@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
+
+from hsmbridge.config import HsmProfile, builtin_profile, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "softhsm" / "cloudhsm-shim" / "build.sh"
 STAND_IN_CLI = REPO / "softhsm" / "cloudhsm-shim" / "cloudhsm-cli"
 TEST_HSM_ENV: Final = "HSMBRIDGE_TEST_HSM"
 HSMS: Final = ("softhsm2", "cloudhsm-shim")
+# cloudhsm-cli's arguments as the cloudhsm profile gives them, on the stand-in; the tests' clusters
+# are named by their token's label there (in `hsmbridge init`'s, the label is the cluster id).
+_ARGS = "--cluster-id {token_label} user change-password --username {user} --role crypto-user"
+ROTATE_COMMAND: Final = (str(STAND_IN_CLI), *_ARGS.split())
 
 
 def run_hsm() -> str:
@@ -33,6 +40,16 @@ def build_shim() -> Path:
     """The stand-in's library, built from source if it is not built yet."""
     done = subprocess.run(["sh", str(BUILD)], capture_output=True, text=True, check=True)
     return Path(done.stdout.strip())
+
+
+def shim_profile() -> HsmProfile:
+    """The `cloudhsm` profile as `hsmbridge init --hsm cloudhsm-shim` binds it: the stand-in's
+    module, and its cloudhsm-cli for the password rotation at connect."""
+    return replace(
+        load_profile(builtin_profile("cloudhsm")),
+        module_path=str(build_shim()),
+        password_change_command=ROTATE_COMMAND,
+    )
 
 
 def shim_conf(

@@ -24,7 +24,7 @@ import pytest
 
 from hsmbridge.config import ClusterBinding, HsmProfile, builtin_profile, load_profile
 from tests.callers import ADMIN
-from tests.cloudhsm_shim import build_shim, run_hsm, shim_conf
+from tests.cloudhsm_shim import run_hsm, shim_conf, shim_profile
 from tests.fake_hsm import FakeHsm
 from tests.harness import SOFTHSM2_PROFILE, KmsEnv, build_env
 from tests.live import live, make_live  # noqa: F401 - fixtures shared by several suites
@@ -98,7 +98,7 @@ def _run_profile(base: Path) -> HsmProfile:
     if run_hsm() == "softhsm2":
         return load_profile(builtin_profile("softhsm2"))
     os.environ["HSMBRIDGE_SHIM_CONF"] = str(shim_conf(base / "cloudhsm-shim"))
-    return replace(load_profile(builtin_profile("cloudhsm")), module_path=str(build_shim()))
+    return shim_profile()
 
 
 _cluster_ids = itertools.count(1)

@@ -12,14 +12,19 @@ would; the token, real or fake, keeps its keys.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsmbridge import bootstrap
 from hsmbridge.backend import HsmConnector
-from hsmbridge.config import ClusterBinding, Settings, builtin_profile, load_settings
+from hsmbridge.config import (
+    ClusterBinding,
+    Settings,
+    builtin_profile,
+    load_profile,
+    load_settings,
+)
 from hsmbridge.identity.iam import write_demo_iam
 from hsmbridge.keystore.demo import (
     DemoClusterSpec,
@@ -119,13 +124,13 @@ class KmsEnv:
         doc = json.loads(self.inventory_path.read_text())
         doc["Clusters"] += describe_clusters_document(list(specs))["Clusters"]
         self.inventory_path.write_text(json.dumps(doc))
-        profile = re.search(r'^profile = "(.*)"$', self.config_path.read_text(), re.M)
-        assert profile, "the config binds no cluster to a profile"
+        binding = self.settings.binding(self.cluster_id)
+        assert binding is not None, "the config binds no cluster to a profile"
         with self.config_path.open("a") as fh:
             for spec in specs:
                 fh.write(
                     f'\n[[clusters]]\ncluster_id = "{spec.cluster_id}"\n'
-                    f'profile = "{profile[1]}"\ntoken_label = "{self.token_label}"\n'
+                    f'{binding_lines(binding)}token_label = "{self.token_label}"\n'
                 )
 
     def open(self, *, synchronous_connect: bool = True) -> KmsService:
@@ -176,24 +181,20 @@ def build_env(root: Path, binding: ClusterBinding, password: str) -> KmsEnv:
         f'[service]\nregion = "{REGION}"\naccount_id = "{ACCOUNT}"\n\n'
         '[inventory]\nprovider = "static"\npath = "clusters.json"\n\n'
         f'[[clusters]]\ncluster_id = "{cluster_id}"\n'
-        f'profile = "{_profile_file(root, binding)}"\ntoken_label = "{token_label}"\n'
+        f'{binding_lines(binding)}token_label = "{token_label}"\n'
     )
     return env
 
 
-def _profile_file(root: Path, binding: ClusterBinding) -> Path:
-    """The binding's stock profile, or a copy naming the binding's module when a test loads the
-    module from another path (a private copy is a separate library in this process; the
-    `cloudhsm` profile runs through the CloudHSM stand-in)."""
-    stock = builtin_profile(binding.profile.name)
-    text = stock.read_text()
-    module = binding.profile.module_path
-    if f'module_path = "{module}"' in text:
-        return stock
-    private = root / f"{binding.profile.name}-profile.toml"
-    lines = [
-        f'module_path = "{module}"' if line.startswith("module_path") else line
-        for line in text.splitlines()
-    ]
-    private.write_text("\n".join(lines) + "\n")
-    return private
+def binding_lines(binding: ClusterBinding) -> str:
+    """The `[[clusters]]` settings naming the binding's built-in profile, plus the module and
+    the password change command when a test moved them (a private copy of a module is a separate
+    library in this process; the `cloudhsm` profile runs through the CloudHSM stand-in)."""
+    profile = binding.profile
+    stock = load_profile(builtin_profile(profile.name))
+    lines = f'profile = "{profile.name}"\n'
+    if profile.module_path != stock.module_path:
+        lines += f"module_path = {json.dumps(profile.module_path)}\n"
+    if profile.password_change_command != stock.password_change_command:
+        lines += f"password_change_command = {json.dumps(list(profile.password_change_command))}\n"
+    return lines

@@ -254,18 +254,24 @@ def _config(
     port: int,
     *,
     metadata: str | None,
-    shim: Path | None,
+    shim: Path | None = None,
 ) -> Path:
     path = data / "hsmbridge.toml"
     if path.exists():
         return path
+    shim_cli = _softhsm_dir() / "cloudhsm-shim" / "cloudhsm-cli"
     if shim is None:
         hsm_env, binding = "", f'profile = "softhsm2"\ntoken_label = "{cluster_id}"\n'
     else:
         # Like a real CloudHSM cluster: one slot, no token label to name (the stand-in shows
         # only this cluster's token).
         hsm_env = f'HSMBRIDGE_SHIM_CONF = "{SHIM_CONF}"\n'
-        binding = f'profile = "cloudhsm"\nmodule_path = {json.dumps(str(shim))}\n'
+        rotate = [str(shim_cli), "user", "change-password", "--username", "{user}"]
+        rotate += ["--role", "crypto-user"]
+        binding = (
+            f'profile = "cloudhsm"\nmodule_path = {json.dumps(str(shim))}\n'
+            f"password_change_command = {json.dumps(rotate)}\n"
+        )
     text = (
         "# Written by `hsmbridge init`; see hsmbridge/cli/init_cmd.py for every file here.\n"
         "[service]\n"

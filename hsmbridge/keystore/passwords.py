@@ -4,8 +4,12 @@ Owns: `PasswordVault`, which keeps a 32-byte master key in a 0600 file and seals
 with AES-256-GCM, binding the blob to its custom key store id so that a blob copied onto another
 store's row does not decrypt.
 
-Blob layout: version (1 byte, 0x01) || nonce (12 bytes) || ciphertext || tag (16 bytes).
+Blob layout: version (1 byte) || nonce (12 bytes) || ciphertext || tag (16 bytes).
 AAD: b"hsmbridge/kmsuser-password" || version || store id (UTF-8).
+Version 1 seals the password itself. Version 2 seals a `PasswordRecord` as JSON: the password
+plus the new ones a rotation has tried to set (`pending`): written before the HSM is asked to
+change it, so that a crash between the change and the write that follows it still leaves a
+password that logs in among the candidates.
 
 WARNING: a password, or the master key, must never reach an exception message, a log line or a
 repr. Messages here name only the key file and the store id.
@@ -16,9 +20,11 @@ Must not import: hsmbridge.metadata, backend, service, protocol, http or cli.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -30,11 +36,26 @@ KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 VERSION = 1
+RECORD_VERSION = 2
 _AAD_PREFIX = b"hsmbridge/kmsuser-password"
 
 
 class SealedPasswordError(HsmbridgeError):
     """A sealed password blob is malformed, altered, for another store, or for another key."""
+
+
+@dataclass(frozen=True)
+class PasswordRecord:
+    """A store's kmsuser password and, during a rotation, the new ones it may already have.
+
+    WARNING: secrets; kept out of repr."""
+
+    current: str = field(repr=False)
+    pending: tuple[str, ...] = field(default=(), repr=False)
+
+    def candidates(self) -> tuple[str, ...]:
+        """Every password the HSM may hold now, the likeliest first."""
+        return (self.current, *(p for p in self.pending if p != self.current))
 
 
 class PasswordVault:
@@ -51,8 +72,33 @@ class PasswordVault:
         sealed = self._aead.encrypt(nonce, password.encode("utf-8"), _aad(version, store_id))
         return version + nonce + sealed
 
+    def seal_record(self, record: PasswordRecord, store_id: str) -> bytes:
+        if not record.pending:
+            return self.seal(record.current, store_id)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        version = bytes([RECORD_VERSION])
+        body = json.dumps({"current": record.current, "pending": list(record.pending)})
+        sealed = self._aead.encrypt(nonce, body.encode("utf-8"), _aad(version, store_id))
+        return version + nonce + sealed
+
     def unseal(self, blob: bytes, store_id: str) -> str:
-        if len(blob) < 1 + NONCE_SIZE + TAG_SIZE or blob[0] != VERSION:
+        return self.unseal_record(blob, store_id).current
+
+    def unseal_record(self, blob: bytes, store_id: str) -> PasswordRecord:
+        plain = self._open(blob, store_id).decode("utf-8")
+        if blob[0] == VERSION:
+            return PasswordRecord(plain)
+        try:
+            doc = json.loads(plain)
+            return PasswordRecord(str(doc["current"]), tuple(str(p) for p in doc["pending"]))
+        except (ValueError, KeyError, TypeError):
+            raise SealedPasswordError(
+                f"the stored kmsuser password of custom key store {store_id} is malformed "
+                "(a rotation record that does not parse)"
+            ) from None
+
+    def _open(self, blob: bytes, store_id: str) -> bytes:
+        if len(blob) < 1 + NONCE_SIZE + TAG_SIZE or blob[0] not in (VERSION, RECORD_VERSION):
             raise SealedPasswordError(
                 f"the stored kmsuser password of custom key store {store_id} is malformed "
                 f"(unknown version or truncated)"
@@ -67,7 +113,7 @@ class PasswordVault:
                 "the master key it was sealed with; set the password again with "
                 "UpdateCustomKeyStore(KeyStorePassword) while disconnected"
             ) from None
-        return plain.decode("utf-8")
+        return plain
 
 
 def _aad(version: bytes, store_id: str) -> bytes:

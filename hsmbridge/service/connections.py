@@ -75,6 +75,24 @@ class StoreConnections:
             self._close_locked(store_id)
             return self._log_in_locked(store_id, cluster_id, lambda: password)
 
+    def change_password(self, store_id: str, cluster_id: str, old: str, new: str) -> None:
+        """Change kmsuser's password in the cluster (the store's rotation at connect). The tool
+        logs in with `old`, so it is counted like a login in the failed-login budget; this
+        process holds no login of the store meanwhile (the tool would see kmsuser logged in).
+        Raises LoginError (with the KMS reason) or BackendError."""
+        with self._lock:
+            self._close_locked(store_id)
+            attempt = self._budget.reserve(store_id, cluster_id) if self._budget else None
+            try:
+                self._connector.change_password(cluster_id, old, new)
+            except BaseException as exc:
+                left = self._budget.settle(attempt, exc) if self._budget and attempt else None
+                if isinstance(exc, LoginError):
+                    self._failed_locked(store_id, exc, left, back_off=False)
+                raise
+            if self._budget and attempt:
+                self._budget.settle(attempt, None)
+
     def get(self, store_id: str, cluster_id: str, password: Callable[[], str]) -> HsmBackend:
         """The live login for a store the metadata says is CONNECTED; logs in if needed.
 

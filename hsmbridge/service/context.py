@@ -20,7 +20,7 @@ from hsmbridge.errors import (
 )
 from hsmbridge.identity.iam import IamDirectory
 from hsmbridge.keystore.inventory import ClusterInventory
-from hsmbridge.keystore.passwords import PasswordVault, SealedPasswordError
+from hsmbridge.keystore.passwords import PasswordRecord, PasswordVault, SealedPasswordError
 from hsmbridge.metadata.store import MetadataStore, StoredKeyStore
 from hsmbridge.model import KeyRecord
 from hsmbridge.policy.decision import Decision
@@ -117,8 +117,11 @@ class ServiceContext:
         return row
 
     def password_of(self, row: StoredKeyStore) -> str:
+        return self.password_record(row).current
+
+    def password_record(self, row: StoredKeyStore) -> PasswordRecord:
         try:
-            return self.vault.unseal(row.password_blob, row.store.store_id)
+            return self.vault.unseal_record(row.password_blob, row.store.store_id)
         except SealedPasswordError as exc:
             raise KMSInternalException(
                 f"The stored kmsuser password of custom key store {row.store.store_id} cannot be "

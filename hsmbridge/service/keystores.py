@@ -34,6 +34,7 @@ from hsmbridge.keystore.trust import same_cluster_identity, verify_cluster_certi
 from hsmbridge.metadata.store import StoredKeyStore
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, CustomKeyStore, Page
 from hsmbridge.request import RequestContext
+from hsmbridge.service import rotation
 from hsmbridge.service.context import ServiceContext
 from hsmbridge.service.login_budget import LoginBudgetSpentError
 
@@ -261,7 +262,11 @@ class KeyStoreService:
             log.warning("connect %s: no [[clusters]] entry for %s", store_id, cluster_id)
             return ConnectionErrorCode.NETWORK_ERRORS
         try:
-            ctx.connections.attach(store_id, cluster_id, ctx.password_of(row))
+            if rotation.rotates(ctx, cluster_id):
+                password = rotation.rotate_password(ctx, store_id)
+            else:
+                password = ctx.password_of(row)
+            ctx.connections.attach(store_id, cluster_id, password)
         except LoginBudgetSpentError as exc:
             log.warning("connect %s: no login attempted: %s", store_id, exc)
             return exc.reason

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hsmbridge.config import ClusterBinding, builtin_profile, load_profile
-from tests.cloudhsm_shim import build_shim, shim_conf
+from hsmbridge.config import ClusterBinding
+from tests.cloudhsm_shim import shim_conf, shim_profile
 from tests.conftest import SoftHsmEnv, _opened
 from tests.harness import KmsEnv, build_env
 
@@ -40,7 +40,7 @@ def make_cloudhsm_env(
     """Factory: an environment on a fresh token behind the stand-in (`cloudhsm` profile); with
     `store=True` (default) a custom key store is created and connected."""
     made: list[KmsEnv] = []
-    profile = replace(load_profile(builtin_profile("cloudhsm")), module_path=str(build_shim()))
+    profile = shim_profile()
 
     def make(store: bool = True, name: str = "CloudHsmStore") -> KmsEnv:
         stock, password = softhsm_token()

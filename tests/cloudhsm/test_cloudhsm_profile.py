@@ -10,14 +10,23 @@ USER_NOT_FOUND.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hsmbridge.config import builtin_profile, load_profile
 from hsmbridge.errors import InvalidCiphertextException
+from hsmbridge.keystore.passwords import PasswordRecord
 from hsmbridge.model import ConnectionErrorCode, ConnectionState
+from hsmbridge.service import rotation
 from tests.callers import ADMIN
+from tests.cloudhsm_shim import STAND_IN_CLI
+from tests.conftest import SO_PIN
 from tests.harness import KmsEnv
 from tests.service.steps import new_key, store_state
 
@@ -98,3 +107,149 @@ def test_a_locked_or_missing_kmsuser_is_reported_as_kms_does(
     )
     env.svc.keystores.connect(ADMIN, store)
     assert store_state(env, store) == (C.FAILED, code)
+
+
+# --- kmsuser's password rotation at connect ------------------------------------------------------
+
+KNOWN = "OfficerSet2024pw"
+
+
+def _stand_in(env: KmsEnv, *args: str, role: str, pin: str) -> dict[str, Any]:
+    """cloudhsm-cli (the stand-in) on the env's cluster; its JSON answer."""
+    argv = [str(STAND_IN_CLI), "--cluster-id", env.token_label, *args]
+    done = subprocess.run(
+        argv,
+        env={**os.environ, "CLOUDHSM_ROLE": role, "CLOUDHSM_PIN": pin},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def _officer_resets(env: KmsEnv, password: str) -> None:
+    answer = _stand_in(
+        env,
+        "user", "change-password", "--username", "kmsuser", "--role", "crypto-user",
+        "--password", password,
+        role="admin", pin=f"admin:{SO_PIN}",
+    )  # fmt: skip
+    assert answer["error_code"] == 0, answer
+
+
+_LOGIN = """
+import sys, pkcs11
+token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
+try:
+    session = token.open(user_pin="kmsuser:" + sys.argv[3])
+except pkcs11.PKCS11Error as exc:
+    print(type(exc).__name__, flush=True)
+    sys.exit(0)
+print("ok", flush=True)
+if len(sys.argv) > 4:  # hold the login until standard input closes
+    sys.stdin.read()
+session.close()
+"""
+
+
+def _login_elsewhere(env: KmsEnv, password: str, *, hold: bool = False) -> Any:
+    module = env.settings.clusters[env.cluster_id].profile.module_path
+    argv = [sys.executable, "-c", _LOGIN, module, env.token_label, password]
+    if not hold:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.strip()
+    child = subprocess.Popen([*argv, "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == b"ok"
+    return child
+
+
+def _record(env: KmsEnv) -> PasswordRecord:
+    return env.svc.ctx.password_record(env.svc.ctx.store_row(env.store_id))
+
+
+def test_each_connect_rotates_kmsuser_to_a_password_only_hsmbridge_knows(make_cloudhsm_env):
+    env = make_cloudhsm_env()
+    key = new_key(env)
+    first = _record(env)
+    assert first.current != env.password
+    assert first.pending == ()
+    assert _login_elsewhere(env, env.password) == "PinIncorrect"  # the given one is spent
+    assert _login_elsewhere(env, first.current) == "ok"
+    env.svc.keystores.disconnect(ADMIN, env.store_id)
+    env.svc.keystores.connect(ADMIN, env.store_id)
+    assert store_state(env) == (C.CONNECTED, None)
+    second = _record(env)
+    assert second.current not in (first.current, env.password)
+    assert _login_elsewhere(env, first.current) == "PinIncorrect"
+    blob = env.svc.crypto.encrypt(ADMIN, key, b"still mine").ciphertext_blob
+    assert env.svc.crypto.decrypt(ADMIN, blob).plaintext == b"still mine"
+
+
+def test_the_documented_recovery_runbook(make_cloudhsm_env):
+    """Disconnect, an officer sets a known password, UpdateCustomKeyStore, connect."""
+    env = make_cloudhsm_env()
+    svc, store = env.svc, env.store_id
+    svc.keystores.disconnect(ADMIN, store)
+    _officer_resets(env, KNOWN)
+    assert _login_elsewhere(env, KNOWN) == "ok"  # the operator's audit as kmsuser, logged out
+    svc.keystores.update(ADMIN, store, password=KNOWN)
+    svc.keystores.connect(ADMIN, store)
+    assert store_state(env) == (C.CONNECTED, None)
+    assert _login_elsewhere(env, KNOWN) == "PinIncorrect"  # rotated again
+
+
+def test_kmsuser_logged_in_elsewhere_is_user_logged_in_until_it_logs_out(
+    make_cloudhsm_env, monkeypatch
+):
+    monkeypatch.setattr(rotation, "LOGGED_IN_GRACE_S", 0.5)  # a server's own logins: 5 s
+    env = make_cloudhsm_env()
+    svc, store = env.svc, env.store_id
+    svc.keystores.disconnect(ADMIN, store)
+    _officer_resets(env, KNOWN)
+    svc.keystores.update(ADMIN, store, password=KNOWN)
+    child = _login_elsewhere(env, KNOWN, hold=True)
+    try:
+        svc.keystores.connect(ADMIN, store)
+        assert store_state(env) == (C.FAILED, ConnectionErrorCode.USER_LOGGED_IN)
+        assert _record(env).current == KNOWN  # nothing changed in the cluster
+    finally:
+        child.communicate(timeout=30)  # logs out and exits
+    svc.keystores.disconnect(ADMIN, store)
+    svc.keystores.connect(ADMIN, store)
+    assert store_state(env) == (C.CONNECTED, None)
+
+
+class _CrashError(Exception):
+    pass
+
+
+def test_a_crash_between_the_change_and_its_record_costs_one_failed_login(
+    make_cloudhsm_env, shim_state, monkeypatch
+):
+    env = make_cloudhsm_env()
+    svc, store = env.svc, env.store_id
+    svc.keystores.disconnect(ADMIN, store)
+    before = _record(env).current
+    real_keep = rotation._keep
+
+    def crash_on_promotion(ctx, store_id, record):
+        if not record.pending and record.current != before:
+            raise _CrashError("the process died after the HSM changed the password")
+        real_keep(ctx, store_id, record)
+
+    monkeypatch.setattr(rotation, "_keep", crash_on_promotion)
+    svc.keystores.connect(ADMIN, store)  # dies in the rotation: the connect ends FAILED
+    assert store_state(env)[0] is C.FAILED
+    stuck = _record(env)
+    assert stuck.current == before
+    assert len(stuck.pending) == 1  # what the HSM holds now
+    assert _login_elsewhere(env, stuck.pending[0]) == "ok"
+    monkeypatch.setattr(rotation, "_keep", real_keep)
+    svc.keystores.disconnect(ADMIN, store)
+    svc.keystores.connect(ADMIN, store)
+    assert store_state(env) == (C.CONNECTED, None)
+    assert _record(env).pending == ()
+    assert _failed_logins(shim_state, env) == 0  # one failure (the stale current), then reset

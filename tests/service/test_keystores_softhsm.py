@@ -65,7 +65,8 @@ def test_unreachable_pkcs11_module_is_network_errors(kms_env, tmp_path: Path) ->
         )
     )
     config = kms_env.config_path.read_text()
-    kms_env.config_path.write_text(config.replace(str(SOFTHSM2_PROFILE), str(bad)))
+    assert 'profile = "softhsm2"' in config
+    kms_env.config_path.write_text(config.replace('profile = "softhsm2"', f'profile = "{bad}"'))
     kms_env.restart()
     kms_env.svc.keystores.connect(ADMIN, sid)
     assert store_state(kms_env) == (C.FAILED, ConnectionErrorCode.NETWORK_ERRORS)

@@ -8,7 +8,12 @@ import stat
 import pytest
 
 from hsmbridge.errors import ConfigError
-from hsmbridge.keystore.passwords import KEY_SIZE, PasswordVault, SealedPasswordError
+from hsmbridge.keystore.passwords import (
+    KEY_SIZE,
+    PasswordRecord,
+    PasswordVault,
+    SealedPasswordError,
+)
 
 PASSWORD = "Sup3rSecretPw"
 STORE = "cks-0123456789abcdef0"
@@ -110,3 +115,25 @@ def test_repr_shows_no_secret(key_file, vault):
     assert str(key_file) in text
     assert key_file.read_bytes().hex() not in text
     assert "PasswordVault" in text
+
+
+def test_a_rotation_record_round_trips_and_plain_blobs_read_as_records(vault):
+    record = PasswordRecord(PASSWORD, ("NewRotated1", "NewRotated2"))
+    blob = vault.seal_record(record, STORE)
+    assert blob[0] == 2
+    for secret in (PASSWORD, "NewRotated1", "NewRotated2"):
+        assert secret.encode() not in blob
+    assert vault.unseal_record(blob, STORE) == record
+    assert vault.unseal(blob, STORE) == PASSWORD  # the current one, as before rotation existed
+    plain = vault.seal_record(PasswordRecord(PASSWORD), STORE)
+    assert plain[0] == 1  # without pending passwords: the version-1 blob, readable by old code
+    assert vault.unseal_record(vault.seal(PASSWORD, STORE), STORE) == PasswordRecord(PASSWORD)
+    with pytest.raises(SealedPasswordError):
+        vault.unseal_record(blob, OTHER_STORE)
+
+
+def test_record_candidates_and_repr():
+    record = PasswordRecord("current-pw", ("pending-a", "current-pw", "pending-b"))
+    assert record.candidates() == ("current-pw", "pending-a", "pending-b")
+    assert "pw" not in repr(record)
+    assert "pending-" not in repr(record)
