@@ -296,8 +296,14 @@ class ClusterState:
         """The exclusive flock the shim takes around every read-modify-write of this state."""
         import fcntl
 
-        for sub in ("failed-logins", "logins"):
-            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Private like the module's own: the cluster's token PIN and password records live here.
+        for directory in (
+            self.root.parent,
+            self.root,
+            self.root / "failed-logins",
+            self.root / "logins",
+        ):
+            directory.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
