@@ -42,7 +42,8 @@
  *     (CKR_TEMPLATE_INCONSISTENT otherwise); reading an attribute it does not support answers
  *     CKR_ATTRIBUTE_TYPE_INVALID for that attribute.
  *   - One slot per cluster: with `token_label` set only that token's slot is listed.
- *   - A search sees keys other processes made since (SoftHSM2 alone may not: move_generation).
+ *   - A search sees keys other processes made since (SoftHSM2 alone may not: move_generation),
+ *     and never a key a killed process left half-written (half_made).
  *
  * Configuration: the file named by HSMBRIDGE_SHIM_CONF ("key = value" lines, read at
  * C_Initialize; relative paths are relative to the file):
@@ -953,6 +954,51 @@ static void move_generation(CK_SESSION_HANDLE session) {
     close(fd);
 }
 
+/*
+ * CloudHSM makes a key in one step: no search ever shows half of one. SoftHSM2 writes a new
+ * object's file with default attributes first and the template and value afterwards, so a
+ * process killed in between leaves a secret key with no label, no CKA_ID and no value on disk.
+ * Searches skip exactly that shape (nothing a caller could have made: every key has a value).
+ */
+static int half_made(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE obj) {
+    CK_OBJECT_CLASS cls = 0;
+    CK_ATTRIBUTE probe[] = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_LABEL, NULL, 0},
+        {CKA_ID, NULL, 0},
+        {CKA_VALUE_LEN, NULL, 0},
+    };
+    if (real->C_GetAttributeValue(session, obj, probe, 4) != CKR_OK || cls != CKO_SECRET_KEY)
+        return 0;
+    CK_ULONG value_len = 1;
+    CK_ATTRIBUTE length = {CKA_VALUE_LEN, &value_len, sizeof value_len};
+    if (real->C_GetAttributeValue(session, obj, &length, 1) != CKR_OK)
+        return 0;
+    return probe[1].ulValueLen == 0 && probe[2].ulValueLen == 0 && value_len == 0;
+}
+
+static CK_RV shim_FindObjects(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
+                              CK_ULONG_PTR count) {
+    GUARD(0);
+    if (out == NULL || count == NULL)
+        return real->C_FindObjects(session, out, max, count);
+    for (;;) {
+        CK_ULONG got = 0;
+        CK_RV rv = real->C_FindObjects(session, out, max, &got);
+        if (rv != CKR_OK)
+            return rv;
+        CK_ULONG kept = 0;
+        for (CK_ULONG i = 0; i < got; i++)
+            if (!half_made(session, out[i]))
+                out[kept++] = out[i];
+        /* A batch of nothing but half-made objects must not read as the end of the search. */
+        if (kept > 0 || got == 0) {
+            *count = kept;
+            return CKR_OK;
+        }
+    }
+}
+
 static CK_RV shim_FindObjectsInit(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR t, CK_ULONG n) {
     GUARD(1);
     move_generation(session);
@@ -1143,6 +1189,7 @@ static CK_RV load_real(void) {
     shim.C_CreateObject = shim_CreateObject;
     shim.C_GetAttributeValue = shim_GetAttributeValue;
     shim.C_FindObjectsInit = shim_FindObjectsInit;
+    shim.C_FindObjects = shim_FindObjects;
     shim.C_EncryptInit = shim_EncryptInit;
     shim.C_Encrypt = shim_Encrypt;
     shim.C_DecryptInit = shim_DecryptInit;

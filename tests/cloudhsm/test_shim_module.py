@@ -298,3 +298,32 @@ def test_injected_faults(shim, token, tmp_path):
         "down_slots": 0,
         "back": 17,
     }
+
+
+_HALF_MADE = """
+import sys, pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+# What SoftHSM2 leaves when a process is killed inside C_GenerateKey: no label, id or value.
+s = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2]).open(rw=True, user_pin=sys.argv[3])
+s.create_object({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                 Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.VALUE: b"",
+                 Attribute.LABEL: "", Attribute.ID: b""})
+"""
+
+
+def test_a_search_never_shows_a_half_made_key(shim, token, tmp_path):
+    label, pin = token
+    subprocess.run(
+        [sys.executable, "-c", _HALF_MADE, "/usr/lib/softhsm/libsofthsm2.so", label, pin],
+        check=True,
+        timeout=60,
+    )
+    code = """
+    s = lib.get_token(token_label=LABEL).open(rw=True, user_pin="kmsuser:" + PIN)
+    new_key(s, "arn:aws:kms:us-east-1:111122223333:key/whole")
+    secret = {Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY}
+    print(json.dumps([o[Attribute.LABEL] for o in s.get_objects(secret)]))
+    """
+    assert run(shim, shim_conf(tmp_path), token, code) == [
+        "arn:aws:kms:us-east-1:111122223333:key/whole"
+    ]
