@@ -696,9 +696,13 @@ def _admin_change(token: Token, state: ClusterState, user: str, so_pin: str, new
 
     with state.locked(), _so_session(token, so_pin) as session:
         state.entry(user)
-        _require_logged_out(state, user)
         records = {user: PasswordRecord.of(user, new)}
+        # An officer's reset of a user logged in elsewhere is allowed, as on CloudHSM: the
+        # sessions it has go on, and its next login needs the new password. (Only the user's own
+        # change is refused then: that is what KMS reports as USER_LOGGED_IN.)
         if not state.has_token_pin():
+            # Re-keying SoftHSM2's PIN would leave a running process's later logins refused.
+            _require_logged_out(state, user)
             # Passthrough: every CU's password is SoftHSM2's user PIN, which the admin does not
             # know. A random one becomes the cluster's; the other passthrough CUs, whose
             # password it was, get records nobody knows (an admin must reset them too).
