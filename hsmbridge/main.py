@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", required=True)
 
     from hsmbridge.cli.audit_cmd import add_parser as add_audit
+    from hsmbridge.cli.doctor_cmd import add_parser as add_doctor
     from hsmbridge.cli.init_cmd import add_parser as add_init
     from hsmbridge.http.serve_cmd import add_parser as add_serve
 
     add_init(top)
+    add_doctor(top)
     add_serve(top)
     add_audit(top)
     groups = {

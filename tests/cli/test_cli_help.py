@@ -29,7 +29,7 @@ COMMANDS = dict(_commands(build_parser()))
 
 
 def test_every_command_is_covered() -> None:
-    assert {("init",), ("serve",), ("audit",), ("audit", "find")} <= set(COMMANDS)
+    assert {("init",), ("serve",), ("audit",), ("audit", "find"), ("doctor",)} <= set(COMMANDS)
     assert ("audit", "delete-orphans") in COMMANDS
     assert {("keystore", "create"), ("key", "create"), ("key", "list")} <= set(COMMANDS)
 
@@ -63,6 +63,21 @@ def test_init_help_describes_the_command_not_the_module(capsys) -> None:
     assert "Owns:" not in out
     assert "--data-dir DIR" in out
     assert "hsmbridge.toml" in out  # what it writes stays documented
+
+
+def test_doctor_help_lists_its_checks_and_where_the_password_comes_from(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["doctor", "--help"])
+    out = capsys.readouterr().out
+    assert "Owns:" not in out
+    for shown in ("--config FILE", "--cluster ID", "--password-file FILE", "--trust-anchor FILE"):
+        assert shown in out, shown
+    for check in ("module", "login", "key-template", "aes-gcm", "tampered-tag", "concurrency"):
+        assert f"  {check} " in out, check
+    for check in ("cluster-quorum", "trust-anchor", "cleanup"):
+        assert f"  {check} " in out, check
+    assert "never from the command line" in out
+    assert "--password " not in out  # the refused option is not offered
 
 
 def test_kms_options_use_aws_style_placeholders(capsys) -> None:
