@@ -9,11 +9,14 @@ run's file, subprocesses may be given another one through `HSMBRIDGE_SHIM_CONF`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
+
+import pytest
 
 from hsmbridge.config import HsmProfile, builtin_profile, load_profile
 
@@ -71,3 +74,47 @@ def shim_conf(
         + (f"token_label = {token_label}\n" if token_label else "")
     )
     return conf
+
+
+def officer_sets_password(token_label: str, so_pin: str, password: str) -> None:
+    """An officer sets kmsuser's password in the cluster behind `token_label`, the way the run's
+    HSM has it done: the stand-in's cloudhsm-cli as admin, or SoftHSM2's C_InitPIN as its
+    security officer (pkcs11-tool, in its own process: this process's SoftHSM2 would keep the
+    old PIN)."""
+    if run_hsm() == "cloudhsm-shim":
+        argv = [str(STAND_IN_CLI), "--cluster-id", token_label, "user", "change-password"]
+        argv += ["--username", "kmsuser", "--role", "crypto-user", "--password", password]
+        env = {**os.environ, "CLOUDHSM_ROLE": "admin", "CLOUDHSM_PIN": f"admin:{so_pin}"}
+        done = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert json.loads(done.stdout)["error_code"] == 0, done.stdout
+        return
+    argv = ["pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so"]
+    argv += ["--token-label", token_label, "--login", "--login-type", "so", "--so-pin", so_pin]
+    subprocess.run(
+        [*argv, "--init-pin", "--new-pin", password], capture_output=True, check=True, timeout=60
+    )
+
+
+RUNBOOK_PASSWORD: Final = "RunbookKnown2026"
+
+
+def runbook_password(token_label: str, so_pin: str, started_with: str) -> str:
+    """The password an operator gives UpdateCustomKeyStore after the runbook's officer step.
+
+    Where connect rotates kmsuser's password (the cloudhsm profile, on the stand-in), the one a
+    test started with was spent by its first connect: an officer sets a known one. Where it does
+    not (SoftHSM2), the password the test started with still holds."""
+    if run_hsm() == "softhsm2":
+        return started_with
+    officer_sets_password(token_label, so_pin, RUNBOOK_PASSWORD)
+    return RUNBOOK_PASSWORD
+
+
+# For tests of what only the softhsm2 profile does (inline calls, its stale cross-process view,
+# the caller's IV): skipped when every cluster of the run is behind the stand-in.
+softhsm2_only = pytest.mark.skipif(
+    run_hsm() != "softhsm2",
+    reason="what the softhsm2 profile does; this run's clusters are CloudHSM (the stand-in)",
+)

@@ -12,6 +12,7 @@ would; the token, real or fake, keeps its keys.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,14 @@ class KmsEnv:
                     f'\n[[clusters]]\ncluster_id = "{spec.cluster_id}"\n'
                     f'{binding_lines(binding)}token_label = "{self.token_label}"\n'
                 )
+
+    def move_module(self, module_path: Path) -> None:
+        """Point the env's cluster at another PKCS#11 module path (takes effect at the next
+        open or restart): `[[clusters]] module_path`, whatever the profile."""
+        text = self.config_path.read_text()
+        text = re.sub(r"^module_path = .*\n", "", text, flags=re.M)
+        line = f"module_path = {json.dumps(str(module_path))}\n"
+        self.config_path.write_text(text.replace("token_label = ", line + "token_label = ", 1))
 
     def open(self, *, synchronous_connect: bool = True) -> KmsService:
         settings = self.settings

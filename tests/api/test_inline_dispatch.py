@@ -21,10 +21,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from hsmbridge.backend.sessions import load_library
+from tests.cloudhsm_shim import softhsm2_only
 from tests.held_lock import HeldLock
 from tests.live import Live, served_with_store
 
-pytestmark = [pytest.mark.softhsm]
+pytestmark = [pytest.mark.softhsm, softhsm2_only]
 
 # Long enough that a loop blocked behind the lock could not answer within HELD_S / 2, even on a
 # busy machine.

@@ -16,11 +16,9 @@ import pytest
 from tests.audit.conftest import create_keys
 from tests.callers import ADMIN
 from tests.cli.process import hsmbridge_env, run_hsmbridge
-from tests.conftest import SOFTHSM_MODULE
-from tests.harness import SOFTHSM2_PROFILE, KmsEnv
+from tests.harness import KmsEnv
 
 pytestmark = pytest.mark.softhsm
-PROFILE = SOFTHSM2_PROFILE
 
 
 def _audit_argv(env: KmsEnv) -> list[str]:
@@ -79,10 +77,7 @@ def test_pkcs11_module_path_invalid_exits_3(kms_env, audit, tmp_path: Path) -> N
     create_keys(kms_env, 1)
     assert audit(kms_env).code == 0
     missing = tmp_path / "no-such-dir" / "libsofthsm2.so"
-    profile = tmp_path / "softhsm2-broken.toml"
-    profile.write_text(PROFILE.read_text().replace(SOFTHSM_MODULE, str(missing)))
-    config = kms_env.config_path.read_text()
-    kms_env.config_path.write_text(config.replace(str(PROFILE), str(profile)))
+    kms_env.move_module(missing)
     result = audit(kms_env)
     assert result.code == 3, result.err
     assert result.out == ""

@@ -22,8 +22,9 @@ from hsmbridge.backend.errors import KeyMissingError
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
 from hsmbridge.backend.sessions import load_library
 from hsmbridge.config import ClusterBinding
+from tests.cloudhsm_shim import softhsm2_only
 
-pytestmark = pytest.mark.softhsm
+pytestmark = [pytest.mark.softhsm, softhsm2_only]
 
 _OTHER_PROCESS = """
 import sys, pkcs11

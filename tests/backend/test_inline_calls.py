@@ -19,9 +19,10 @@ from hsmbridge.backend.errors import BadCiphertextError
 from hsmbridge.backend.interface import Sealed
 from hsmbridge.backend.pkcs11 import Pkcs11Backend, Pkcs11Connector
 from hsmbridge.config import ClusterBinding
+from tests.cloudhsm_shim import softhsm2_only
 from tests.held_lock import HeldLock
 
-pytestmark = pytest.mark.softhsm
+pytestmark = [pytest.mark.softhsm, softhsm2_only]
 
 T = TypeVar("T")
 AAD = b"aad"

@@ -7,18 +7,17 @@ metadata file that is not a SQLite database. A bug must never look like an unrea
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from hsmbridge.main import main
 from tests.cli.process import run_hsmbridge
-from tests.conftest import SOFTHSM_MODULE
-from tests.harness import ACCESS_KEY, SECRET_KEY, SOFTHSM2_PROFILE, KmsEnv
+from tests.cloudhsm_shim import officer_sets_password
+from tests.conftest import SO_PIN
+from tests.harness import ACCESS_KEY, SECRET_KEY, KmsEnv
 
 pytestmark = pytest.mark.softhsm
-PROFILE = SOFTHSM2_PROFILE
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -45,11 +44,7 @@ def test_key_create_with_the_pkcs11_module_gone_exits_3(kms_env, capsys, tmp_pat
     assert code == 0, err  # the same command works while the module is where the profile says
     assert json.loads(out)["KeyMetadata"]["KeyState"] == "Enabled"
 
-    missing = tmp_path / "gone" / "libsofthsm2.so"
-    profile = tmp_path / "softhsm2-moved.toml"
-    profile.write_text(PROFILE.read_text().replace(SOFTHSM_MODULE, str(missing)))
-    config = kms_env.config_path.read_text()
-    kms_env.config_path.write_text(config.replace(str(PROFILE), str(profile)))
+    kms_env.move_module(tmp_path / "gone" / "libsofthsm2.so")
 
     code, out, err = _run(capsys, *_create_key(kms_env))
     assert (code, out) == (3, "")
@@ -83,11 +78,7 @@ def test_key_create_with_the_kmsuser_login_refused_exits_3(kms_env) -> None:
     first = run_hsmbridge(*_create_key(kms_env))
     assert first.code == 0, first.err
     new_pin = "changed-behind-our-back-1"
-    subprocess.run(
-        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", kms_env.token_label,
-         "--login", "--pin", kms_env.password, "--change-pin", "--new-pin", new_pin],
-        capture_output=True, check=True, timeout=60,
-    )  # fmt: skip
+    officer_sets_password(kms_env.token_label, SO_PIN, new_pin)
     refused = run_hsmbridge(*_create_key(kms_env))
     assert (refused.code, refused.out) == (3, "")
     # One log line first: the failed login, with what is left before the HSM would lock kmsuser.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hsmbridge.keystore.demo import make_demo_pki
+from tests.cloudhsm_shim import runbook_password
+from tests.conftest import SO_PIN
 from tests.e2e.e2e_support import expect_error
 
 pytestmark = pytest.mark.softhsm
@@ -48,7 +50,8 @@ def test_key_store_lifecycle(fresh):
         "CustomKeyStoreInvalidStateException",
         lambda: kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store_id),
     )
-    kms.update_custom_key_store(CustomKeyStoreId=store_id, KeyStorePassword=fresh.env.password)
+    known = runbook_password(fresh.env.token_label, SO_PIN, fresh.env.password)
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, KeyStorePassword=known)
     expect_error(
         "CloudHsmClusterNotFoundException",
         lambda: kms.update_custom_key_store(

@@ -22,7 +22,8 @@ from hsmbridge.errors import (
 from hsmbridge.model import ConnectionErrorCode, ConnectionState, KeyState
 from hsmbridge.protocol import codec
 from tests.callers import ADMIN
-from tests.harness import SOFTHSM2_PROFILE
+from tests.cloudhsm_shim import runbook_password
+from tests.conftest import SO_PIN
 from tests.service.checks import assert_consistent
 from tests.service.steps import new_key, store_state
 
@@ -47,7 +48,8 @@ def test_wrong_password_fails_with_invalid_credentials_until_fixed(kms_env) -> N
         ks.connect(ADMIN, sid)
     ks.disconnect(ADMIN, sid)
     assert store_state(kms_env) == (C.DISCONNECTED, None)  # the error code goes with FAILED
-    ks.update(ADMIN, sid, password=kms_env.password)
+    known = runbook_password(kms_env.token_label, SO_PIN, kms_env.password)
+    ks.update(ADMIN, sid, password=known)
     ks.connect(ADMIN, sid)
     assert store_state(kms_env) == (C.CONNECTED, None)
     new_key(kms_env)
@@ -56,17 +58,7 @@ def test_wrong_password_fails_with_invalid_credentials_until_fixed(kms_env) -> N
 def test_unreachable_pkcs11_module_is_network_errors(kms_env, tmp_path: Path) -> None:
     ks, sid = kms_env.svc.keystores, kms_env.store_id
     ks.disconnect(ADMIN, sid)
-    profile = SOFTHSM2_PROFILE.read_text()
-    missing = tmp_path / "no-such-pkcs11.so"
-    bad = tmp_path / "broken-profile.toml"
-    bad.write_text(
-        profile.replace("/usr/lib/softhsm/libsofthsm2.so", str(missing)).replace(
-            'name = "softhsm2"', 'name = "broken"'
-        )
-    )
-    config = kms_env.config_path.read_text()
-    assert 'profile = "softhsm2"' in config
-    kms_env.config_path.write_text(config.replace('profile = "softhsm2"', f'profile = "{bad}"'))
+    kms_env.move_module(tmp_path / "no-such-pkcs11.so")
     kms_env.restart()
     kms_env.svc.keystores.connect(ADMIN, sid)
     assert store_state(kms_env) == (C.FAILED, ConnectionErrorCode.NETWORK_ERRORS)
