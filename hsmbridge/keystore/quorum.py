@@ -50,11 +50,15 @@ SUBNET_RULES: Final[Mapping[Operation, int]] = {
 
 # Operations that require cluster State == ACTIVE. CreateKey is deliberately absent: the KMS
 # model does not list CloudHsmClusterNotActiveException among CreateKey's errors.
+# CreateKey too: KMS's documentation lists no state rule for it, but a key made in a cluster
+# that is UNINITIALIZED, DEGRADED or being deleted is not one to trust; its model's error for
+# cluster trouble is CloudHsmClusterInvalidConfigurationException (service/clusters.py).
 ACTIVE_CLUSTER_REQUIRED: Final[frozenset[Operation]] = frozenset(
     {
         Operation.CREATE_CUSTOM_KEY_STORE,
         Operation.UPDATE_CUSTOM_KEY_STORE,
         Operation.CONNECT_CUSTOM_KEY_STORE,
+        Operation.CREATE_KEY,
     }
 )
 

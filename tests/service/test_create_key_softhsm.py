@@ -120,19 +120,23 @@ def test_list_keys_pages_with_limit_and_marker(kms_env) -> None:
     assert_consistent(kms_env)
 
 
-# (inventory AZs, HSM states, words the message must contain to say what is missing)
+# (inventory AZs, HSM states, cluster state, words the message must contain to say what is missing)
+BOTH_AZS = ("us-east-1a", "us-east-1b")
 QUORUM_VIOLATIONS = [
-    (("us-east-1a",), None, ["1 ACTIVE HSM", "at least 2 ACTIVE HSMs in 2 different"]),
-    (("us-east-1a", "us-east-1a"), None, ["in 1 Availability Zone", "2 different Availability"]),
-    (("us-east-1a", "us-east-1b"), ("ACTIVE", "DEGRADED"), ["us-east-1b is DEGRADED"]),
-    ((), None, ["no ACTIVE HSMs"]),
+    (("us-east-1a",), None, "ACTIVE", ["1 ACTIVE HSM", "at least 2 ACTIVE HSMs in 2 different"]),
+    (("us-east-1a", "us-east-1a"), None, "ACTIVE", ["in 1 Availability Zone", "2 different"]),
+    (BOTH_AZS, ("ACTIVE", "DEGRADED"), "ACTIVE", ["us-east-1b is DEGRADED"]),
+    ((), None, "ACTIVE", ["no ACTIVE HSMs"]),
+    # Two ACTIVE HSMs in two AZs, but the cluster itself is not ACTIVE.
+    (BOTH_AZS, None, "DEGRADED", ["is DEGRADED", "needs an ACTIVE cluster"]),
+    (BOTH_AZS, None, "UNINITIALIZED", ["is UNINITIALIZED", "needs an ACTIVE cluster"]),
 ]
 
 
 def test_quorum_violations_name_what_is_missing_and_create_nothing(kms_env) -> None:
     # One env for all cases: the inventory is re-read at every check, so rewriting it is enough.
-    for azs, states, words in QUORUM_VIOLATIONS:
-        kms_env.write_inventory(azs=azs, states=states)
+    for azs, states, cluster_state, words in QUORUM_VIOLATIONS:
+        kms_env.write_inventory(azs=azs, states=states, cluster_state=cluster_state)
         with pytest.raises(CloudHsmClusterInvalidConfigurationException) as caught:
             kms_env.svc.keys.create(ADMIN, key_request(kms_env))
         for word in words:

@@ -67,8 +67,10 @@ CASES = [
     (CREATE_STORE, INACTIVE, Reason.NOT_ACTIVE),
     (UPDATE_STORE, INACTIVE, Reason.NOT_ACTIVE),
     (CONNECT, UNINITIALIZED, Reason.NOT_ACTIVE),
-    # CreateKey has no CloudHsmClusterNotActiveException in the KMS model: HSMs decide.
-    (CREATE_KEY, INACTIVE, None),
+    # CreateKey has no CloudHsmClusterNotActiveException in the KMS model: its NOT_ACTIVE is
+    # answered as CloudHsmClusterInvalidConfigurationException (service/clusters.py).
+    (CREATE_KEY, INACTIVE, Reason.NOT_ACTIVE),  # a DEGRADED cluster, whatever its HSMs say
+    (CREATE_KEY, UNINITIALIZED, Reason.NOT_ACTIVE),
     (CREATE_STORE, ONE_SUBNET, Reason.INVALID_CONFIGURATION),
     (UPDATE_STORE, ONE_SUBNET, Reason.INVALID_CONFIGURATION),
     (CREATE_KEY, ONE_SUBNET, None),
