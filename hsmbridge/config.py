@@ -182,6 +182,10 @@ class Settings:
     inline_hsm_calls: bool = True
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    # Where the master key comes from instead of `master_key_file`: a command printing it
+    # (base64), e.g. a secrets manager's CLI; the environment variable HSMBRIDGE_MASTER_KEY
+    # (base64) overrides both (hsmbridge.keystore.master_key).
+    master_key_command: tuple[str, ...] = ()
 
     def binding(self, cluster_id: str) -> ClusterBinding | None:
         return self.clusters.get(cluster_id)
@@ -518,6 +522,9 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         metadata_url=metadata_url,
         metadata_db=metadata_db,
         master_key_file=data_dir / _get(paths, "master_key", str, where, "master.key"),
+        master_key_command=_command(
+            _get(raw, "secrets", dict, where, {}), "master_key_command", f"{where}: [secrets]"
+        ),
         credentials_file=data_dir / _get(paths, "credentials", str, where, "credentials"),
         iam_dir=base / _get(paths, "iam", str, where, "iam"),
         audit_log=data_dir / _get(paths, "audit_log", str, where, "audit.jsonl"),

@@ -11,6 +11,7 @@ Must not import uvicorn or pkcs11 directly.
 
 from __future__ import annotations
 
+import os
 import time
 
 from hsmbridge.backend import HsmConnector
@@ -19,6 +20,7 @@ from hsmbridge.bootstrap.host import prepare
 from hsmbridge.bootstrap.metadata import open_metadata_store
 from hsmbridge.config import Settings
 from hsmbridge.keystore.inventory import inventory_from_settings
+from hsmbridge.keystore.master_key import load_master_key
 from hsmbridge.keystore.passwords import PasswordVault
 from hsmbridge.metadata.store import MetadataStore
 from hsmbridge.service.connections import Monotonic, StoreConnections
@@ -58,7 +60,7 @@ def open_service(
             meta=store,
             # The service's clock: delayed HSM transitions are stamped with it by the CloudHSM API.
             inventory=inventory_from_settings(settings.inventory, clock),
-            vault=PasswordVault(settings.master_key_file),
+            vault=_vault(settings),
             connections=StoreConnections(
                 connector or default_connector(settings),
                 LoginBudget(store, settings),
@@ -77,3 +79,9 @@ def open_service(
         if meta is None:  # ours to close; an injected store stays the caller's
             store.close()
         raise
+
+
+def _vault(settings: Settings) -> PasswordVault:
+    """The password vault over the master key from wherever the configuration says."""
+    master = load_master_key(settings.master_key_file, settings.master_key_command, os.environ)
+    return PasswordVault(master.source, key=master.key)

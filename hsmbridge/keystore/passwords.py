@@ -59,9 +59,16 @@ class PasswordRecord:
 
 
 class PasswordVault:
-    def __init__(self, key_file: Path) -> None:
-        self.key_file = Path(key_file)
-        self._aead = AESGCM(_load_or_create_key(self.key_file))
+    """`key`: the master key itself (`hsmbridge.keystore.master_key`), `key_file` then only
+    names where it came from; without it, the key file is read (or created)."""
+
+    def __init__(self, key_file: Path | str, *, key: bytes | None = None) -> None:
+        self.key_file = key_file if isinstance(key_file, str) else Path(key_file)
+        if key is None:
+            key = load_or_create_key(Path(key_file))
+        if len(key) != KEY_SIZE:
+            raise ConfigError(f"the master key from {key_file} is not {KEY_SIZE} bytes")
+        self._aead = AESGCM(key)
 
     def __repr__(self) -> str:
         return f"PasswordVault(key_file={str(self.key_file)!r})"
@@ -120,7 +127,8 @@ def _aad(version: bytes, store_id: str) -> bytes:
     return _AAD_PREFIX + version + store_id.encode("utf-8")
 
 
-def _load_or_create_key(path: Path) -> bytes:
+def load_or_create_key(path: Path) -> bytes:
+    """The 32-byte key in a 0600 file, created with a random key if the file does not exist."""
     if not os.path.lexists(path):
         # Losing a creation race is fine: the winner's key is read and checked below.
         with contextlib.suppress(FileExistsError):
