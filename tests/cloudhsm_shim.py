@@ -97,6 +97,16 @@ def officer_sets_password(token_label: str, so_pin: str, password: str) -> None:
     )
 
 
+def user_changes_password(token_label: str, old: str, new: str) -> None:
+    """kmsuser changes its own password with the stand-in's cloudhsm-cli (its first change
+    records SoftHSM2's PIN as the cluster's token PIN, which then never changes)."""
+    argv = [str(STAND_IN_CLI), "--cluster-id", token_label, "user", "change-password"]
+    argv += ["--username", "kmsuser", "--role", "crypto-user", "--password", new]
+    env = {**os.environ, "CLOUDHSM_ROLE": "crypto-user", "CLOUDHSM_PIN": f"kmsuser:{old}"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert json.loads(done.stdout)["error_code"] == 0, done.stdout
+
+
 RUNBOOK_PASSWORD: Final = "RunbookKnown2026"
 
 

@@ -134,6 +134,12 @@ class KmsEnv:
                     f'{binding_lines(binding)}token_label = "{self.token_label}"\n'
                 )
 
+    def current_password(self, store_id: str | None = None) -> str:
+        """kmsuser's password now, as the store's record has it: the one the test started
+        with, or the one the rotation at connect set where the profile rotates."""
+        ctx = self.svc.ctx
+        return ctx.password_of(ctx.store_row(store_id or self.store_id or ""))
+
     def move_module(self, module_path: Path) -> None:
         """Point the env's cluster at another PKCS#11 module path (takes effect at the next
         open or restart): `[[clusters]] module_path`, whatever the profile."""

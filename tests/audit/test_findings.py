@@ -135,7 +135,7 @@ def test_material_of_another_stores_live_key_is_misplaced_medium(
     theirs = svc.keys.create(
         ADMIN, CreateKeyRequest(custom_key_store_id=other_store, origin="AWS_CLOUDHSM")
     )
-    here = svc.ctx.connections.get(kms_env.store_id, kms_env.cluster_id, lambda: kms_env.password)
+    here = svc.ctx.connections.get(kms_env.store_id, kms_env.cluster_id, kms_env.current_password)
     misplaced = here.generate_key(theirs.arn, theirs.key_id.encode("ascii"))
 
     result = audit(kms_env)

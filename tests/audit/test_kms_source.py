@@ -85,20 +85,20 @@ def _standalone(env, endpoint, *extra):
 def test_standalone_cluster_mode_with_password_file(kms_env, audit, endpoint, run_cli, tmp_path):
     _problems(kms_env)
     secret = tmp_path / "kmsuser.pw"
-    secret.write_text(kms_env.password + "\n")
+    secret.write_text(kms_env.current_password() + "\n")
     secret.chmod(0o600)
     result = run_cli(*_standalone(kms_env, endpoint, "--password-file", str(secret)))
     assert result.code == 1, result.err
     assert result.json["clusterId"] == kms_env.cluster_id
     assert result.json["customKeyStoreId"] is None  # filtered on CloudHsmClusterId instead
     assert _comparable(result) == _comparable(audit(kms_env))
-    assert kms_env.password not in result.out + result.err
+    assert kms_env.current_password() not in result.out + result.err
 
 
 def test_standalone_password_from_env_and_delete_orphans(kms_env, endpoint, run_cli, monkeypatch):
     [_, orphan] = create_keys(kms_env, 2)
     drop_metadata_row(kms_env, orphan)
-    monkeypatch.setenv("HSMBRIDGE_KMSUSER_PASSWORD", kms_env.password)
+    monkeypatch.setenv("HSMBRIDGE_KMSUSER_PASSWORD", kms_env.current_password())
     argv = _standalone(kms_env, endpoint, "--yes")
     argv.insert(1, "delete-orphans")
     result = run_cli(*argv)
@@ -106,7 +106,7 @@ def test_standalone_password_from_env_and_delete_orphans(kms_env, endpoint, run_
     assert [(o["arn"], o["outcome"]) for o in result.json["orphans"]] == [(orphan, "deleted")]
     log = kms_env.settings.audit_log.read_text()
     assert orphan in log
-    assert kms_env.password not in log + result.out + result.err
+    assert kms_env.current_password() not in log + result.out + result.err
     assert run_cli(*_standalone(kms_env, endpoint)).code == 0
 
 
@@ -145,7 +145,7 @@ def test_wrong_password_is_unreachable_exit_3_without_echoing_it(
 def test_wrong_password_file_is_login_refused_exit_3(kms_env, endpoint, run_cli, tmp_path):
     create_keys(kms_env, 1)
     right, wrong = tmp_path / "right.pw", tmp_path / "wrong.pw"
-    right.write_text(kms_env.password + "\n")
+    right.write_text(kms_env.current_password() + "\n")
     wrong.write_text("not-the-kmsuser-password-43\n")
     control = run_cli(*_standalone(kms_env, endpoint, "--password-file", str(right)))
     assert control.code == 0, control.err  # same endpoint, same token: only the file differs

@@ -25,7 +25,6 @@ from hsmbridge.backend.interface import HsmKeyInfo
 from hsmbridge.backend.pkcs11 import Pkcs11Backend
 from hsmbridge.metadata.sqlite import SqliteMetadataStore
 from tests.audit.conftest import create_keys
-from tests.conftest import SOFTHSM_MODULE
 from tests.harness import ACCOUNT, REGION
 
 SCOPE = AuditScope("aws", ACCOUNT, REGION, "cks-0123456789abcdef0", "cluster-abcdefghijk")
@@ -140,7 +139,8 @@ def _bulk_keys(env, n: int) -> list[str]:
     [first] = create_keys(env, 1)
     meta = env.svc.ctx.meta
     template = meta.get_key(first.rsplit("/", 1)[1])
-    token = pkcs11.lib(SOFTHSM_MODULE).get_token(token_label=env.token_label)
+    module = env.settings.clusters[env.cluster_id].profile.module_path  # SoftHSM2, or the stand-in
+    token = pkcs11.lib(module).get_token(token_label=env.token_label)
     arns = [first]
     with token.open(rw=True) as session, meta.write():
         for _ in range(n - 1):

@@ -19,6 +19,8 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from hsmbridge.console import pages as console_pages
+from tests.cloudhsm_shim import runbook_password
+from tests.conftest import SO_PIN
 from tests.console.conftest import STORE_NAME, TESTER_ARN, ConsoleEnv, events, sign_in
 
 pytestmark = pytest.mark.slow
@@ -147,7 +149,8 @@ def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
         expect(row).to_contain_text("DISCONNECTED")
         row.get_by_role("link", name=f"Edit {renamed}").click()
         page.get_by_label("Custom key store name").fill(STORE_NAME)
-        page.get_by_label("New kmsuser password").fill(console_env.env.password)
+        known = runbook_password(console_env.env.token_label, SO_PIN, console_env.env.password)
+        page.get_by_label("New kmsuser password").fill(known)
         page.get_by_role("button", name="Save changes").click()
         expect(page.get_by_role("status")).to_contain_text("The key store was updated")
         row.get_by_role("button", name=f"Connect {STORE_NAME}").click()
@@ -159,10 +162,9 @@ def test_custom_key_stores_page(page: Page, console_env: ConsoleEnv) -> None:
         if state[0]["ConnectionState"] != "DISCONNECTED":
             kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
             _wait_state(console_env, "DISCONNECTED")
+        known = runbook_password(console_env.env.token_label, SO_PIN, console_env.env.password)
         kms.update_custom_key_store(
-            CustomKeyStoreId=store_id,
-            NewCustomKeyStoreName=STORE_NAME,
-            KeyStorePassword=console_env.env.password,
+            CustomKeyStoreId=store_id, NewCustomKeyStoreName=STORE_NAME, KeyStorePassword=known
         )
         console_env.live.connect(store_id)
     assert events(console_env, "ConnectCustomKeyStore")[-1]["principalArn"] == TESTER_ARN

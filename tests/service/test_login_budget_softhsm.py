@@ -3,7 +3,8 @@ own refusal (CKR_PIN_INCORRECT) drives the backoff and the failed-login budget.
 
 SoftHSM2 never locks a user, so the test counts the refused logins itself, at the connector;
 the softhsm2 profile mirrors CloudHSM's lockout at 5, so hsmbridge must stop after 4. The rules
-in detail, on a fake HSM: test_login_budget.py.
+in detail, on a fake HSM: test_login_budget.py; against the CloudHSM stand-in's own count of
+failed logins: tests/cloudhsm/test_cloudhsm_profile.py.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from hsmbridge.config import load_profile
 from hsmbridge.errors import KeyUnavailableException, KmsError, KMSInvalidStateException
 from hsmbridge.model import ConnectionErrorCode, ConnectionState
 from tests.callers import ADMIN
+from tests.cloudhsm_shim import softhsm2_only
 from tests.conftest import SO_PIN, SOFTHSM_MODULE
 from tests.harness import SOFTHSM2_PROFILE, FakeClock
 from tests.service.steps import new_key, store_state
 
-pytestmark = pytest.mark.softhsm
+pytestmark = [pytest.mark.softhsm, softhsm2_only]
 C = ConnectionState
 THRESHOLD = load_profile(SOFTHSM2_PROFILE).login_lockout_threshold
 NEW_PIN = "officer-set-pin7"
