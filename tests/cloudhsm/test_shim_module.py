@@ -327,3 +327,14 @@ def test_a_search_never_shows_a_half_made_key(shim, token, tmp_path):
     assert run(shim, shim_conf(tmp_path), token, code) == [
         "arn:aws:kms:us-east-1:111122223333:key/whole"
     ]
+
+
+def test_duplicate_labels_are_allowed_as_on_cloudhsm(shim, token, tmp_path):
+    code = """
+    s = lib.get_token(token_label=LABEL).open(rw=True, user_pin="kmsuser:" + PIN)
+    same = "arn:aws:kms:us-east-1:111122223333:key/twice"
+    new_key(s, same)
+    new_key(s, same)
+    print(json.dumps(len(list(s.get_objects({Attribute.LABEL: same})))))
+    """
+    assert run(shim, shim_conf(tmp_path), token, code) == 2
