@@ -30,6 +30,7 @@ from hsmbridge.keystore.demo import make_demo_pki, new_cluster_id
 from hsmbridge.main import main
 from tests.cli.process import Finished, hsmbridge_env, run_hsmbridge
 from tests.reliability.servers import InitEnv, init_env
+from tests.staging.test_staging import Staging, exercise, served
 
 pytestmark = pytest.mark.softhsm
 
@@ -335,3 +336,22 @@ def test_the_cluster_must_be_named_when_the_config_has_several(shim: DoctorEnv, 
     assert "cluster-second00001" in err
     assert main([*argv, "--cluster", "cluster-unknown0001"]) == 2
     assert "cluster cluster-unknown0001 has no [[clusters]] entry" in capsys.readouterr().err
+
+
+def test_the_staging_suite_runs_against_the_stand_in(shim: DoctorEnv, tmp_path: Path) -> None:
+    """The `pytest -m staging` path, pointed at this environment as at a real cluster: the
+    staging kit is not code that only ever skips. Its cluster must have no store yet, so init's
+    goes first; afterwards the officer resets kmsuser (the staging run's connect rotated it)."""
+    staging = Staging(
+        config=shim.config,
+        password=KNOWN,
+        anchor=(shim.root / "customerCA.crt").read_text(),
+        cluster_id=shim.cluster_id(),
+        connect_timeout_s=60.0,
+    )
+    with served(staging, tmp_path / "staging-server.log") as kms:
+        for store in kms.describe_custom_key_stores()["CustomKeyStores"]:
+            kms.disconnect_custom_key_store(CustomKeyStoreId=store["CustomKeyStoreId"])
+            kms.delete_custom_key_store(CustomKeyStoreId=store["CustomKeyStoreId"])
+        assert exercise(staging, kms).startswith("left: custom key store ")
+    _reset_kmsuser(shim.init, KNOWN)
