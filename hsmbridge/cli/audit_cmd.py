@@ -9,7 +9,6 @@ boto3), the audit log sink, and exit codes. The audit logic itself lives in `hsm
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,11 @@ from hsmbridge.backend import (
 )
 from hsmbridge.backend.templates import violations
 from hsmbridge.cli import audit_view as view
+from hsmbridge.cli.kmsuser_password import (
+    PASSWORD_ENV,
+    add_refused_password,
+    read_password,
+)
 from hsmbridge.config import Settings, load_settings
 from hsmbridge.errors import ConfigError
 from hsmbridge.ids import is_key_id
@@ -50,7 +54,6 @@ from hsmbridge.model import ConnectionState
 from hsmbridge.trail.events import AuditSink, JsonLinesSink
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-PASSWORD_ENV = "HSMBRIDGE_KMSUSER_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 # What exit 3 means for an audit: the HSM (or the KMS endpoint) cannot be reached, is too busy or
 # went away, or refused the kmsuser login.
 _UNREACHABLE = (
@@ -169,23 +172,7 @@ def _add_common(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         default=d(False),
         help="show the progress bar on stderr even when it is not a terminal",
     )
-    p.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
-
-
-class _RefusePassword(argparse.Action):
-    """`--password` exists only to be refused without argparse echoing its value back."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        parser.error(
-            f"the kmsuser password is never taken from the command line: use --password-file "
-            f"or ${PASSWORD_ENV}"
-        )
+    add_refused_password(p)
 
 
 @dataclass
@@ -280,7 +267,7 @@ def _standalone(
         raise ConfigError("--cluster audits compare with a KMS endpoint; drop --source metadata")
     if settings.binding(args.cluster) is None:
         raise ConfigError(f"cluster {args.cluster} has no [[clusters]] entry in {args.config}")
-    password = _read_password(args.password_file)
+    password = read_password(args.password_file, "--cluster needs the kmsuser password")
     # No secret-file check: a standalone audit opens neither the master key nor the metadata.
     bootstrap.prepare_host(settings)
     scope = _scope(settings, args.keystore, args.cluster)
@@ -317,19 +304,6 @@ def _kms_source(
         cluster_id=scope.cluster_id,
         progress=progress,
     )
-
-
-def _read_password(path: Path | None) -> str:
-    """From the file, else the environment; the value is never printed or logged."""
-    if path is not None:
-        text = path.read_text(encoding="utf-8").rstrip("\r\n")
-    else:
-        text = os.environ.get(PASSWORD_ENV, "")
-    if not text:
-        raise ConfigError(
-            f"--cluster needs the kmsuser password: --password-file or ${PASSWORD_ENV}"
-        )
-    return text
 
 
 def _refuse_alias(key: str) -> None:

@@ -8,20 +8,23 @@ their one-line verdicts (`ok` / `FAIL ... — fix: ...` / `skip`) are `hsmbridge
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsmbridge import bootstrap
 from hsmbridge.cli.doctor_checks import CHECKS, Doctor
+from hsmbridge.cli.kmsuser_password import (
+    PASSWORD_ENV,
+    add_refused_password,
+    read_password,
+    read_text,
+)
 from hsmbridge.config import ClusterBinding, Settings
 from hsmbridge.config import load_settings as _load_settings
 from hsmbridge.errors import ConfigError
 
 EXIT_USAGE = 2  # the checks' own exit codes (0, 1) are doctor_checks'
-PASSWORD_ENV = "HSMBRIDGE_KMSUSER_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 
 DESCRIPTION = """\
 Check a cluster end to end before trusting it with a custom key store: the checks below run in
@@ -77,24 +80,8 @@ def add_parser(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="FILE",
         help="the customerCA.crt to verify the cluster certificate with (default: not checked)",
     )
-    p.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
+    add_refused_password(p)
     p.set_defaults(handler=run)
-
-
-class _RefusePassword(argparse.Action):
-    """`--password` exists only to be refused without argparse echoing its value back."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        parser.error(
-            f"the kmsuser password is never taken from the command line: use --password-file "
-            f"or ${PASSWORD_ENV}"
-        )
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -110,7 +97,9 @@ class _Inputs:
 def run(args: argparse.Namespace) -> int:
     try:
         inputs = _inputs(args)
-        password = _read_password(args.password_file)
+        password = read_password(
+            args.password_file, "the doctor logs in as the crypto user and needs its password"
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -141,41 +130,5 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         )
     anchor = None
     if args.trust_anchor is not None:
-        anchor = _read_text(args.trust_anchor, "trust anchor")
+        anchor = read_text(args.trust_anchor, "trust anchor")
     return _Inputs(settings, binding, anchor)
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{what} {path} cannot be read: {why}") from None
-
-
-def _read_password(path: Path | None) -> str:
-    """From the file, else the environment; the value is never printed or logged."""
-    if path is not None:
-        _warn_if_exposed(path)
-        text = _read_text(path, "password file").rstrip("\r\n")
-    else:
-        text = os.environ.get(PASSWORD_ENV, "")
-    if not text:
-        raise ConfigError(
-            f"the doctor logs in as the crypto user: give its password with --password-file "
-            f"or ${PASSWORD_ENV}"
-        )
-    return text
-
-
-def _warn_if_exposed(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # reading it reports the problem
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(
-            f"warning: password file {path} is readable by others (mode "
-            f"{stat.S_IMODE(mode):04o}); run `chmod 600 {path}`",
-            file=sys.stderr,
-        )

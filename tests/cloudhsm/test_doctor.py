@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from hsmbridge.cli.doctor_checks import CHECKS, SCRATCH_PREFIX
-from hsmbridge.cli.doctor_cmd import PASSWORD_ENV
+from hsmbridge.cli.kmsuser_password import PASSWORD_ENV
 from hsmbridge.keystore.demo import make_demo_pki, new_cluster_id
 from hsmbridge.main import main
 from tests.cli.process import Finished, hsmbridge_env, run_hsmbridge
