@@ -76,35 +76,59 @@ def shim_conf(
     return conf
 
 
+def stand_in_cli(
+    cluster: str, *args: str, role: str, pin: str, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    """The stand-in's cloudhsm-cli on `cluster` (a token label), logged in as `role` with
+    `pin` ("name:password"); its JSON answer. `env`: the environment (default this process's)."""
+    argv = [str(STAND_IN_CLI), "--cluster-id", cluster, *args]
+    extra = {"CLOUDHSM_ROLE": role, "CLOUDHSM_PIN": pin}
+    done = subprocess.run(
+        argv,
+        env={**(os.environ if env is None else env), **extra},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    answer: dict[str, object] = json.loads(done.stdout)
+    return answer
+
+
+def _set_kmsuser(
+    cluster: str, role: str, pin: str, password: str, env: dict[str, str] | None = None
+) -> None:
+    change = ("user", "change-password", "--username", "kmsuser", "--role", "crypto-user")
+    answer = stand_in_cli(cluster, *change, "--password", password, role=role, pin=pin, env=env)
+    assert answer["error_code"] == 0, answer
+
+
+def officer_resets_kmsuser(
+    cluster: str, so_pin: str, password: str, env: dict[str, str] | None = None
+) -> None:
+    """An officer (admin: the token's SO PIN) sets kmsuser's password with the stand-in's CLI."""
+    _set_kmsuser(cluster, "admin", f"admin:{so_pin}", password, env)
+
+
+def user_changes_password(token_label: str, old: str, new: str) -> None:
+    """kmsuser changes its own password with the stand-in's cloudhsm-cli (its first change
+    records SoftHSM2's PIN as the cluster's token PIN, which then never changes)."""
+    _set_kmsuser(token_label, "crypto-user", f"kmsuser:{old}", new)
+
+
 def officer_sets_password(token_label: str, so_pin: str, password: str) -> None:
     """An officer sets kmsuser's password in the cluster behind `token_label`, the way the run's
     HSM has it done: the stand-in's cloudhsm-cli as admin, or SoftHSM2's C_InitPIN as its
     security officer (pkcs11-tool, in its own process: this process's SoftHSM2 would keep the
     old PIN)."""
     if run_hsm() == "cloudhsm-shim":
-        argv = [str(STAND_IN_CLI), "--cluster-id", token_label, "user", "change-password"]
-        argv += ["--username", "kmsuser", "--role", "crypto-user", "--password", password]
-        env = {**os.environ, "CLOUDHSM_ROLE": "admin", "CLOUDHSM_PIN": f"admin:{so_pin}"}
-        done = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-        assert json.loads(done.stdout)["error_code"] == 0, done.stdout
+        officer_resets_kmsuser(token_label, so_pin, password)
         return
     argv = ["pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so"]
     argv += ["--token-label", token_label, "--login", "--login-type", "so", "--so-pin", so_pin]
     subprocess.run(
         [*argv, "--init-pin", "--new-pin", password], capture_output=True, check=True, timeout=60
     )
-
-
-def user_changes_password(token_label: str, old: str, new: str) -> None:
-    """kmsuser changes its own password with the stand-in's cloudhsm-cli (its first change
-    records SoftHSM2's PIN as the cluster's token PIN, which then never changes)."""
-    argv = [str(STAND_IN_CLI), "--cluster-id", token_label, "user", "change-password"]
-    argv += ["--username", "kmsuser", "--role", "crypto-user", "--password", new]
-    env = {**os.environ, "CLOUDHSM_ROLE": "crypto-user", "CLOUDHSM_PIN": f"kmsuser:{old}"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert json.loads(done.stdout)["error_code"] == 0, done.stdout
 
 
 RUNBOOK_PASSWORD: Final = "RunbookKnown2026"

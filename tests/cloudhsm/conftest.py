@@ -9,7 +9,7 @@ made one); tokens are never shared, so neither is any state the stand-in keeps p
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +17,8 @@ import pytest
 
 from hsmbridge.config import ClusterBinding
 from tests.cloudhsm_shim import shim_conf, shim_profile
-from tests.conftest import SoftHsmEnv, _opened
-from tests.harness import KmsEnv, build_env
+from tests.conftest import SoftHsmEnv
+from tests.harness import KmsEnv
 
 CONF_ENV = "HSMBRIDGE_SHIM_CONF"
 
@@ -32,23 +32,23 @@ def shim_state(softhsm_env: SoftHsmEnv, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture
-def make_cloudhsm_env(
-    softhsm_token: Callable[..., tuple[ClusterBinding, str]],
-    shim_state: Path,
-    tmp_path: Path,
-) -> Iterator[Callable[..., KmsEnv]]:
-    """Factory: an environment on a fresh token behind the stand-in (`cloudhsm` profile); with
-    `store=True` (default) a custom key store is created and connected."""
-    made: list[KmsEnv] = []
+def softhsm_token(
+    softhsm_token: Callable[..., tuple[ClusterBinding, str]], shim_state: Path
+) -> Callable[..., tuple[ClusterBinding, str]]:
+    """The run's token factory, with every binding behind the stand-in (`cloudhsm` profile)."""
     profile = shim_profile()
 
-    def make(store: bool = True, name: str = "CloudHsmStore") -> KmsEnv:
+    def make() -> tuple[ClusterBinding, str]:
         stock, password = softhsm_token()
-        binding = replace(stock, profile=replace(profile, token_label=stock.profile.token_label))
-        env = build_env(tmp_path / f"env{len(made)}", binding, password)
-        made.append(env)
-        return _opened(env, store, name)
+        shimmed = replace(profile, token_label=stock.profile.token_label)
+        return replace(stock, profile=shimmed), password
 
-    yield make
-    for env in made:
-        env.close()
+    return make
+
+
+@pytest.fixture
+def make_cloudhsm_env(make_kms_env: Callable[..., KmsEnv]) -> Callable[..., KmsEnv]:
+    """Factory: an environment on a fresh token behind the stand-in (`cloudhsm` profile); with
+    `store=True` (default) a custom key store is created and connected (`make_kms_env` over the
+    token factory above)."""
+    return make_kms_env

@@ -10,8 +10,6 @@ USER_NOT_FOUND.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ from hsmbridge.keystore.passwords import PasswordRecord
 from hsmbridge.model import ConnectionErrorCode, ConnectionState
 from hsmbridge.service import rotation
 from tests.callers import ADMIN
-from tests.cloudhsm_shim import STAND_IN_CLI
+from tests.cloudhsm_shim import officer_resets_kmsuser
 from tests.conftest import SO_PIN
 from tests.harness import KmsEnv
 from tests.service.steps import new_key, store_state
@@ -114,31 +112,6 @@ def test_a_locked_or_missing_kmsuser_is_reported_as_kms_does(
 KNOWN = "OfficerSet2024pw"
 
 
-def _stand_in(env: KmsEnv, *args: str, role: str, pin: str) -> dict[str, Any]:
-    """cloudhsm-cli (the stand-in) on the env's cluster; its JSON answer."""
-    argv = [str(STAND_IN_CLI), "--cluster-id", env.token_label, *args]
-    done = subprocess.run(
-        argv,
-        env={**os.environ, "CLOUDHSM_ROLE": role, "CLOUDHSM_PIN": pin},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
-
-
-def _officer_resets(env: KmsEnv, password: str) -> None:
-    answer = _stand_in(
-        env,
-        "user", "change-password", "--username", "kmsuser", "--role", "crypto-user",
-        "--password", password,
-        role="admin", pin=f"admin:{SO_PIN}",
-    )  # fmt: skip
-    assert answer["error_code"] == 0, answer
-
-
 _LOGIN = """
 import sys, pkcs11
 token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
@@ -193,7 +166,7 @@ def test_the_documented_recovery_runbook(make_cloudhsm_env):
     env = make_cloudhsm_env()
     svc, store = env.svc, env.store_id
     svc.keystores.disconnect(ADMIN, store)
-    _officer_resets(env, KNOWN)
+    officer_resets_kmsuser(env.token_label, SO_PIN, KNOWN)
     assert _login_elsewhere(env, KNOWN) == "ok"  # the operator's audit as kmsuser, logged out
     svc.keystores.update(ADMIN, store, password=KNOWN)
     svc.keystores.connect(ADMIN, store)
@@ -208,7 +181,7 @@ def test_kmsuser_logged_in_elsewhere_is_user_logged_in_until_it_logs_out(
     env = make_cloudhsm_env()
     svc, store = env.svc, env.store_id
     svc.keystores.disconnect(ADMIN, store)
-    _officer_resets(env, KNOWN)
+    officer_resets_kmsuser(env.token_label, SO_PIN, KNOWN)
     svc.keystores.update(ADMIN, store, password=KNOWN)
     child = _login_elsewhere(env, KNOWN, hold=True)
     try:
